@@ -1,0 +1,106 @@
+"""Rendering: records and reports as text for people or JSON for machines.
+
+Shared by the click commands and the click-free fast path of ``status``/``list``, so both
+print byte-identical output. Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..errors import CasrunsError
+
+
+def dump_json(obj) -> str:
+    return json.dumps(obj, sort_keys=False, separators=(",", ":"), ensure_ascii=False)
+
+
+def emit_json(obj) -> None:
+    sys.stdout.write(dump_json(obj) + "\n")
+
+
+def error(err: CasrunsError, as_json: bool) -> int:
+    """Report an error: one line on stderr, or a JSON object on stdout with --json."""
+    if as_json:
+        emit_json(err.to_json())
+    else:
+        sys.stderr.write(f"casruns: error: {err.message}\n")
+    return err.exit_code
+
+
+def record_text(r: dict) -> str:
+    lines = [f"{r['run_id']}  {r['status']}"]
+    def add(label, value):
+        if value not in (None, "", {}, []):
+            lines.append(f"  {label:<15} {value}")
+    add("provider", r.get("provider"))
+    add("command", " ".join(r["replay"]["argv"]))
+    add("labels", " ".join(f"{k}={v}" for k, v in sorted(r["labels"].items())))
+    add("created", r["created_at"])
+    add("started", r["started_at"])
+    add("finished", r["finished_at"])
+    if not r["terminal"]:
+        add("heartbeat", r["heartbeat_at"])
+        add("last activity", r["last_activity_at"])
+        add("deadline", r.get("deadline_at"))
+    add("exit code", r["exit_code"])
+    add("signal", r.get("signal"))
+    if r.get("attempt", 1) != 1:
+        add("attempt", r["attempt"])
+    add("resumed from", r.get("resumed_from"))
+    add("replay of", r.get("replay_of"))
+    if r["artifacts"]:
+        a = r["artifacts"]
+        add("artifacts", f"{a['files']} files, {a['bytes']} bytes (tree {a['tree'][:16]})")
+    logs = [f"{k} {v['size']}B" for k, v in r["logs"].items() if v]
+    add("logs", ", ".join(logs))
+    ret = r["retention"]
+    if ret["promoted"]:
+        add("retention", "promoted (kept)")
+    elif ret["retain_until"]:
+        add("retention", f"until {ret['retain_until']} ({ret['rule']})" + (", eligible for cleanup" if ret["cleanup_eligible"] else ""))
+    if r.get("cancel"):
+        add("cancel", f"requested {r['cancel'].get('requested_at')}: {r['cancel'].get('reason')}")
+    if r["error"]:
+        add("error", f"{r['error']['code']}: {r['error']['message']}")
+    return "\n".join(lines)
+
+
+def list_text(records: list[dict]) -> str:
+    if not records:
+        return "no runs"
+    rows = [("RUN ID", "STATUS", "CREATED", "EXIT", "LABELS")]
+    for r in records:
+        rows.append(
+            (
+                r["run_id"],
+                r["status"],
+                (r["created_at"] or "")[:19],
+                "" if r["exit_code"] is None else str(r["exit_code"]),
+                " ".join(f"{k}={v}" for k, v in sorted(r["labels"].items())),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(widths[i]) if i < 4 else c for i, c in enumerate(row)).rstrip() for row in rows)
+
+
+def status_output(records: list[dict], errors: list[CasrunsError], as_json: bool) -> int:
+    """``status`` prints one record per run id (JSON: one object per line)."""
+    for r in records:
+        if as_json:
+            emit_json(r)
+        else:
+            sys.stdout.write(record_text(r) + "\n")
+    code = 0
+    for e in errors:
+        code = error(e, as_json) if code == 0 else code
+    return code
+
+
+def list_output(records: list[dict], as_json: bool) -> int:
+    if as_json:
+        emit_json({"schema": "casruns/list/v1", "runs": records})
+    else:
+        sys.stdout.write(list_text(records) + "\n")
+    return 0

@@ -1,0 +1,268 @@
+"""Commands about runs: init, submit, run, status, list, wait, cancel, reap, logs,
+artifacts, cat, export."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import click
+
+from .. import errors as E
+from ..registry import parse_labels
+from ..timefmt import parse_duration
+from . import JSON_OPT, render
+
+
+def submit_options(f):
+    opts = [
+        click.option("--provider", default="shell", show_default=True, help="Provider plugin that boots the sandbox."),
+        click.option("--timeout", help="Wall-clock limit, e.g. 90s, 15m, 2h."),
+        click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label (repeatable)."),
+        click.option("--secret-env", "secret_env", multiple=True, metavar="NAME", help="Pass a secret env variable; only its name is stored."),
+        click.option("--env", "env", multiple=True, metavar="NAME[=VALUE]", help="Pass an env variable (value from here if omitted)."),
+        click.option("--cwd", help="Working directory of the command (default: the current one)."),
+        click.option("--recipe", help="Opaque recipe reference stored for replay."),
+        click.option("--run-id", "run_id", help="Caller-chosen run id (idempotent submission)."),
+        click.option("--retain-for", "retain_for", help="Keep the finished run at least this long, e.g. 30d."),
+        click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _submit(obj, command, labels, **kw) -> dict:
+    return obj.registry.submit(list(command), labels=parse_labels(labels), **kw)
+
+
+def register(cli: click.Group) -> None:
+    @cli.command()
+    @JSON_OPT
+    @click.pass_obj
+    def init(obj, as_json):
+        """Create the registry (it is also created on first write)."""
+        created = obj.registry.init()
+        if as_json:
+            render.emit_json({"schema": "casruns/init/v1", "root": obj.registry.root, "created": created})
+        else:
+            click.echo(f"{'created' if created else 'exists'}: {obj.registry.root}")
+
+    @cli.command(context_settings={"ignore_unknown_options": False})
+    @submit_options
+    @JSON_OPT
+    @click.pass_obj
+    def submit(obj, command, labels, as_json, **kw):
+        """Record a run and start it in the background; prints its record at once.
+
+        Put the command after --:  casruns submit --label suite=unit -- make test
+        """
+        r = _submit(obj, command, labels, **kw)
+        if as_json:
+            render.emit_json(r)
+        else:
+            click.echo(r["run_id"])
+
+    @cli.command()
+    @submit_options
+    @JSON_OPT
+    @click.pass_obj
+    def run(obj, command, labels, as_json, **kw):
+        """Like submit, but stream the output here and exit with the run's outcome.
+
+        Exit codes: 0 succeeded, 10 failed, 11 timed_out, 12 cancelled. Ctrl-C cancels the run.
+        """
+        reg = obj.registry
+        r = _submit(obj, command, labels, **kw)
+        rid = r["run_id"]
+        try:
+            _stream_both(reg, rid, quiet=as_json)
+        except KeyboardInterrupt:
+            reg.cancel(rid, reason="interrupted (Ctrl-C on casruns run)")
+            _stream_both(reg, rid, quiet=True)
+        final = reg.get(rid)
+        if as_json:
+            render.emit_json(final)
+        return exit_for_status(final["status"])
+
+    @cli.command()
+    @click.argument("run_ids", nargs=-1, required=True)
+    @JSON_OPT
+    @click.pass_obj
+    def status(obj, run_ids, as_json):
+        """Show runs (JSON: one object per line). Exits 0 whatever the runs' outcome."""
+        records, errs = [], []
+        for rid in run_ids:
+            try:
+                records.append(obj.registry.get(rid))
+            except E.CasrunsError as e:
+                errs.append(e)
+        return render.status_output(records, errs, as_json)
+
+    @cli.command(name="list")
+    @click.option("--status", "statuses", multiple=True, help="Only runs with this status (repeatable).")
+    @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Only runs with this label (repeatable).")
+    @click.option("--since", help="Only runs created since TIME (RFC 3339 or a duration ago, e.g. 2h).")
+    @click.option("--limit", type=int, help="At most N runs.")
+    @JSON_OPT
+    @click.pass_obj
+    def list_(obj, statuses, labels, since, limit, as_json):
+        """List runs, newest first."""
+        records = obj.registry.list(statuses=statuses, labels=parse_labels(labels), since=since, limit=limit)
+        return render.list_output(records, as_json)
+
+    @cli.command()
+    @click.argument("run_ids", nargs=-1, required=True)
+    @click.option("--timeout", help="Give up after this long (exit 13).")
+    @JSON_OPT
+    @click.pass_obj
+    def wait(obj, run_ids, timeout, as_json):
+        """Block until the runs are terminal; exit with the worst outcome's code."""
+        t = parse_duration(timeout) if timeout else None
+        records, done = obj.registry.wait(list(run_ids), timeout=t)
+        for r in records:
+            render.emit_json(r) if as_json else click.echo(f"{r['run_id']}  {r['status']}")
+        if not done:
+            return E.EXIT_WAIT_TIMEOUT
+        return max((exit_for_status(r["status"]) for r in records), default=0)
+
+    @cli.command()
+    @click.argument("run_id")
+    @click.option("--reason", help="Why (recorded in the run).")
+    @JSON_OPT
+    @click.pass_obj
+    def cancel(obj, run_id, reason, as_json):
+        """Cancel a run (idempotent). A terminal run is left unchanged."""
+        r, outcome = obj.registry.cancel(run_id, reason=reason)
+        if as_json:
+            render.emit_json({"schema": "casruns/cancel/v1", "run_id": run_id, "outcome": outcome, "run": r})
+        else:
+            msg = {
+                "cancelled": "cancelled",
+                "requested": "cancel requested; the supervisor is stopping the run",
+                "already_requested": "cancel was already requested",
+                "already_terminal": f"run is already {r['status']}; nothing changed",
+            }[outcome]
+            click.echo(f"{run_id}: {msg}")
+
+    @cli.command()
+    @JSON_OPT
+    @click.pass_obj
+    def reap(obj, as_json):
+        """End runs whose supervisor died; restart queued runs that lost theirs."""
+        report = obj.registry.reap()
+        if as_json:
+            render.emit_json(report)
+        else:
+            click.echo(
+                f"reaped {len(report['reaped'])}, restarted {len(report['restarted'])}, "
+                f"failed {len(report['failed'])}, queue entries repaired {report['queue_repaired']}"
+            )
+
+    @cli.command()
+    @click.argument("run_id")
+    @click.option("--stream", type=click.Choice(["stdout", "stderr", "transcript"]), default="stdout", show_default=True)
+    @click.option("--follow", "-f", is_flag=True, help="Keep printing until the run is terminal.")
+    @click.pass_obj
+    def logs(obj, run_id, stream, follow):
+        """Print a run's log (redacted); live while it runs."""
+        out = sys.stdout.buffer
+        for chunk in obj.registry.log_chunks(run_id, stream, follow=follow):
+            out.write(chunk)
+            out.flush()
+
+    @cli.command()
+    @click.argument("run_id")
+    @JSON_OPT
+    @click.pass_obj
+    def artifacts(obj, run_id, as_json):
+        """List a run's artifact tree."""
+        tree = obj.registry.tree(run_id)
+        m = obj.registry.manifest(run_id)
+        if as_json:
+            render.emit_json(
+                {
+                    "schema": "casruns/artifacts/v1",
+                    "run_id": run_id,
+                    "tree": (m.get("artifacts") or {}).get("tree"),
+                    "files": tree.files,
+                    "bytes": tree.total_size,
+                    "entries": [e.to_json() for e in tree.entries],
+                    "skipped": tree.skipped,
+                }
+            )
+        else:
+            for e in tree.entries:
+                if e.type == "file":
+                    click.echo(f"{e.mode:04o}  {e.size:>12}  {e.blake3[:16]}  {e.path}")
+                else:
+                    click.echo(f"link  {'':>12}  {'':16}  {e.path} -> {e.target}")
+            click.echo(f"{tree.files} files, {tree.total_size} bytes")
+
+    @cli.command()
+    @click.argument("run_id")
+    @click.argument("path")
+    @click.pass_obj
+    def cat(obj, run_id, path):
+        """Write one artifact to stdout (verified against its hash; exit 7 if corrupt)."""
+        out = sys.stdout.buffer
+        for chunk in obj.registry.cat(run_id, path):
+            out.write(chunk)
+        out.flush()
+
+    @cli.command()
+    @click.argument("run_id")
+    @click.argument("dest", type=click.Path(file_okay=False))
+    @JSON_OPT
+    @click.pass_obj
+    def export(obj, run_id, dest, as_json):
+        """Materialize a finished run's artifacts and logs under DEST."""
+        report = obj.registry.export(run_id, dest)
+        if as_json:
+            render.emit_json(report)
+        else:
+            click.echo(f"exported {report['files']} files ({report['bytes']} bytes) to {report['dest']}")
+            for r in report["refused"]:
+                click.echo(f"refused {r['path']}: {r['reason']}", err=True)
+
+
+def exit_for_status(status: str) -> int:
+    return {
+        "succeeded": 0,
+        "failed": E.EXIT_RUN_FAILED,
+        "timed_out": E.EXIT_RUN_TIMED_OUT,
+        "cancelled": E.EXIT_RUN_CANCELLED,
+    }.get(status, E.EXIT_WAIT_TIMEOUT)
+
+
+def _stream_both(reg, run_id: str, quiet: bool) -> None:
+    """Follow stdout and stderr of a run to ours until it is terminal."""
+    run = reg.run_dir(run_id)
+    fds: dict[str, int] = {}
+    sinks = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+    while True:
+        rec = reg.get(run_id)
+        for stream in ("stdout", "stderr"):
+            if stream not in fds:
+                try:
+                    fds[stream] = os.open(run.spool(stream), os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue
+            while True:
+                data = os.read(fds[stream], 1 << 16)
+                if not data:
+                    break
+                if not quiet:
+                    sinks[stream].write(data)
+                    sinks[stream].flush()
+        if rec["terminal"]:
+            break
+        time.sleep(0.1)
+    for fd in fds.values():
+        os.close(fd)
+    for stream in ("stdout", "stderr"):
+        if stream not in fds and not quiet:  # it ended before we could tail it: read the blob
+            for chunk in reg.log_chunks(run_id, stream):
+                sinks[stream].write(chunk)
+            sinks[stream].flush()

@@ -1,0 +1,96 @@
+"""The registry's configuration (``<root>/config.toml``) and the format file.
+
+Config keys (spec/format.md, "Config"), all optional:
+
+    max_running = 4            # concurrently active runs; default: the CPU count
+    kill_grace = "5s"          # SIGTERM to SIGKILL on timeout and cancel
+    heartbeat_interval = "1s"
+    lost_after = "30s"         # a supervisor on another host is lost after this silence
+    plugins = ["module", ...]  # extra plugin modules to load
+
+    [retention]                # per terminal status; how long a run is kept
+    succeeded = "14d"
+    failed = "7d"
+    timed_out = "7d"
+    cancelled = "3d"
+
+Unknown keys are kept and ignored, so an older casruns can share a registry with a newer one.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+
+from .errors import InvalidInput, RegistryError, UnsupportedFormat
+from .timefmt import parse_duration
+
+FORMAT_FILE = "casruns-registry.toml"
+FORMAT_NAME = "casruns-registry"
+FORMAT_VERSION = 1  # major: a reader refuses a newer major version
+
+DEFAULT_RETENTION = {"succeeded": "14d", "failed": "7d", "timed_out": "7d", "cancelled": "3d"}
+
+
+@dataclass
+class Config:
+    max_running: int = field(default_factory=lambda: os.cpu_count() or 1)
+    kill_grace: float = 5.0
+    heartbeat_interval: float = 1.0
+    lost_after: float = 30.0
+    plugins: list[str] = field(default_factory=list)
+    retention: dict[str, float] = field(default_factory=lambda: {k: parse_duration(v) for k, v in DEFAULT_RETENTION.items()})
+    raw: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, root: str | os.PathLike) -> "Config":
+        path = os.path.join(root, "config.toml")
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            return cls()
+        except tomllib.TOMLDecodeError as e:
+            raise RegistryError(f"cannot parse {path}: {e}", path=path) from None
+        return cls.from_dict(raw, path)
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "config") -> "Config":
+        c = cls(raw=raw)
+        try:
+            if "max_running" in raw:
+                c.max_running = int(raw["max_running"])
+                if c.max_running < 1:
+                    raise InvalidInput("max_running must be at least 1")
+            for key in ("kill_grace", "heartbeat_interval", "lost_after"):
+                if key in raw:
+                    setattr(c, key, parse_duration(raw[key]))
+            if "plugins" in raw:
+                c.plugins = [str(p) for p in raw["plugins"]]
+            for status, value in (raw.get("retention") or {}).items():
+                if isinstance(value, (str, int, float)):
+                    c.retention[status] = parse_duration(value)
+        except (InvalidInput, ValueError, TypeError) as e:
+            raise RegistryError(f"invalid setting in {where}: {e}") from None
+        return c
+
+
+def read_format(root: str | os.PathLike) -> dict | None:
+    """Return the format record, None if the registry has none yet; refuse newer majors."""
+    path = os.path.join(root, FORMAT_FILE)
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        return None
+    except (tomllib.TOMLDecodeError, OSError) as e:
+        raise RegistryError(f"cannot read registry format file {path}: {e}", path=path) from None
+    if doc.get("format") != FORMAT_NAME:
+        raise UnsupportedFormat(f"{path} does not describe a casruns registry (format = {doc.get('format')!r})")
+    version = doc.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UnsupportedFormat(
+            f"registry {root} has format version {version}, newer than this casruns reads ({FORMAT_VERSION}); upgrade casruns"
+        )
+    return doc

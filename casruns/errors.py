@@ -1,0 +1,157 @@
+"""Error classes: every failure casruns reports has a stable machine code and an exit code.
+
+One base class, :class:`CasrunsError`. Each subclass carries
+
+* ``code``: a short stable string that ``--json`` errors print (``run_not_found``),
+* ``exit_code``: the process exit code the CLI uses for it,
+* a one-line message naming the problem (and, for files, the path and the action).
+
+The table of exit codes in ``spec/cli.md`` is checked against these classes by a test,
+so adding a class without documenting it fails the suite.
+"""
+
+from __future__ import annotations
+
+# Exit codes. Kept small and stable: orchestrators branch on them.
+EXIT_OK = 0
+EXIT_FAILURE = 1  # unexpected internal error
+EXIT_USAGE = 2  # command-line syntax (click's own code)
+EXIT_INVALID = 3  # the input was understood but is not acceptable
+EXIT_NOT_FOUND = 4  # run, blob or artifact does not exist
+EXIT_CONFLICT = 5  # state does not allow it (transition, idempotency mismatch, busy lock)
+EXIT_REGISTRY = 6  # the registry itself: unsupported format, unreadable or corrupt files, I/O
+EXIT_INTEGRITY = 7  # stored bytes do not match their address
+EXIT_PLUGIN = 8  # a plugin failed or vetoed
+
+# `wait` and `run` map a run's final status to an exit code (spec/cli.md).
+EXIT_RUN_FAILED = 10
+EXIT_RUN_TIMED_OUT = 11
+EXIT_RUN_CANCELLED = 12
+EXIT_WAIT_TIMEOUT = 13  # `wait --timeout` elapsed with the run still active
+
+
+class CasrunsError(Exception):
+    """Base class of every error casruns raises on purpose."""
+
+    code = "error"
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, **details: object) -> None:
+        # One line: a message with a newline in it would break log parsers and `--json` consumers.
+        self.message = " ".join(str(message).split("\n"))
+        self.details = {k: v for k, v in details.items() if v is not None}
+        super().__init__(self.message)
+
+    def to_json(self) -> dict:
+        err = {"code": self.code, "message": self.message, "exit_code": self.exit_code}
+        if self.details:
+            err["details"] = self.details
+        return {"schema": "casruns/error/v1", "error": err}
+
+
+class UsageError(CasrunsError):
+    """The command line itself is malformed (unknown option, missing argument)."""
+
+    code = "usage"
+    exit_code = EXIT_USAGE
+
+
+class InvalidInput(CasrunsError):
+    """A value given by the caller is not acceptable (a duration, a label, a path)."""
+
+    code = "invalid_input"
+    exit_code = EXIT_INVALID
+
+
+class InvalidRunId(InvalidInput):
+    code = "invalid_run_id"
+
+
+class InvalidAddress(InvalidInput):
+    code = "invalid_address"
+
+
+class UnsafePath(InvalidInput):
+    """A path would escape the directory it must stay in (``..``, absolute, symlink, NUL)."""
+
+    code = "unsafe_path"
+
+
+class UnknownProvider(InvalidInput):
+    code = "unknown_provider"
+
+
+class RunNotFound(CasrunsError):
+    code = "run_not_found"
+    exit_code = EXIT_NOT_FOUND
+
+
+class BlobNotFound(CasrunsError):
+    code = "blob_not_found"
+    exit_code = EXIT_NOT_FOUND
+
+
+class ArtifactNotFound(CasrunsError):
+    code = "artifact_not_found"
+    exit_code = EXIT_NOT_FOUND
+
+
+class Conflict(CasrunsError):
+    """The registry's state does not allow the request."""
+
+    code = "conflict"
+    exit_code = EXIT_CONFLICT
+
+
+class RunIdConflict(Conflict):
+    """A caller-chosen run id already names a run submitted with a different request."""
+
+    code = "run_id_conflict"
+
+
+class InvalidTransition(Conflict):
+    code = "invalid_transition"
+
+
+class Busy(Conflict):
+    """A lock another process holds (another GC, for example)."""
+
+    code = "busy"
+
+
+class RegistryError(CasrunsError):
+    """The registry cannot be read or written (I/O, permissions, missing files)."""
+
+    code = "registry_error"
+    exit_code = EXIT_REGISTRY
+
+
+class UnsupportedFormat(RegistryError):
+    code = "unsupported_format"
+
+
+class CorruptManifest(RegistryError):
+    code = "manifest_corrupt"
+
+
+class IntegrityError(CasrunsError):
+    """Stored bytes do not hash to their address (or cannot be decoded)."""
+
+    code = "integrity_error"
+    exit_code = EXIT_INTEGRITY
+
+
+class PluginError(CasrunsError):
+    code = "plugin_error"
+    exit_code = EXIT_PLUGIN
+
+
+def all_error_classes() -> list[type[CasrunsError]]:
+    """Every error class, base first; used to generate and check the table in spec/cli.md."""
+    out: list[type[CasrunsError]] = []
+    todo: list[type[CasrunsError]] = [CasrunsError]
+    while todo:
+        cls = todo.pop(0)
+        out.append(cls)
+        todo.extend(cls.__subclasses__())
+    return out

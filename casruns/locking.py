@@ -1,0 +1,168 @@
+"""Locks the kernel releases: ``flock`` on lock files, plus who-holds-it records.
+
+Why flock and not lock files judged by age: the kernel drops a flock when its holder dies
+(SIGKILL, OOM, reboot), so "the lock is free" is proof the holder is gone, and a slow but
+live holder is never wrongly judged stale. A process never judges its own lock stale.
+
+Locks used by casruns (spec/format.md, "Locks"):
+
+* ``runs/<id>/lock``: held briefly around every manifest read-modify-write of that run.
+* ``runs/<id>/supervisor.lock``: held by the run's supervisor for its whole life, taken
+  by the submitting process before the run becomes visible and inherited by the supervisor,
+  so there is no instant at which a live run looks abandoned.
+* ``slots/<n>.lock``: one per concurrently running run.
+* ``locks/scheduler.lock``: serializes queue decisions (who starts next).
+
+A holder writes a record into long-held lock files (host, pid, process start time) so a
+human can see who holds it; the record is information, the flock is the truth.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+
+from . import fsutil
+from .errors import Busy
+
+_boot_id: str | None = None
+
+
+def boot_id() -> str:
+    global _boot_id
+    if _boot_id is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                _boot_id = f.read().strip()
+        except OSError:
+            _boot_id = ""
+    return _boot_id
+
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat).
+
+    Together with the boot id it names a process uniquely, so a reused pid is not
+    mistaken for the process we recorded.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may contain spaces or ')'.
+    rest = data[data.rfind(b")") + 2 :].split()
+    try:
+        return int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def process_matches(pid: int | None, start_time: int | None, boot: str | None) -> bool:
+    """True if the process recorded as (pid, start_time, boot) is still alive here."""
+    if not pid or boot != boot_id():
+        return False
+    return start_time is not None and process_start_time(pid) == start_time
+
+
+def holder_record() -> dict:
+    pid = os.getpid()
+    return {
+        "host": socket.gethostname(),
+        "pid": pid,
+        "start_time": process_start_time(pid),
+        "boot_id": boot_id(),
+        "acquired_at": time.time(),
+    }
+
+
+class FileLock:
+    """An flock on a file. ``exclusive=False`` takes a shared lock."""
+
+    def __init__(self, path: str | os.PathLike, *, exclusive: bool = True, record: bool = False) -> None:
+        self.path = os.fspath(path)
+        self.exclusive = exclusive
+        self.record = record
+        self.fd: int | None = None
+
+    def acquire(self, *, blocking: bool = True, timeout: float | None = None) -> bool:
+        fd = fsutil.open_private(self.path, os.O_RDWR | os.O_CREAT)
+        op = fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH
+        try:
+            if blocking and timeout is None:
+                fcntl.flock(fd, op)
+            else:
+                deadline = time.monotonic() + (timeout or 0.0)
+                delay = 0.005
+                while True:
+                    try:
+                        fcntl.flock(fd, op | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if not blocking or time.monotonic() >= deadline:
+                            os.close(fd)
+                            return False
+                        time.sleep(delay)
+                        delay = min(delay * 2, 0.1)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        if self.record and self.exclusive:
+            write_record(fd)
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor releases the flock
+            self.fd = None
+
+    def __enter__(self) -> "FileLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def write_record(fd: int) -> None:
+    data = json.dumps(holder_record()).encode()
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+    except OSError:
+        pass
+
+
+def read_record(path: str | os.PathLike) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read() or b"null")
+    except (OSError, ValueError):
+        return None
+
+
+def is_held(path: str | os.PathLike) -> bool:
+    """True if some process holds an exclusive flock on ``path`` right now."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def try_exclusive(path: str | os.PathLike, what: str) -> FileLock:
+    lock = FileLock(path, record=True)
+    if not lock.acquire(blocking=False):
+        rec = read_record(path) or {}
+        raise Busy(f"{what} is held by pid {rec.get('pid', '?')} on {rec.get('host', '?')}", path=os.fspath(path))
+    return lock

@@ -1,0 +1,572 @@
+"""``casruns.Registry``: the facade the CLI and embedders use.
+
+Everything a user can do to a registry is a method here; the CLI only parses arguments,
+calls one of these and renders the result. Nothing here imports click, and the query path
+(``get``, ``list``) imports neither zstandard nor blake3 nor plugins: those load on first
+use of :attr:`store` (collecting, reading logs) so that polling stays cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from . import fsutil, locking, scheduler
+from . import manifest as mf
+from . import record as rec
+from .config import FORMAT_FILE, FORMAT_NAME, FORMAT_VERSION, Config, read_format
+from .errors import (
+    ArtifactNotFound,
+    InvalidInput,
+    RunIdConflict,
+    RunNotFound,
+    UnknownProvider,
+)
+from .ids import new_run_id, validate_run_id
+from .runs import RunDir, RunExists, iter_run_ids
+from .timefmt import format_ts, now_ts, parse_duration, parse_ts
+
+if TYPE_CHECKING:
+    from .store import DiskStore
+    from .tree import Tree
+
+LOG_STREAMS = ("stdout", "stderr", "transcript")
+FOLLOW_POLL = 0.2
+
+
+def default_root() -> str:
+    """``CASRUNS_HOME``, else ``$XDG_DATA_HOME/casruns``, else ``~/.local/share/casruns``."""
+    home = os.environ.get("CASRUNS_HOME")
+    if home:
+        return os.path.abspath(home)
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = xdg if xdg and os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "casruns")
+
+
+class Registry:
+    """A registry directory. Cheap to construct; nothing is created until a write."""
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        self.root = os.path.abspath(os.fspath(root)) if root is not None else default_root()
+        self.runs_dir = os.path.join(self.root, "runs")
+        self._config: Config | None = None
+        self._store: DiskStore | None = None
+        self._checked = False
+
+    # -- opening -----------------------------------------------------------------------
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._check_format()
+            self._config = Config.load(self.root)
+        return self._config
+
+    @property
+    def store(self) -> "DiskStore":
+        if self._store is None:
+            from .store import DiskStore
+
+            self._store = DiskStore(os.path.join(self.root, "blobs"))
+        return self._store
+
+    def _check_format(self) -> bool:
+        """True if the registry exists; raises on a newer major format."""
+        if self._checked:
+            return True
+        if read_format(self.root) is None:
+            return False
+        self._checked = True
+        return True
+
+    def init(self) -> bool:
+        """Create the registry (idempotent). Returns True if it was created now."""
+        existed = self._check_format()
+        if existed:
+            return False
+        fsutil.ensure_dir(self.root)
+        os.chmod(self.root, fsutil.DIR_MODE)
+        for sub in ("blobs", "blobs/tmp", "runs", "queue", "locks", "slots"):
+            fsutil.ensure_dir(os.path.join(self.root, sub))
+        doc = f'format = "{FORMAT_NAME}"\nversion = {FORMAT_VERSION}\ncreated_at = "{now_ts()}"\n'
+        fsutil.atomic_write(os.path.join(self.root, FORMAT_FILE), doc.encode())
+        self._checked = True
+        return True
+
+    def _ensure(self) -> None:
+        if not self._check_format():
+            self.init()
+
+    def run_dir(self, run_id: str) -> RunDir:
+        return RunDir(self.runs_dir, run_id)
+
+    # -- submit ------------------------------------------------------------------------
+    def submit(
+        self,
+        argv: list[str],
+        *,
+        provider: str = "shell",
+        timeout: str | float | None = None,
+        labels: Mapping[str, str] | None = None,
+        env: Iterable[str] = (),
+        secret_env: Iterable[str] = (),
+        cwd: str | None = None,
+        recipe: str | None = None,
+        run_id: str | None = None,
+        retain_for: str | float | None = None,
+        environ: Mapping[str, str] | None = None,
+        spawn: bool = True,
+    ) -> dict:
+        """Record a run as queued, start its supervisor, return its record at once.
+
+        ``env`` items are ``NAME=VALUE`` or ``NAME`` (taken from ``environ``); ``secret_env``
+        names are read from ``environ`` and their values only ever reach the supervisor's
+        memory. With a caller-chosen ``run_id``, submitting the same request again returns
+        the existing run; a different request under that id raises RunIdConflict.
+        """
+        environ = os.environ if environ is None else environ
+        argv = [str(a) for a in argv]
+        if not argv or not argv[0]:
+            raise InvalidInput("no command given: put it after --, e.g. casruns submit -- make test")
+        if provider != "shell":
+            raise UnknownProvider(f"unknown provider {provider!r}; available: shell")
+        labels = dict(labels or {})
+        for k, v in labels.items():
+            _check_label(k, v)
+        timeout_s = parse_duration(timeout) if timeout not in (None, "") else None
+        if timeout_s is not None and timeout_s <= 0:
+            raise InvalidInput("--timeout must be greater than zero")
+        retain_s = parse_duration(retain_for) if retain_for not in (None, "") else None
+        env_values: dict[str, str] = {k: environ[k] for k in _base_env_names() if k in environ}
+        env_names: list[str] = []
+        for item in env:
+            name, sep, value = item.partition("=")
+            _check_env_name(name)
+            if not sep:
+                if name not in environ:
+                    raise InvalidInput(f"--env {name}: no such variable in the environment")
+                value = environ[name]
+            env_values[name] = value
+            env_names.append(name)
+        secrets: dict[str, str] = {}
+        for name in secret_env:
+            _check_env_name(name)
+            if name not in environ:
+                raise InvalidInput(f"--secret-env {name}: no such variable in the environment")
+            secrets[name] = environ[name]
+        cwd = os.path.abspath(cwd) if cwd else os.getcwd()
+        if not os.path.isdir(cwd):
+            raise InvalidInput(f"--cwd {cwd}: not a directory")
+        rid = validate_run_id(run_id) if run_id else new_run_id()
+
+        from .redaction import split_secrets
+
+        used, ignored = split_secrets(secrets)
+        request = {
+            "argv": argv,
+            "cwd": cwd,
+            "env_names": sorted(set(env_names)),
+            "secret_env": sorted(secrets),
+            "timeout": timeout_s,
+            "recipe": recipe,
+            "plugins": [],
+        }
+        request_hash = hashlib.sha256(
+            json.dumps({"request": request, "provider": provider, "labels": labels, "retain_for": retain_s}, sort_keys=True).encode()
+        ).hexdigest()
+        request["hash"] = request_hash
+        now = time.time()
+        m = {
+            "schema": mf.SCHEMA,
+            "run_id": rid,
+            "status": mf.QUEUED,
+            "created_at": format_ts(now),
+            "created_ns": time.time_ns(),
+            "updated_at": format_ts(now),
+            "provider": provider,
+            "attempt": 1,
+            "submitted_by": {"host": socket.gethostname(), "pid": os.getpid()},
+            "labels": labels,
+            "request": request,
+            "retention": {"promoted": False, "retain_for": retain_s},
+        }
+        if ignored:
+            m["redaction"] = {"ignored_secrets": ignored}
+        self._ensure()
+        # Redact the request itself: a secret value typed into argv or a label is masked.
+        if used:
+            from .redaction import redact_text
+
+            request["argv"] = [redact_text(a, used) for a in argv]
+            m["labels"] = {k: redact_text(v, used) for k, v in labels.items()}
+        env_file = json.dumps({"env": env_values}).encode()
+        try:
+            run, lock = _create(self.runs_dir, m, env_file)
+        except RunExists:
+            existing = self.run_dir(rid).read()
+            if (existing.get("request") or {}).get("hash") != request_hash:
+                raise RunIdConflict(
+                    f"run id {rid} already names a run submitted with a different request", run_id=rid
+                ) from None
+            return self.get(rid)
+        try:
+            scheduler.enqueue(self.root, rid, m["created_ns"])
+            if spawn:
+                from . import supervisor
+
+                supervisor.spawn(self.root, rid, {"env": env_values, "secret_env": secrets}, lock.fd)
+        except Exception as e:
+            with run.update() as mm:
+                mm["error"] = {"code": "spawn_failed", "message": f"cannot start supervisor: {e}"}
+                mf.transition(mm, mf.FAILED, now_ts())
+            scheduler.dequeue(self.root, rid)
+        finally:
+            lock.release()
+        return self.get(rid, reap=False)
+
+    # -- queries -----------------------------------------------------------------------
+    def manifest(self, run_id: str) -> dict:
+        if not self._check_format():
+            raise RunNotFound(f"no run {validate_run_id(run_id)}: registry {self.root} does not exist", run_id=run_id)
+        return self.run_dir(run_id).read()
+
+    def get(self, run_id: str, *, reap: bool = True) -> dict:
+        """The run's record (``casruns/run/v1``); reaps it first if its supervisor is lost."""
+        run = self.run_dir(run_id)
+        m = self.manifest(run_id)
+        return self._record(run, m, reap=reap)
+
+    def _record(self, run: RunDir, m: dict, *, reap: bool = True) -> dict:
+        hb = act = None
+        if m["status"] not in mf.TERMINAL:
+            if reap and m["status"] in mf.ACTIVE and self._lost(run, m):
+                m = self.reap_lost(run)
+            else:
+                hb = run.mtime("heartbeat")
+                act = run.last_activity()
+        return rec.build(m, self.config, heartbeat=hb, activity=act)
+
+    def _lost(self, run: RunDir, m: dict) -> bool:
+        """True if the run's supervisor is provably gone (or silent too long on another host)."""
+        if run.is_supervised():
+            return False
+        sup = m.get("supervisor") or {}
+        if sup.get("host") and sup.get("host") != socket.gethostname():
+            hb = run.mtime("heartbeat") or 0.0
+            return time.time() - hb > self.config.lost_after
+        return True
+
+    def list(
+        self,
+        *,
+        statuses: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
+        since: str | None = None,
+        limit: int | None = None,
+        reap: bool = True,
+    ) -> list[dict]:
+        """Records newest first, filtered by status (any of), labels (all of), creation time."""
+        statuses = set(statuses)
+        for s in statuses:
+            if s not in mf.STATUSES:
+                raise InvalidInput(f"unknown status {s!r}; one of: {', '.join(mf.STATUSES)}")
+        labels = dict(labels or {})
+        since_ts = None
+        if since:
+            from .timefmt import parse_time_or_ago
+
+            since_ts = parse_time_or_ago(since)
+        if limit is not None and limit < 0:
+            raise InvalidInput("--limit must not be negative")
+        if not self._check_format():
+            return []
+        found: list[tuple[str, str, RunDir, dict]] = []
+        for rid in iter_run_ids(self.runs_dir):
+            run = self.run_dir(rid)
+            try:
+                m = run.read()
+            except RunNotFound:
+                continue  # removed while we listed
+            if labels and any((m.get("labels") or {}).get(k) != v for k, v in labels.items()):
+                continue
+            if since_ts is not None and parse_ts(m["created_at"]) < since_ts:
+                continue
+            found.append((m.get("created_at", ""), rid, run, m))
+        found.sort(key=lambda t: (t[0], t[1]), reverse=True)
+        out = []
+        for _, _, run, m in found:
+            r = self._record(run, m, reap=reap)
+            if statuses and r["status"] not in statuses:
+                continue
+            out.append(r)
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def wait(self, run_ids: list[str], *, timeout: float | None = None, poll: float = 0.2) -> tuple[list[dict], bool]:
+        """Block until every run is terminal. Returns (records, all_terminal)."""
+        for rid in run_ids:
+            self.manifest(rid)  # unknown ids fail before we wait
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            records = [self.get(rid) for rid in run_ids]
+            if all(r["terminal"] for r in records):
+                return records, True
+            if deadline is not None and time.monotonic() >= deadline:
+                return records, False
+            time.sleep(poll)
+
+    # -- cancel ------------------------------------------------------------------------
+    def cancel(self, run_id: str, *, reason: str | None = None) -> tuple[dict, str]:
+        """Cancel a run. Returns (record, outcome) with outcome one of
+        ``cancelled`` (was queued: done now), ``requested`` (active: the supervisor stops it),
+        ``already_requested`` or ``already_terminal`` (nothing changed)."""
+        run = self.run_dir(run_id)
+        self.manifest(run_id)
+        reason = reason or "cancelled by user"
+        with run.update() as m:
+            if m["status"] in mf.TERMINAL:
+                outcome = "already_terminal"
+            elif m.get("cancel"):
+                outcome = "already_requested"
+            else:
+                m["cancel"] = {"requested_at": now_ts(), "reason": reason}
+                if m["status"] == mf.QUEUED:
+                    mf.transition(m, mf.CANCELLED, now_ts())
+                    m["error"] = {"code": "cancelled", "message": reason}
+                    outcome = "cancelled"
+                else:
+                    outcome = "requested"
+                fsutil.touch(run.cancel_path)
+            sup = m.get("supervisor") or {}
+        if outcome == "cancelled":
+            scheduler.dequeue(self.root, run_id)
+        if outcome in ("cancelled", "requested") and locking.process_matches(sup.get("pid"), sup.get("start_time"), sup.get("boot_id")):
+            try:
+                os.kill(sup["pid"], __import__("signal").SIGUSR1)  # wake it; it reads the marker
+            except OSError:
+                pass
+        if outcome == "requested" and self._lost(run, run.read_fresh()):
+            self.reap_lost(run)
+        return self.get(run_id), outcome
+
+    # -- reaping -----------------------------------------------------------------------
+    def reap_lost(self, run: RunDir) -> dict:
+        """End an active run whose supervisor is gone: kill leftovers, salvage, mark failed."""
+        from . import collect
+
+        with run.locked():
+            m = run.read_fresh()
+            if m["status"] not in mf.ACTIVE or not self._lost(run, m):
+                return m
+            proc = m.get("process") or {}
+            if locking.process_matches(proc.get("pid"), proc.get("start_time"), proc.get("boot_id")):
+                try:
+                    os.killpg(proc["pgid"], 9)
+                except OSError:
+                    pass
+        sup = m.get("supervisor") or {}
+        deadline = m.get("deadline_at")
+        if deadline and time.time() >= parse_ts(deadline):
+            status, error = mf.TIMED_OUT, {"code": "timeout", "message": "the run exceeded its timeout and its supervisor is gone"}
+        else:
+            status = mf.FAILED
+            error = {
+                "code": "supervisor_lost",
+                "message": f"the supervisor (pid {sup.get('pid', '?')} on {sup.get('host', '?')}) is gone; "
+                "output captured until then was salvaged",
+            }
+        return collect.finish(run, self.store, status, error=error)
+
+    def reap(self) -> dict:
+        """Find every run whose supervisor is gone: end active ones, restart queued ones."""
+        report = {"schema": "casruns/reap/v1", "reaped": [], "restarted": [], "failed": [], "queue_repaired": 0}
+        if not self._check_format():
+            return report
+        queued_entries = set(scheduler.queued_run_ids(self.root))
+        for rid in iter_run_ids(self.runs_dir):
+            run = self.run_dir(rid)
+            try:
+                m = run.read_fresh()
+            except Exception:
+                continue
+            status = m["status"]
+            if status in mf.TERMINAL:
+                if rid in queued_entries:
+                    scheduler.dequeue(self.root, rid)
+                    report["queue_repaired"] += 1
+                continue
+            if status in mf.ACTIVE:
+                if self._lost(run, m):
+                    final = self.reap_lost(run)
+                    report["reaped"].append({"run_id": rid, "status": final["status"]})
+                continue
+            # queued
+            if run.is_supervised():
+                continue
+            if rid not in queued_entries:
+                scheduler.enqueue(self.root, rid, int(m.get("created_ns") or 0))
+                report["queue_repaired"] += 1
+            if self._restart_queued(run, m):
+                report["restarted"].append(rid)
+            else:
+                report["failed"].append(rid)
+        return report
+
+    def _restart_queued(self, run: RunDir, m: dict) -> bool:
+        """Start a new supervisor for a queued run that never ran. Secret values were held
+        only in the lost supervisor's memory, so a run that needs them ends failed."""
+        from . import supervisor
+
+        lock = locking.FileLock(run.supervisor_lock_path, record=True)
+        if not lock.acquire(blocking=False):
+            return True  # someone else restarted it
+        try:
+            if (m.get("request") or {}).get("secret_env"):
+                with run.update() as mm:
+                    if mm["status"] == mf.QUEUED:
+                        mm["error"] = {
+                            "code": "supervisor_lost",
+                            "message": "the queued run's supervisor is gone and its secret values were held only in memory; replay it",
+                        }
+                        mf.transition(mm, mf.FAILED, now_ts())
+                scheduler.dequeue(self.root, run.run_id)
+                return False
+            try:
+                with open(run.file("env.json"), "rb") as f:
+                    env = json.loads(f.read()).get("env", {})
+            except (OSError, ValueError):
+                env = {k: os.environ[k] for k in _base_env_names() if k in os.environ}
+            supervisor.spawn(self.root, run.run_id, {"env": env, "secret_env": {}}, lock.fd)
+            return True
+        finally:
+            lock.release()
+
+    # -- logs and artifacts ------------------------------------------------------------
+    def log_chunks(self, run_id: str, stream: str = "stdout", *, follow: bool = False) -> Iterator[bytes]:
+        """The bytes of one log stream; with ``follow``, keeps yielding until the run ends."""
+        if stream not in LOG_STREAMS:
+            raise InvalidInput(f"unknown stream {stream!r}; one of: {', '.join(LOG_STREAMS)}")
+        run = self.run_dir(run_id)
+        m = self.manifest(run_id)
+        offset = 0
+        fd = None
+        try:
+            while True:
+                if m["status"] in mf.TERMINAL:
+                    if fd is not None:  # drain the spool we hold open, even if it was unlinked
+                        while True:
+                            data = os.read(fd, 1 << 20)
+                            if not data:
+                                return
+                            yield data
+                    ref = (m.get("logs") or {}).get(stream)
+                    if ref:
+                        yield from _skip(self.store.iter_chunks(ref["blake3"]), offset)
+                    return
+                if fd is None:
+                    try:
+                        fd = os.open(run.spool(stream), os.O_RDONLY | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        fd = None
+                if fd is not None:
+                    while True:
+                        data = os.read(fd, 1 << 20)
+                        if not data:
+                            break
+                        offset += len(data)
+                        yield data
+                if not follow:
+                    return
+                time.sleep(FOLLOW_POLL)
+                m = self.get(run_id)  # reaps a lost run, so follow always ends
+                m = self.run_dir(run_id).read() if m["terminal"] else {"status": m["status"]}
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def tree(self, run_id: str) -> "Tree":
+        from .tree import Tree
+
+        m = self.manifest(run_id)
+        ref = (m.get("artifacts") or {}).get("tree")
+        if not ref:
+            return Tree()
+        return Tree.from_bytes(self.store.read_bytes(ref))
+
+    def cat(self, run_id: str, path: str) -> Iterator[bytes]:
+        entry = self.tree(run_id).get(path)
+        if entry is None or entry.type != "file":
+            raise ArtifactNotFound(f"run {run_id} has no artifact file {path!r}", run_id=run_id, path=path)
+        assert entry.blake3 is not None
+        return self.store.iter_chunks(entry.blake3)
+
+    def export(self, run_id: str, dest: str) -> dict:
+        """Materialize artifacts under ``DEST/artifacts`` and logs under ``DEST/logs``."""
+        from .tree import materialize
+
+        record = self.get(run_id)
+        m = self.manifest(run_id)
+        if not m["status"] in mf.TERMINAL:
+            raise InvalidInput(f"run {run_id} is {m['status']}; export needs a finished run (try wait first)")
+        dest = os.path.abspath(dest)
+        os.makedirs(dest, exist_ok=True)
+        report = materialize(self.tree(run_id), self.store, os.path.join(dest, "artifacts"))
+        logs_dir = os.path.join(dest, "logs")
+        os.makedirs(logs_dir, exist_ok=True)
+        for stream, ref in (m.get("logs") or {}).items():
+            if stream in LOG_STREAMS and ref:
+                self.store.copy_to(ref["blake3"], os.path.join(logs_dir, f"{stream}.log"), mode=0o644)
+        with open(os.path.join(dest, "run.json"), "w") as f:  # export target, outside the registry
+            json.dump(record, f, indent=2)
+        return {"schema": "casruns/export/v1", "run_id": run_id, "dest": dest, **report}
+
+
+def _skip(chunks: Iterator[bytes], offset: int) -> Iterator[bytes]:
+    for chunk in chunks:
+        if offset >= len(chunk):
+            offset -= len(chunk)
+            continue
+        yield chunk[offset:]
+        offset = 0
+
+
+def _create(runs_dir: str, m: dict, env_file: bytes):
+    from .runs import create
+
+    fsutil.ensure_dir(runs_dir)
+    return create(runs_dir, m, files={"env.json": env_file})
+
+
+def _base_env_names() -> tuple[str, ...]:
+    from .supervisor import BASE_ENV
+
+    return BASE_ENV
+
+
+def _check_env_name(name: str) -> None:
+    if not name or not (name[0].isalpha() or name[0] == "_") or not all(c.isalnum() or c == "_" for c in name):
+        raise InvalidInput(f"invalid environment variable name {name!r}")
+
+
+def _check_label(key: str, value: str) -> None:
+    if not key or len(key) > 128 or not all(c.isalnum() or c in "._-/" for c in key):
+        raise InvalidInput(f"invalid label key {key!r}: use letters, digits and . _ - /")
+    if not isinstance(value, str) or len(value) > 1024 or "\n" in value:
+        raise InvalidInput(f"invalid label value for {key!r}: at most 1024 characters, one line")
+
+
+def parse_labels(items: Iterable[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidInput(f"invalid label {item!r}: expected KEY=VALUE")
+        _check_label(key, value)
+        out[key] = value
+    return out

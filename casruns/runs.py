@@ -1,0 +1,207 @@
+"""A run directory: its files, atomic creation, reads, and locked manifest updates.
+
+Layout of ``runs/<run_id>/`` (spec/format.md, "Run directories")::
+
+    manifest.toml      the run's record (authoritative)
+    manifest.json      read cache of manifest.toml (see manifest.py)
+    lock               flock held around each manifest read-modify-write
+    supervisor.lock    flock held by the run's supervisor for its whole life
+    heartbeat          its mtime is the supervisor's last heartbeat
+    cancel             exists once a cancel was requested
+    env.json           non-secret env values while queued (0600, removed at start)
+    spool/             stdout, stderr, transcript while the run is active
+    artifacts/         CASRUNS_ARTIFACTS_DIR while the run is active
+    supervisor.log     the supervisor's own diagnostics
+
+Creation is atomic: the directory is built under ``runs/.new-*`` and renamed to its id, so
+a reader sees a run with a complete manifest or no run at all, and two submits with the
+same caller-chosen id cannot both create it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import fsutil, locking, manifest
+from .errors import CorruptManifest, RegistryError, RunNotFound, UnsafePath
+from .ids import validate_run_id
+
+SPOOL_STREAMS = ("stdout", "stderr", "transcript")
+
+
+class RunExists(Exception):
+    """Raised by :func:`create` when the run id is taken (the caller decides what that means)."""
+
+
+class RunDir:
+    def __init__(self, runs_dir: str | os.PathLike, run_id: str) -> None:
+        self.run_id = validate_run_id(run_id)
+        self.path = os.path.join(os.fspath(runs_dir), run_id)
+        self.manifest_path = os.path.join(self.path, "manifest.toml")
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def lock_path(self) -> str:
+        return self.file("lock")
+
+    @property
+    def supervisor_lock_path(self) -> str:
+        return self.file("supervisor.lock")
+
+    @property
+    def heartbeat_path(self) -> str:
+        return self.file("heartbeat")
+
+    @property
+    def cancel_path(self) -> str:
+        return self.file("cancel")
+
+    @property
+    def spool_dir(self) -> str:
+        return self.file("spool")
+
+    @property
+    def artifacts_dir(self) -> str:
+        return self.file("artifacts")
+
+    def spool(self, stream: str) -> str:
+        return os.path.join(self.spool_dir, stream)
+
+    def _check_not_link(self) -> None:
+        if os.path.islink(self.path):
+            raise UnsafePath(f"run directory {self.path} is a symlink; refusing to follow it")
+
+    def exists(self) -> bool:
+        return os.path.isfile(self.manifest_path)
+
+    def read(self) -> dict:
+        """The manifest, via its cache when fresh. Raises RunNotFound."""
+        self._check_not_link()
+        try:
+            m = manifest.read(self.manifest_path)
+        except FileNotFoundError:
+            raise RunNotFound(f"no run {self.run_id} in this registry", run_id=self.run_id) from None
+        except OSError as e:
+            raise RegistryError(f"cannot read {self.manifest_path}: {e.strerror}", path=self.manifest_path) from e
+        if m.get("run_id") != self.run_id:
+            raise CorruptManifest(f"manifest {self.manifest_path} names run {m.get('run_id')!r}")
+        return m
+
+    def read_fresh(self) -> dict:
+        self._check_not_link()
+        try:
+            return manifest.read_toml(self.manifest_path)
+        except FileNotFoundError:
+            raise RunNotFound(f"no run {self.run_id} in this registry", run_id=self.run_id) from None
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        self._check_not_link()
+        if not os.path.isdir(self.path):
+            raise RunNotFound(f"no run {self.run_id} in this registry", run_id=self.run_id)
+        with locking.FileLock(self.lock_path):
+            yield
+
+    @contextmanager
+    def update(self) -> Iterator[dict]:
+        """Read-modify-write the manifest under the run's lock; writes only if it changed.
+
+        Every writer (supervisor, cancel, promote, reaper) goes through here, so concurrent
+        updates serialize and none overwrites another's change.
+        """
+        with self.locked():
+            m = self.read_fresh()
+            before = manifest.dumps(m)
+            yield m
+            if manifest.dumps(m) != before:
+                manifest.write(self.manifest_path, m)
+
+    def is_supervised(self) -> bool:
+        return locking.is_held(self.supervisor_lock_path)
+
+    def mtime(self, name: str) -> float | None:
+        try:
+            return os.stat(self.file(name)).st_mtime
+        except OSError:
+            return None
+
+    def last_activity(self) -> float | None:
+        times = [t for t in (self.mtime(f"spool/{s}") for s in ("stdout", "stderr")) if t is not None]
+        return max(times) if times else None
+
+    def remove_workspace(self) -> None:
+        """Drop spool and artifact work files once their content is committed to the store."""
+        for name in ("spool", "artifacts"):
+            shutil.rmtree(self.file(name), ignore_errors=True)
+        for name in ("env.json", "cancel"):
+            try:
+                os.unlink(self.file(name))
+            except OSError:
+                pass
+
+
+def create(runs_dir: str | os.PathLike, m: dict, *, files: dict[str, bytes] | None = None) -> tuple[RunDir, locking.FileLock]:
+    """Create a run directory atomically; returns it with its supervisor lock held.
+
+    Crash points: before the final rename only ``runs/.new-*`` exists (invisible to readers,
+    removed by gc); after it the run exists with a complete, durable manifest.
+    Raises :class:`RunExists` if the id is taken.
+    """
+    runs_dir = os.fspath(runs_dir)
+    run = RunDir(runs_dir, m["run_id"])
+    if os.path.lexists(run.path):
+        raise RunExists(run.run_id)
+    tmp = os.path.join(runs_dir, f".new-{run.run_id}-{secrets.token_hex(4)}")
+    os.mkdir(tmp, fsutil.DIR_MODE)
+    os.chmod(tmp, fsutil.DIR_MODE)
+    lock = None
+    try:
+        dirs = fsutil.DirSync()
+        for sub in ("spool", "artifacts"):
+            os.mkdir(os.path.join(tmp, sub), fsutil.DIR_MODE)
+            os.chmod(os.path.join(tmp, sub), fsutil.DIR_MODE)
+        for name in ("lock", "supervisor.lock", "heartbeat"):
+            os.close(fsutil.open_private(os.path.join(tmp, name), os.O_WRONLY | os.O_CREAT))
+        for name, data in (files or {}).items():
+            fsutil.atomic_write(os.path.join(tmp, name), data, dirs=dirs)
+        manifest.write(os.path.join(tmp, "manifest.toml"), m, dirs=dirs)
+        lock = locking.FileLock(os.path.join(tmp, "supervisor.lock"), record=True)
+        lock.acquire()
+        fsutil.fsync_dir(tmp)
+        try:
+            os.rename(tmp, run.path)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise RunExists(run.run_id) from None
+            raise
+        fsutil.fsync_dir(runs_dir)
+        # the cache's tag is the manifest's inode, which the directory rename kept.
+        return run, lock
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def iter_run_ids(runs_dir: str | os.PathLike) -> Iterator[str]:
+    """Run ids present in ``runs/``, skipping temp and trash entries (names starting with '.')."""
+    try:
+        names = os.listdir(runs_dir)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.startswith("."):
+            continue
+        try:
+            yield validate_run_id(name)
+        except Exception:
+            continue

@@ -1,0 +1,401 @@
+"""The supervisor: the detached process that drives one run from queued to terminal.
+
+Started by ``submit`` (or by ``reap`` for a queued run whose supervisor died) as
+``python -m casruns.supervisor ROOT RUN_ID``, in its own session with no controlling
+terminal and no inherited stdio; it survives the submitter's exit and SIGHUP. It receives
+the command's environment (including secret values) as JSON on stdin, so values never sit
+in the manifest.
+
+Phases (the manifest's status): queued (wait for a slot) -> booting (provider boot) ->
+running (the command) -> collecting_artifacts (logs and artifacts into the store) ->
+succeeded | failed | timed_out | cancelled.
+
+Crash reasoning. The supervisor holds ``supervisor.lock`` for its whole life (inherited
+from the submitter, so held since before the run was visible). If it dies, the kernel
+releases that lock and any reader that finds an active run with a free lock knows the
+supervisor is gone (robust to pid reuse and reboots) and reaps it: it kills what is left of
+the command's process group, salvages the spooled logs and artifacts, and ends the run
+``failed`` with ``error.code = "supervisor_lost"`` (``timed_out`` past its deadline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from . import collect, fsutil, locking, scheduler
+from . import manifest as mf
+from .redaction import StreamRedactor, redact_text
+from .runs import RunDir
+from .timefmt import format_ts, now_ts
+
+READ_SIZE = 65536
+POLL = 0.2
+TRANSCRIPT_MAX_LINE = 65536
+LOCK_FD_ENV = "CASRUNS_SUPERVISOR_LOCK_FD"
+
+# Variables a command gets from the submitter's environment unless --env says more.
+BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SHELL")
+# Variables the supervisor process itself keeps (how to import casruns, plugins, tests).
+SUPERVISOR_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "CASRUNS_PLUGINS")
+
+
+def spawn(root: str, run_id: str, payload: dict, lock_fd: int | None) -> int:
+    """Start a detached supervisor for ``run_id``; returns its pid.
+
+    ``lock_fd`` is the run's supervisor lock, already held: the child inherits it so the
+    lock is never free while the run is alive.
+    """
+    env = {k: os.environ[k] for k in SUPERVISOR_ENV if k in os.environ}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("CASRUNS_TEST_")})
+    pass_fds: tuple[int, ...] = ()
+    if lock_fd is not None:
+        env[LOCK_FD_ENV] = str(lock_fd)
+        pass_fds = (lock_fd,)
+    run = RunDir(os.path.join(root, "runs"), run_id)
+    log_fd = fsutil.open_private(run.file("supervisor.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "casruns.supervisor", root, run_id],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=log_fd,
+            start_new_session=True,
+            close_fds=True,
+            pass_fds=pass_fds,
+            env=env,
+            cwd="/",
+        )
+    finally:
+        os.close(log_fd)
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(json.dumps(payload).encode())
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    # The Popen object is dropped without wait(): a short-lived caller exits and init reaps
+    # the supervisor; a long-lived embedder's subprocess module reaps it at a later Popen.
+    return proc.pid
+
+
+class Supervisor:
+    def __init__(self, root: str, run_id: str, payload: dict) -> None:
+        from .registry import Registry
+
+        self.registry = Registry(root)
+        self.root = self.registry.root
+        self.run = self.registry.run_dir(run_id)
+        self.config = self.registry.config
+        self.payload = payload
+        self.secrets: dict[str, str] = dict(payload.get("secret_env") or {})
+        self.stop_reason: str | None = None
+        self.slot: locking.FileLock | None = None
+        self.lock_fd: int | None = None
+        self._last_beat = 0.0
+
+    # -- small helpers -------------------------------------------------------------
+    def beat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_beat >= self.config.heartbeat_interval:
+            fsutil.touch(self.run.heartbeat_path)
+            self._last_beat = now
+
+    def cancel_requested(self) -> bool:
+        return self.stop_reason is not None or os.path.exists(self.run.cancel_path)
+
+    def _on_signal(self, signum, frame) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stop_reason = f"supervisor received {signal.Signals(signum).name}"
+
+    def take_lock(self) -> bool:
+        fd = os.environ.get(LOCK_FD_ENV)
+        if fd is not None:
+            self.lock_fd = int(fd)
+            os.set_inheritable(self.lock_fd, False)  # the command must not keep it alive
+            return True
+        lock = locking.FileLock(self.run.supervisor_lock_path, record=True)
+        if not lock.acquire(blocking=False):
+            return False  # another supervisor is alive: it owns this run
+        self.lock_fd = lock.fd
+        return True
+
+    # -- phases ------------------------------------------------------------------------
+    def main(self) -> int:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGUSR1, lambda *a: None)  # a wake-up: cancel was requested
+        if not self.take_lock():
+            return 0
+        m = self.run.read_fresh()
+        if m["status"] != mf.QUEUED:
+            return 0
+        with self.run.update() as m:
+            m["supervisor"] = {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "start_time": locking.process_start_time(os.getpid()),
+                "boot_id": locking.boot_id(),
+            }
+        self.beat(force=True)
+        if not self.wait_for_slot():
+            return 0
+        try:
+            return self.drive()
+        except Exception as e:  # the run must end, whatever broke
+            msg = redact_text(f"{type(e).__name__}: {e}", self.secrets)
+            print(f"casruns supervisor: {msg}", file=sys.stderr)
+            try:
+                collect.finish(self.run, self.registry.store, mf.FAILED, error={"code": "supervisor_error", "message": msg})
+            except Exception as e2:
+                print(f"casruns supervisor: cannot finish run: {e2}", file=sys.stderr)
+            return 1
+        finally:
+            if self.slot is not None:
+                self.slot.release()
+
+    def wait_for_slot(self) -> bool:
+        m = self.run.read_fresh()
+        created_ns = int(m.get("created_ns", 0)) or time.time_ns()
+        qname = scheduler.entry_name(created_ns, self.run.run_id)
+        if not os.path.exists(os.path.join(self.root, "queue", qname)):
+            scheduler.enqueue(self.root, self.run.run_id, created_ns)
+        while True:
+            if self.cancel_requested():
+                m = self.run.read_fresh()
+                if m["status"] in mf.TERMINAL:
+                    scheduler.dequeue(self.root, self.run.run_id)
+                    return False
+                if self.stop_reason:
+                    self.registry.cancel(self.run.run_id, reason=self.stop_reason)
+                    return False
+            self.slot = scheduler.try_claim_slot(self.root, self.run.run_id, self.config.max_running)
+            if self.slot is not None:
+                break
+            self.beat()
+            time.sleep(POLL * (0.75 + random.random() / 2))
+        scheduler.dequeue(self.root, self.run.run_id)
+        with self.run.update() as m:
+            if m["status"] != mf.QUEUED:  # cancelled while we claimed the slot
+                return False
+            now = time.time()
+            mf.transition(m, mf.BOOTING, format_ts(now))
+            timeout = (m.get("request") or {}).get("timeout")
+            if timeout:
+                m["deadline_at"] = format_ts(now + float(timeout))
+            self.deadline = now + float(timeout) if timeout else None
+        try:
+            os.unlink(self.run.file("env.json"))
+        except OSError:
+            pass
+        return True
+
+    def drive(self) -> int:
+        m = self.run.read_fresh()
+        req = m.get("request") or {}
+        argv = list(req.get("argv") or [])
+        env = dict(self.payload.get("env") or {})
+        env.update(self.secrets)
+        env["CASRUNS_RUN_ID"] = self.run.run_id
+        env["CASRUNS_ARTIFACTS_DIR"] = self.run.artifacts_dir
+        cwd = req.get("cwd") or "/"
+        # boot: the built-in shell provider needs nothing; provider plugins hook in here.
+        if self.cancel_requested():
+            return self.end(mf.CANCELLED)
+        try:
+            child = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as e:
+            message = redact_text(f"cannot start {argv[0] if argv else '(empty)'}: {e.strerror}", self.secrets)
+            return self.end(mf.FAILED, error={"code": "spawn_failed", "message": message})
+        with self.run.update() as m:
+            if m["status"] == mf.BOOTING:
+                mf.transition(m, mf.RUNNING, now_ts())
+            m["process"] = {
+                "pid": child.pid,
+                "pgid": child.pid,
+                "start_time": locking.process_start_time(child.pid),
+                "boot_id": locking.boot_id(),
+            }
+        outcome, reason = self.capture(child)
+        returncode = child.returncode
+        exit_code = returncode if returncode is not None and returncode >= 0 else None
+        sig = -returncode if returncode is not None and returncode < 0 else None
+        if outcome == mf.TIMED_OUT:
+            return self.end(mf.TIMED_OUT, exit_code=exit_code, signal=sig, error={"code": "timeout", "message": "the run exceeded its timeout"})
+        if outcome == mf.CANCELLED:
+            return self.end(mf.CANCELLED, exit_code=exit_code, signal=sig)
+        if returncode == 0:
+            return self.end(mf.SUCCEEDED, exit_code=0)
+        message = f"command exited with code {exit_code}" if exit_code is not None else f"command killed by signal {sig}"
+        return self.end(mf.FAILED, exit_code=exit_code, signal=sig, error={"code": "command_failed", "message": message})
+
+    def end(self, status: str, **kw) -> int:
+        with self.run.update() as m:
+            if m["status"] in (mf.BOOTING, mf.RUNNING):
+                mf.transition(m, mf.COLLECTING, now_ts())
+        fault = os.environ.get("CASRUNS_TEST_FAULT")
+        if fault == "before_collect":
+            os.kill(os.getpid(), signal.SIGKILL)
+        final = collect.finish(self.run, self.registry.store, status, **kw)
+        return 0 if final["status"] == mf.SUCCEEDED else 1
+
+    # -- the capture loop --------------------------------------------------------------
+    def capture(self, child: subprocess.Popen) -> tuple[str | None, str | None]:
+        """Pump the child's output into the spool until it ends; enforce timeout and cancel."""
+        spool = {
+            name: fsutil.open_private(self.run.spool(name), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            for name in ("stdout", "stderr", "transcript")
+        }
+        redactors = {"stdout": StreamRedactor(self.secrets), "stderr": StreamRedactor(self.secrets)}
+        transcript = Transcript(spool["transcript"])
+        sel = selectors.DefaultSelector()
+        assert child.stdout is not None and child.stderr is not None
+        sel.register(child.stdout, selectors.EVENT_READ, "stdout")
+        sel.register(child.stderr, selectors.EVENT_READ, "stderr")
+        open_streams = 2
+        outcome: str | None = None
+        kill_at: float | None = None  # when SIGKILL follows the SIGTERM we sent
+        exited_at: float | None = None
+        deadline = getattr(self, "deadline", None)
+
+        def emit(name: str, data: bytes) -> None:
+            if data:
+                _write_all(spool[name], data)
+                transcript.feed(name, data)
+
+        try:
+            while True:
+                for key, _ in sel.select(timeout=POLL):
+                    name = key.data
+                    data = os.read(key.fileobj.fileno(), READ_SIZE)  # type: ignore[union-attr]
+                    if not data:
+                        sel.unregister(key.fileobj)
+                        open_streams -= 1
+                        emit(name, redactors[name].close())
+                        continue
+                    emit(name, redactors[name].feed(data))
+                self.beat()
+                now = time.time()
+                if outcome is None:
+                    if deadline is not None and now >= deadline:
+                        outcome = mf.TIMED_OUT
+                    elif self.cancel_requested():
+                        outcome = mf.CANCELLED
+                    if outcome is not None:
+                        _killpg(child.pid, signal.SIGTERM)
+                        kill_at = time.monotonic() + self.config.kill_grace
+                if kill_at is not None and time.monotonic() >= kill_at:
+                    _killpg(child.pid, signal.SIGKILL)
+                    kill_at = None
+                if exited_at is None and _exited(child.pid):
+                    exited_at = time.monotonic()
+                    # The command is over: whatever it left running in its group goes too,
+                    # before the child is reaped, so the group id cannot have been reused.
+                    _killpg(child.pid, signal.SIGTERM)
+                    _killpg(child.pid, signal.SIGKILL)
+                    child.wait()
+                if exited_at is not None and (open_streams == 0 or time.monotonic() - exited_at > 2.0):
+                    break  # a process outside the group may hold the pipes; stop after 2 s
+        finally:
+            for name in ("stdout", "stderr"):
+                emit(name, redactors[name].close())
+            transcript.close()
+            for fd in spool.values():
+                os.close(fd)
+            sel.close()
+            for stream in (child.stdout, child.stderr):
+                try:
+                    stream.close()
+                except Exception:
+                    pass
+        return outcome, None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _exited(pid: int) -> bool:
+    """True once ``pid`` exited, without reaping it (so its group id stays reserved)."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return info is not None
+
+
+class Transcript:
+    """The combined transcript: one line per output line, ``<timestamp> <stream> <text>``."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.partial: dict[str, tuple[float, bytes]] = {}
+
+    def feed(self, stream: str, data: bytes) -> None:
+        now = time.time()
+        started, buf = self.partial.get(stream, (now, b""))
+        buf += data
+        lines = buf.split(b"\n")
+        out = []
+        for line in lines[:-1]:
+            out.append(self._line(started, stream, line))
+            started = now
+        rest = lines[-1]
+        while len(rest) > TRANSCRIPT_MAX_LINE:
+            out.append(self._line(started, stream, rest[:TRANSCRIPT_MAX_LINE]))
+            rest = rest[TRANSCRIPT_MAX_LINE:]
+        if rest:
+            self.partial[stream] = (started, rest)
+        else:
+            self.partial.pop(stream, None)
+        if out:
+            _write_all(self.fd, b"".join(out))
+
+    def _line(self, ts: float, stream: str, text: bytes) -> bytes:
+        return format_ts(ts).encode() + b" " + stream.encode() + b" " + text + b"\n"
+
+    def close(self) -> None:
+        for stream, (ts, rest) in sorted(self.partial.items()):
+            _write_all(self.fd, self._line(ts, stream, rest))
+        self.partial.clear()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m casruns.supervisor ROOT RUN_ID", file=sys.stderr)
+        return 2
+    os.umask(0o077)
+    raw = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
+    payload = json.loads(raw or b"{}")
+    return Supervisor(args[0], args[1], payload).main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

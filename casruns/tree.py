@@ -1,0 +1,229 @@
+"""The artifact tree object: one content-addressed listing of a run's artifact files.
+
+A tree is canonical JSON (spec/format.md, "Tree objects") stored as a blob, so a run
+references its whole artifact bundle by one address and identical bundles dedup.
+
+Collection walks the artifact directory through directory file descriptors with
+``O_NOFOLLOW``: a symlink is recorded as a link (its target text), never followed, so a
+command cannot make casruns read a file outside its artifact directory, even by swapping
+a directory for a symlink while collection runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .errors import CorruptManifest, UnsafePath
+from .ids import safe_relpath, validate_address
+
+if TYPE_CHECKING:
+    from .store import Batch, BlobStore
+
+TREE_SCHEMA = "casruns/tree/v1"
+SMALL = 1 << 20
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    path: str
+    type: str  # "file" or "symlink"
+    mode: int = 0o644
+    size: int = 0
+    blake3: str | None = None  # files
+    target: str | None = None  # symlinks
+    extra: dict = field(default_factory=dict)  # fields a later writer added (kept on rewrite)
+
+    def to_json(self) -> dict:
+        d = dict(self.extra)
+        d.update({"path": self.path, "type": self.type, "mode": self.mode})
+        if self.type == "file":
+            d["size"] = self.size
+            d["blake3"] = self.blake3
+        else:
+            d["target"] = self.target
+        return d
+
+
+@dataclass
+class Tree:
+    entries: list[TreeEntry] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}: not regular files or links
+
+    @property
+    def files(self) -> int:
+        return sum(1 for e in self.entries if e.type == "file")
+
+    @property
+    def total_size(self) -> int:
+        return sum(e.size for e in self.entries if e.type == "file")
+
+    def addresses(self) -> set[str]:
+        return {e.blake3 for e in self.entries if e.type == "file" and e.blake3}
+
+    def get(self, path: str) -> TreeEntry | None:
+        path = safe_relpath(path)
+        for e in self.entries:
+            if e.path == path:
+                return e
+        return None
+
+    def to_bytes(self) -> bytes:
+        doc: dict = {
+            "schema": TREE_SCHEMA,
+            "entries": [e.to_json() for e in sorted(self.entries, key=lambda e: e.path)],
+        }
+        if self.skipped:
+            doc["skipped"] = sorted(self.skipped, key=lambda s: s["path"])
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Tree":
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CorruptManifest(f"artifact tree is not valid JSON: {e}") from None
+        if not isinstance(doc, dict) or doc.get("schema") != TREE_SCHEMA:
+            raise CorruptManifest(f"artifact tree has unknown schema {doc.get('schema') if isinstance(doc, dict) else None!r}")
+        entries = []
+        for raw in doc.get("entries", []):
+            known = {"path", "type", "mode", "size", "blake3", "target"}
+            extra = {k: v for k, v in raw.items() if k not in known}
+            kind = raw.get("type")
+            if kind not in ("file", "symlink"):
+                raise CorruptManifest(f"artifact tree entry has unknown type {kind!r}")
+            path = safe_relpath(raw.get("path"))
+            if kind == "file":
+                entries.append(
+                    TreeEntry(path, "file", int(raw.get("mode", 0o644)), int(raw["size"]), validate_address(raw["blake3"]), extra=extra)
+                )
+            else:
+                entries.append(TreeEntry(path, "symlink", int(raw.get("mode", 0o777)), target=str(raw["target"]), extra=extra))
+        return cls(entries, list(doc.get("skipped", [])))
+
+    def store(self, sink: "BlobStore | Batch") -> str:
+        return sink.put_bytes(self.to_bytes()).address
+
+
+def collect(directory: str | os.PathLike, sink: "BlobStore | Batch") -> Tree:
+    """Ingest every regular file under ``directory`` into ``sink`` and return the tree.
+
+    Symlinks are recorded (target text), not followed; other file types (fifos, sockets,
+    devices) and names that are not valid UTF-8 are listed in ``skipped``.
+    """
+    tree = Tree()
+    try:
+        top = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return tree
+    try:
+        _walk(top, "", sink, tree)
+    finally:
+        os.close(top)
+    tree.entries.sort(key=lambda e: e.path)
+    return tree
+
+
+def _walk(dir_fd: int, prefix: str, sink, tree: Tree) -> None:
+    with os.scandir(dir_fd) as it:
+        names = sorted(e.name for e in it)
+    for name in names:
+        rel = f"{prefix}{name}"
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            tree.skipped.append({"path": rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "reason": "name is not valid UTF-8"})
+            continue
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # removed while we walked
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(name, dir_fd=dir_fd)
+            tree.entries.append(TreeEntry(rel, "symlink", 0o777, target=target))
+        elif stat.S_ISDIR(st.st_mode):
+            try:
+                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError as e:
+                tree.skipped.append({"path": rel, "reason": f"cannot open directory: {e.strerror}"})
+                continue
+            try:
+                _walk(sub, rel + "/", sink, tree)
+            finally:
+                os.close(sub)
+        elif stat.S_ISREG(st.st_mode):
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError as e:
+                tree.skipped.append({"path": rel, "reason": f"cannot open: {e.strerror}"})
+                continue
+            with os.fdopen(fd, "rb") as f:
+                fst = os.fstat(f.fileno())
+                if not stat.S_ISREG(fst.st_mode):
+                    tree.skipped.append({"path": rel, "reason": "changed type while collected"})
+                    continue
+                if fst.st_size <= SMALL:
+                    info = sink.put_bytes(f.read())
+                else:
+                    info = sink.put_stream(f, size=None)
+            tree.entries.append(TreeEntry(rel, "file", stat.S_IMODE(fst.st_mode), info.size, info.address))
+        else:
+            tree.skipped.append({"path": rel, "reason": "not a regular file, directory or symlink"})
+
+
+def materialize(tree: Tree, store: "BlobStore", dest: str | os.PathLike) -> dict:
+    """Write a tree's files under ``dest``; refuse anything that would land outside it.
+
+    Returns ``{"files": n, "symlinks": n, "bytes": n, "refused": [{"path", "reason"}]}``.
+    Each file is verified against its address before it appears at its final name.
+    """
+    dest = os.path.abspath(dest)
+    os.makedirs(dest, exist_ok=True)
+    report = {"files": 0, "symlinks": 0, "bytes": 0, "refused": []}
+    for e in tree.entries:
+        try:
+            rel = safe_relpath(e.path)
+            parent = _safe_parent(dest, rel)
+        except UnsafePath as err:
+            report["refused"].append({"path": e.path, "reason": err.message})
+            continue
+        target_path = os.path.join(parent, rel.rsplit("/", 1)[-1])
+        if os.path.islink(target_path):
+            report["refused"].append({"path": e.path, "reason": "a symlink already stands at that path"})
+            continue
+        if e.type == "file":
+            assert e.blake3 is not None
+            report["bytes"] += store.copy_to(e.blake3, target_path, mode=(e.mode & 0o777) or 0o600)
+            report["files"] += 1
+        else:
+            assert e.target is not None
+            if os.path.isabs(e.target):
+                report["refused"].append({"path": e.path, "reason": f"symlink target {e.target!r} is absolute"})
+                continue
+            resolved = os.path.normpath(os.path.join(os.path.dirname(os.path.join(dest, rel)), e.target))
+            if resolved != dest and not resolved.startswith(dest + os.sep):
+                report["refused"].append({"path": e.path, "reason": f"symlink target {e.target!r} escapes the destination"})
+                continue
+            if os.path.lexists(target_path):
+                os.unlink(target_path)
+            os.symlink(e.target, target_path)
+            report["symlinks"] += 1
+    return report
+
+
+def _safe_parent(dest: str, rel: str) -> str:
+    """Create the parent directories of ``rel`` under ``dest``, refusing symlinked components."""
+    parts = rel.split("/")[:-1]
+    cur = dest
+    for part in parts:
+        cur = os.path.join(cur, part)
+        if os.path.islink(cur):
+            raise UnsafePath(f"path {rel!r} passes through a symlink at {part!r}")
+        if not os.path.isdir(cur):
+            if os.path.lexists(cur):
+                raise UnsafePath(f"path {rel!r} passes through a file at {part!r}")
+            os.mkdir(cur, 0o755)
+    return cur
