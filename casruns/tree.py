@@ -65,7 +65,7 @@ class Tree:
         return {e.blake3 for e in self.entries if e.type == "file" and e.blake3}
 
     def get(self, path: str) -> TreeEntry | None:
-        path = safe_relpath(path)
+        path = safe_relpath(path)  # the query path: refuses ../ and absolute paths
         for e in self.entries:
             if e.path == path:
                 return e
@@ -95,7 +95,10 @@ class Tree:
             kind = raw.get("type")
             if kind not in ("file", "symlink"):
                 raise CorruptManifest(f"artifact tree entry has unknown type {kind!r}")
-            path = safe_relpath(raw.get("path"))
+            path = raw.get("path")
+            if not isinstance(path, str):
+                raise CorruptManifest("artifact tree entry has no path")
+            # Paths are kept as written: materialize() refuses unsafe ones entry by entry.
             if kind == "file":
                 entries.append(
                     TreeEntry(path, "file", int(raw.get("mode", 0o644)), int(raw["size"]), validate_address(raw["blake3"]), extra=extra)

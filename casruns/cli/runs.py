@@ -164,9 +164,10 @@ def register(cli: click.Group) -> None:
     @click.argument("run_id")
     @click.option("--stream", type=click.Choice(["stdout", "stderr", "transcript"]), default="stdout", show_default=True)
     @click.option("--follow", "-f", is_flag=True, help="Keep printing until the run is terminal.")
+    @JSON_OPT
     @click.pass_obj
-    def logs(obj, run_id, stream, follow):
-        """Print a run's log (redacted); live while it runs."""
+    def logs(obj, run_id, stream, follow, as_json):
+        """Print a run's log (redacted); live while it runs. --json makes errors JSON."""
         out = sys.stdout.buffer
         for chunk in obj.registry.log_chunks(run_id, stream, follow=follow):
             out.write(chunk)
@@ -203,9 +204,10 @@ def register(cli: click.Group) -> None:
     @cli.command()
     @click.argument("run_id")
     @click.argument("path")
+    @JSON_OPT
     @click.pass_obj
-    def cat(obj, run_id, path):
-        """Write one artifact to stdout (verified against its hash; exit 7 if corrupt)."""
+    def cat(obj, run_id, path, as_json):
+        """Write one artifact to stdout (verified; exit 7 if corrupt). --json makes errors JSON."""
         out = sys.stdout.buffer
         for chunk in obj.registry.cat(run_id, path):
             out.write(chunk)

@@ -1,0 +1,102 @@
+"""Shared fixtures: every test gets its own registry root through CASRUNS_HOME."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT / "spec"
+
+
+@pytest.fixture(autouse=True)
+def casruns_home(tmp_path, monkeypatch):
+    home = tmp_path / "registry"
+    monkeypatch.setenv("CASRUNS_HOME", str(home))
+    monkeypatch.delenv("CASRUNS_NO_FASTPATH", raising=False)
+    return home
+
+
+@pytest.fixture
+def registry(casruns_home):
+    from casruns import Registry
+
+    reg = Registry(casruns_home)
+    reg.init()
+    return reg
+
+
+def poll_until(predicate, timeout=30.0, interval=0.05, what="condition"):
+    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def casruns_exe() -> list[str]:
+    exe = Path(sys.executable).with_name("casruns")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "casruns"]
+
+
+def cli(*args, env=None, input=None, check=None, timeout=60):
+    """Run the real casruns executable; returns CompletedProcess with text output."""
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    proc = subprocess.run(
+        casruns_exe() + [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        input=input,
+        timeout=timeout,
+    )
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}, stderr: {proc.stderr}\nstdout: {proc.stdout}"
+    return proc
+
+
+def cli_json(*args, **kw):
+    # --json goes right after the subcommand, before any `--` that starts a command line
+    proc = cli(args[0], "--json", *args[1:], **kw)
+    lines = [json.loads(l) for l in proc.stdout.splitlines() if l.strip()]
+    return proc, lines
+
+
+def load_schema(name: str) -> dict:
+    return json.loads((SPEC / name).read_text())
+
+
+@pytest.fixture
+def validate():
+    """validate(instance, "run.schema.json") checks an output against a spec/ schema."""
+    import jsonschema
+    from referencing import Registry as RefRegistry, Resource
+
+    resources = []
+    for p in SPEC.glob("*.schema.json"):
+        doc = json.loads(p.read_text())
+        resources.append((doc["$id"], Resource.from_contents(doc)))
+    refs = RefRegistry().with_resources(resources)
+
+    def check(instance, schema_name):
+        name, _, fragment = schema_name.partition("#")
+        schema = load_schema(name)
+        if fragment:
+            schema = {"$schema": schema["$schema"], "$ref": schema["$id"] + "#" + fragment}
+        cls = jsonschema.validators.validator_for(schema)
+        cls(schema, registry=refs, format_checker=cls.FORMAT_CHECKER).validate(instance)
+        return instance
+
+    return check
