@@ -1,0 +1,58 @@
+"""A guided demo on a throw-away registry: ``python -m casruns.demo [--keep]``.
+
+It drives the real ``casruns`` command, so every line it prints is something you can type.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+
+
+def main() -> int:
+    keep = "--keep" in sys.argv
+    root = tempfile.mkdtemp(prefix="casruns-demo-")
+    env = dict(os.environ, CASRUNS_HOME=root, DEMO_TOKEN="demo-secret-value-123")
+    exe = [sys.executable, "-m", "casruns"]
+
+    def sh(*args: str, check: bool = True) -> str:
+        print(f"\n$ casruns {' '.join(shlex.quote(a) for a in args)}")
+        proc = subprocess.run(exe + list(args), env=env, capture_output=True, text=True)
+        out = proc.stdout + proc.stderr
+        print(out.rstrip())
+        if check and proc.returncode not in (0, 10, 11, 12):
+            raise SystemExit(f"demo step failed with exit code {proc.returncode}")
+        return proc.stdout.strip()
+
+    print(f"casruns demo: registry at {root} (CASRUNS_HOME)")
+    ok = sh("submit", "--label", "suite=phpunit", "--secret-env", "DEMO_TOKEN", "--", "sh", "-c",
+            'echo "running tests with token $DEMO_TOKEN"; mkdir -p "$CASRUNS_ARTIFACTS_DIR/reports"; '
+            'echo "<testsuite tests=\\"3\\"/>" > "$CASRUNS_ARTIFACTS_DIR/reports/junit.xml"; echo "3 passed"')
+    bad = sh("submit", "--label", "suite=fuzz", "--", "sh", "-c", "echo crash found >&2; exit 1")
+    slow = sh("submit", "--timeout", "1s", "--label", "suite=preview", "--", "sh", "-c", "echo booting preview; sleep 30")
+    sh("status", ok)
+    sh("wait", ok, bad, slow, "--timeout", "60")
+    sh("list")
+    sh("status", ok)
+    sh("logs", ok)
+    sh("logs", bad, "--stream", "transcript")
+    sh("artifacts", ok)
+    sh("cat", ok, "reports/junit.xml")
+    sh("status", slow, "--json")
+    export_dir = os.path.join(root, "..", os.path.basename(root) + "-export")
+    sh("export", ok, export_dir)
+    shutil.rmtree(export_dir, ignore_errors=True)
+    if keep:
+        print(f"\nkept the registry at {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+    print("\ndemo done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
