@@ -32,7 +32,7 @@ import time
 
 from . import collect, fsutil, locking, scheduler
 from . import manifest as mf
-from .redaction import StreamRedactor, redact_text
+from .redaction import StreamRedactor, redact_text, split_secrets
 from .runs import RunDir
 from .timefmt import format_ts, now_ts
 
@@ -95,7 +95,9 @@ class Supervisor:
         self.run = self.registry.run_dir(run_id)
         self.config = self.registry.config
         self.payload = payload
-        self.secrets: dict[str, str] = dict(payload.get("secret_env") or {})
+        self.secret_env: dict[str, str] = dict(payload.get("secret_env") or {})
+        # what redaction masks: too short or too common values are recorded as ignored at submit
+        self.secrets = split_secrets(self.secret_env)[0]
         self.stop_reason: str | None = None
         self.slot: locking.FileLock | None = None
         self.lock_fd: int | None = None
@@ -203,7 +205,7 @@ class Supervisor:
         req = m.get("request") or {}
         argv = list(req.get("argv") or [])
         env = dict(self.payload.get("env") or {})
-        env.update(self.secrets)
+        env.update(self.secret_env)
         env["CASRUNS_RUN_ID"] = self.run.run_id
         env["CASRUNS_ARTIFACTS_DIR"] = self.run.artifacts_dir
         cwd = req.get("cwd") or "/"

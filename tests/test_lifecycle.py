@@ -372,3 +372,76 @@ def test_burst_of_200_with_limit_2_runs_each_exactly_once(casruns_home, tmp_path
     _, out = cli_json("list", "--status", "succeeded")
     assert len(out[0]["runs"]) == 200
     assert not os.listdir(casruns_home / "queue")
+
+
+def _bump(home, rid, n, q):
+    from casruns import Registry
+
+    run = Registry(home).run_dir(rid)
+    for _ in range(n):
+        with run.update() as m:
+            m["counter"] = m.get("counter", 0) + 1
+    q.put(True)
+
+
+def test_manifest_updates_serialize_across_processes(registry):
+    import multiprocessing
+
+    rid = registry.submit(["true"], spawn=False)["run_id"]
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_bump, args=(registry.root, rid, 100, q)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        q.get(timeout=120)
+        p.join(timeout=60)
+    assert registry.run_dir(rid).read()["counter"] == 400
+
+
+def test_concurrent_cancel_never_lost_against_supervisor_updates(casruns_home):
+    """Cancel at many points of many runs' lives: each cancel that was accepted must end the
+    run cancelled with its reason, and the supervisor's own fields must survive too."""
+    write_config(casruns_home, 'max_running = 4\nkill_grace = "1s"\n')
+    ids = [submit("--", "sh", "-c", f"sleep 0.{i % 5}; echo out{i}") for i in range(12)]
+    outcomes = {}
+    for i, rid in enumerate(ids):
+        time.sleep(0.03 * (i % 6))
+        _, out = cli_json("cancel", rid, "--reason", f"race-{i}")
+        outcomes[rid] = out[0]["outcome"]
+    cli("wait", *ids, "--timeout", "60")
+    for i, rid in enumerate(ids):
+        rec = status(rid)
+        assert rec["terminal"]
+        m = manifest(casruns_home, rid)
+        if outcomes[rid] in ("cancelled", "requested"):
+            assert rec["status"] == "cancelled", (rid, outcomes[rid], rec["status"])
+            assert rec["cancel"]["reason"] == f"race-{i}"
+        else:
+            assert outcomes[rid] == "already_terminal" and rec["status"] == "succeeded"
+            assert rec["cancel"] is None
+        if rec["started_at"]:
+            assert "supervisor" in m and "logs" in m  # the supervisor's writes were not lost either
+
+
+def test_heartbeat_advances_without_rewriting_the_manifest(casruns_home):
+    rid = submit("--", "sleep", "4")
+    wait_status(rid, {"running"})
+    mpath = casruns_home / "runs" / rid / "manifest.toml"
+    first = status(rid)["heartbeat_at"]
+    before = mpath.stat().st_mtime_ns
+    time.sleep(2.5)
+    second = status(rid)
+    assert second["heartbeat_at"] > first
+    assert mpath.stat().st_mtime_ns == before
+    cli("wait", rid, check=0)
+    final = status(rid)
+    assert final["heartbeat_at"] >= second["heartbeat_at"]
+
+
+def test_short_secret_values_are_not_masked_and_the_record_says_so(casruns_home):
+    rid = submit("--secret-env", "FLAG", "--", "sh", "-c", "echo value=1", env={"FLAG": "1"})
+    cli("wait", rid, check=0)
+    assert cli("logs", rid).stdout == "value=1\n"
+    m = manifest(casruns_home, rid)
+    assert "FLAG" in m["redaction"]["ignored_secrets"]
