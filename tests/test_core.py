@@ -176,3 +176,12 @@ class TestManifest:
     def test_queued_cannot_jump_to_running(self):
         with pytest.raises(InvalidTransition):
             mf.transition(_manifest(), "running", "t")
+
+
+def test_error_table_in_spec_matches_the_classes():
+    from casruns.errors import all_error_classes
+
+    spec = (Path(__file__).resolve().parent.parent / "spec" / "cli.md").read_text()
+    rows = set(re.findall(r"^\| `([a-z_]+)` \| (\d+) \| `(\w+)` \|", spec, re.M))
+    classes = {(c.code, str(c.exit_code), c.__name__) for c in all_error_classes()}
+    assert rows == classes

@@ -300,6 +300,14 @@ def fmt_row(name: str, s: dict) -> str:
             f"   min {s['min'] * 1e3:8.1f} ms")
 
 
+def load_note() -> str:
+    load = os.getloadavg()
+    text = " ".join(f"{x:.2f}" for x in load)
+    if load[0] > 0.5 * (os.cpu_count() or 1):
+        text += "  (busy machine: other processes inflate medians and p90; the min column is steadier)"
+    return text
+
+
 def verdict(ok: bool) -> str:
     return "meets" if ok else "MISSES"
 
@@ -375,8 +383,7 @@ def main() -> int:
     try:
         print(f"casruns query benchmark: python {sys.version.split()[0]} ({PY}), {os.cpu_count()} CPUs")
         print(f"timer: {timer.name}; registries under {base}")
-        print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
-              "(other processes on this machine inflate and scatter the figures)\n")
+        print(f"load average at start: {load_note()}\n")
 
         # 1. registries
         print("1. building registries (no supervisors)")
@@ -468,7 +475,7 @@ def main() -> int:
                   f"{r['count']} records, {r['bytes'] / 1e6:.1f} MB of JSON")
         print(f"  list + render per run: {per_run[small] * 1e6:.1f} us at {small}, {per_run[big] * 1e6:.1f} us at {big}: "
               f"linear or better: {verdict(per_run[big] <= per_run[small] * LINEAR_SLACK)}")
-        print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print(f"\nload average at end: {load_note()}")
         if args.profile or tb >= list_big_target:
             profile_list(roots[big])
         return 0
