@@ -59,14 +59,23 @@ class BlobStore(ABC):
     @abstractmethod
     def contains(self, address: str) -> bool: ...
 
-    @abstractmethod
-    def put_bytes(self, data: bytes) -> BlobInfo: ...
+    def put_bytes(self, data: bytes) -> BlobInfo:
+        return self._put_bytes(data, None)
 
-    @abstractmethod
-    def put_stream(self, stream: BinaryIO, size: int | None = None) -> BlobInfo: ...
+    def put_stream(self, stream: BinaryIO, size: int | None = None) -> BlobInfo:
+        return self._put_stream(stream, size, None)
 
     def put_file(self, path: str | os.PathLike) -> BlobInfo:
         """Store a regular file's content (the file is opened without following a symlink)."""
+        return self._put_file(path, None)
+
+    @abstractmethod
+    def _put_bytes(self, data: bytes, batch: "Batch | None") -> BlobInfo: ...
+
+    @abstractmethod
+    def _put_stream(self, stream: BinaryIO, size: int | None, batch: "Batch | None") -> BlobInfo: ...
+
+    def _put_file(self, path: str | os.PathLike, batch: "Batch | None") -> BlobInfo:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as e:
@@ -74,8 +83,11 @@ class BlobStore(ABC):
         with os.fdopen(fd, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size <= SMALL:
-                return self.put_bytes(f.read())
-            return self.put_stream(f, size=size)
+                return self._put_bytes(f.read(), batch)
+            return self._put_stream(f, size, batch)
+
+    def _commit_batch(self, pending: list[tuple[str, BlobInfo]]) -> None:
+        """Make a batch's pending blobs durable and visible (stores without temps: nothing)."""
 
     @abstractmethod
     def iter_chunks(self, address: str) -> Iterator[bytes]:
@@ -146,18 +158,13 @@ class Batch:
             self.discard()
 
     def put_bytes(self, data: bytes) -> BlobInfo:
-        return self._put(lambda: self.store._put_bytes(data, self))  # type: ignore[attr-defined]
+        return self.store._put_bytes(data, self)
 
     def put_stream(self, stream: BinaryIO, size: int | None = None) -> BlobInfo:
-        return self._put(lambda: self.store._put_stream(stream, size, self))  # type: ignore[attr-defined]
+        return self.store._put_stream(stream, size, self)
 
     def put_file(self, path: str | os.PathLike) -> BlobInfo:
-        return self._put(lambda: self.store._put_file(path, self))  # type: ignore[attr-defined]
-
-    def _put(self, fn) -> BlobInfo:
-        if not hasattr(self.store, "_put_bytes"):
-            raise TypeError("this store does not support batches")
-        return fn()
+        return self.store._put_file(path, self)
 
     def pending(self, address: str) -> BlobInfo | None:
         entry = self._pending.get(address)
@@ -168,7 +175,7 @@ class Batch:
 
     def sync(self) -> None:
         if self._pending:
-            self.store._commit_batch(list(self._pending.values()))  # type: ignore[attr-defined]
+            self.store._commit_batch(list(self._pending.values()))
             self._pending.clear()
 
     def discard(self) -> None:
@@ -306,26 +313,6 @@ class DiskStore(BlobStore):
             yield held
 
     # -- writes ------------------------------------------------------------------------
-    def put_bytes(self, data: bytes) -> BlobInfo:
-        return self._put_bytes(data, None)
-
-    def put_stream(self, stream: BinaryIO, size: int | None = None) -> BlobInfo:
-        return self._put_stream(stream, size, None)
-
-    def put_file(self, path: str | os.PathLike) -> BlobInfo:
-        return self._put_file(path, None)
-
-    def _put_file(self, path, batch: Batch | None) -> BlobInfo:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as e:
-            raise RegistryError(f"cannot read {path}: {e.strerror}", path=str(path)) from e
-        with os.fdopen(fd, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size <= SMALL:
-                return self._put_bytes(f.read(), batch)
-            return self._put_stream(f, size, batch)
-
     def _existing(self, address: str, batch: Batch | None) -> BlobInfo | None:
         """The blob if already stored (refreshing its mtime) or pending in this batch."""
         if batch is not None:
@@ -459,7 +446,7 @@ class MemoryStore(BlobStore):
     def contains(self, address: str) -> bool:
         return validate_address(address) in self._blobs
 
-    def put_bytes(self, data: bytes) -> BlobInfo:
+    def _put_bytes(self, data: bytes, batch: Batch | None) -> BlobInfo:
         data = bytes(data)
         address = blake3.blake3(data).hexdigest()
         with self._lock:
@@ -470,14 +457,14 @@ class MemoryStore(BlobStore):
             self._blobs[address] = (payload, len(data))
             return BlobInfo(address, len(data), len(payload))
 
-    def put_stream(self, stream: BinaryIO, size: int | None = None) -> BlobInfo:
+    def _put_stream(self, stream: BinaryIO, size: int | None, batch: Batch | None) -> BlobInfo:
         parts = []
         while True:
             chunk = stream.read(CHUNK)
             if not chunk:
                 break
             parts.append(chunk)
-        return self.put_bytes(b"".join(parts))
+        return self._put_bytes(b"".join(parts), batch)
 
     def iter_chunks(self, address: str) -> Iterator[bytes]:
         try:
@@ -513,15 +500,3 @@ class MemoryStore(BlobStore):
         b = bytearray(payload)
         b[len(b) // 2] ^= 0x01
         self._blobs[address] = (bytes(b), size)
-
-    def _put_bytes(self, data: bytes, batch: Batch | None) -> BlobInfo:
-        return self.put_bytes(data)
-
-    def _put_stream(self, stream, size, batch) -> BlobInfo:
-        return self.put_stream(stream, size)
-
-    def _put_file(self, path, batch) -> BlobInfo:
-        return BlobStore.put_file(self, path)
-
-    def _commit_batch(self, pending) -> None:  # memory puts are immediately "durable"
-        pass

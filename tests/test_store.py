@@ -74,6 +74,18 @@ class TestContract:
         with pytest.raises(InvalidAddress):
             store.contains(bad)
 
+    def test_flipped_byte_is_detected_on_read(self, store):
+        info = store.put_bytes(b"evidence " * 10_000)
+        if isinstance(store, MemoryStore):
+            store.corrupt(info.address)
+        else:
+            path = store.path_for(info.address)
+            raw = bytearray(path.read_bytes())
+            raw[len(raw) // 2] ^= 0x01
+            path.write_bytes(bytes(raw))
+        with pytest.raises(IntegrityError):
+            store.read_bytes(info.address)
+
     def test_delete(self, store):
         info = store.put_bytes(b"to delete")
         assert store.delete(info.address)
