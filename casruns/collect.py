@@ -24,10 +24,13 @@ from .timefmt import format_ts, now_ts
 from .tree import collect as collect_tree
 
 if TYPE_CHECKING:
+    from .redaction import Redactor
     from .store import BlobStore
 
 
-def ingest_workspace(run: RunDir, store: "BlobStore") -> dict:
+def ingest_workspace(
+    run: RunDir, store: "BlobStore", *, exclude: set[str] = frozenset(), redactor: "Redactor | None" = None, policy: str = "redact"
+) -> dict:
     """Store the spool files and the artifact tree; returns the manifest fields to set."""
     with store.batch() as batch:
         logs = {}
@@ -36,12 +39,15 @@ def ingest_workspace(run: RunDir, store: "BlobStore") -> dict:
             if os.path.isfile(path):
                 info = batch.put_file(path)
                 logs[stream] = {"blake3": info.address, "size": info.size}
-        tree = collect_tree(run.artifacts_dir, batch)
+        tree = collect_tree(run.artifacts_dir, batch, exclude=exclude, redactor=redactor, policy=policy)
         tree_address = tree.store(batch)
         # leaving the block syncs the batch: every blob is durable before we return.
     artifacts = {"tree": tree_address, "files": tree.files, "bytes": tree.total_size}
     if tree.skipped:
         artifacts["skipped"] = len(tree.skipped)
+    flagged = sum(1 for e in tree.entries if e.extra.get("secrets"))
+    if flagged:
+        artifacts["with_secrets"] = flagged
     return {"logs": logs, "artifacts": artifacts}
 
 
@@ -54,12 +60,15 @@ def finish(
     signal: int | None = None,
     error: dict | None = None,
     extra: dict | None = None,
+    exclude: set[str] = frozenset(),
+    redactor: "Redactor | None" = None,
+    policy: str = "redact",
 ) -> dict:
     """Collect the workspace and commit the terminal status. Returns the final manifest.
 
     A cancel requested before this commit wins over a normal ending (spec/format.md).
     """
-    refs = ingest_workspace(run, store)
+    refs = ingest_workspace(run, store, exclude=exclude, redactor=redactor, policy=policy)
     heartbeat = run.mtime("heartbeat")
     activity = run.last_activity()
     with run.update() as m:

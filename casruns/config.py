@@ -6,7 +6,14 @@ Config keys (spec/format.md, "Config"), all optional:
     kill_grace = "5s"          # SIGTERM to SIGKILL on timeout and cancel
     heartbeat_interval = "1s"
     lost_after = "30s"         # a supervisor on another host is lost after this silence
+    teardown_timeout = "60s"   # how long a provider's teardown may take
+    artifact_policy = "redact" # text artifacts holding a declared secret: redact | flag | reject
     plugins = ["module", ...]  # extra plugin modules to load
+
+    [redaction.detectors]      # built-in credential detectors, each on by default
+    bearer_token = false
+    [redaction.patterns]       # extra regexes (group "s" is masked, else the whole match)
+    ticket = "TICKET-[0-9]{6}"
 
     [retention]                # per terminal status; how long a run is kept
     succeeded = "14d"
@@ -39,6 +46,8 @@ class Config:
     kill_grace: float = 5.0
     heartbeat_interval: float = 1.0
     lost_after: float = 30.0
+    teardown_timeout: float = 60.0
+    artifact_policy: str = "redact"
     plugins: list[str] = field(default_factory=list)
     retention: dict[str, float] = field(default_factory=lambda: {k: parse_duration(v) for k, v in DEFAULT_RETENTION.items()})
     raw: dict = field(default_factory=dict)
@@ -63,9 +72,13 @@ class Config:
                 c.max_running = int(raw["max_running"])
                 if c.max_running < 1:
                     raise InvalidInput("max_running must be at least 1")
-            for key in ("kill_grace", "heartbeat_interval", "lost_after"):
+            for key in ("kill_grace", "heartbeat_interval", "lost_after", "teardown_timeout"):
                 if key in raw:
                     setattr(c, key, parse_duration(raw[key]))
+            if "artifact_policy" in raw:
+                if raw["artifact_policy"] not in ("redact", "flag", "reject"):
+                    raise InvalidInput("artifact_policy must be redact, flag or reject")
+                c.artifact_policy = raw["artifact_policy"]
             if "plugins" in raw:
                 c.plugins = [str(p) for p in raw["plugins"]]
             for status, value in (raw.get("retention") or {}).items():

@@ -1,25 +1,68 @@
-"""Streaming secret redaction: declared secret values never reach disk.
+"""Streaming secret redaction: declared secrets and known credential shapes never reach disk.
 
-A :class:`StreamRedactor` sits between a command's output pipe and its spool file. It
-replaces every occurrence of a secret (as raw bytes) with ``[REDACTED:<name>]`` and holds
-back the last ``longest - 1`` bytes of what it has seen, so a secret split across two reads
-is still caught. Memory is bounded by that holdback, whatever the output length.
+A :class:`StreamRedactor` sits between a command's output pipe and its spool file, in two
+stages:
+
+1. **Values.** Every declared secret value, and the forms a program is likely to print it
+   in (base64 at each of the three byte alignments and in its URL-safe alphabet, as part of
+   a longer encoded string; URL-encoded; JSON-escaped; shell-quoted; each line of a
+   multi-line value), is replaced with ``[REDACTED:<name>]``. The stage holds back the last
+   ``longest form - 1`` bytes it has seen, so a secret split across two reads or two lines
+   is still caught. Memory is bounded by that holdback.
+2. **Patterns.** Detector regexes (``DETECTORS``, plugin patterns) run over whole lines;
+   the stage holds a partial line until its newline (at most ``MAX_LINE`` bytes). Private
+   key blocks are masked line by line from BEGIN to END.
 
 Why no flush on idle: emitting a held-back prefix of a secret early would put the secret on
-disk in two pieces that are adjacent in the file, which is the secret itself.
+disk in two adjacent pieces, which is the secret itself. A prompt without a newline is
+therefore shown when the next output or the end of the stream arrives.
 
 Values shorter than :data:`MIN_SECRET_LEN` or in :data:`COMMON_VALUES` are not treated as
-secrets (masking every "1" in a log helps nobody); :func:`split_secrets` returns them so
-the run's record can say so.
+secrets (masking every "1" in a log helps nobody); :func:`split_secrets` returns them so the
+run's record says so.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import re
+import shlex
 from collections.abc import Mapping
+from urllib.parse import quote, quote_plus
 
 MIN_SECRET_LEN = 6
-COMMON_VALUES = frozenset({"true", "false", "null", "none", "yes", "no", "on", "off", "0", "1", "localhost"})
+MAX_LINE = 65536
+COMMON_VALUES = frozenset({"true", "false", "null", "none", "yes", "no", "on", "off", "localhost", "password", "secret", "changeme"})
+
+# Built-in detectors for well-known credential shapes. Each regex's group "s" is what gets
+# masked; the rest of the match is kept so the log still reads.
+DETECTORS: dict[str, str] = {
+    "bearer_token": r"(?i)\bauthorization\s*[:=]\s*\"?(?:bearer|token)\s+(?P<s>[A-Za-z0-9._~+/=-]{8,})",
+    "basic_auth": r"(?i)\bauthorization\s*[:=]\s*\"?basic\s+(?P<s>[A-Za-z0-9+/=]{8,})",
+    "url_credentials": r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]+:(?P<s>[^@\s/]{3,})@",
+    "github_token": r"\b(?P<s>(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})\b",
+    "gitlab_token": r"\b(?P<s>glpat-[A-Za-z0-9_-]{20,})",
+    "aws_access_key_id": r"\b(?P<s>(?:AKIA|ASIA)[0-9A-Z]{16})\b",
+    "aws_secret_access_key": r"(?i)\baws_secret_access_key\s*[=:]\s*[\"']?(?P<s>[A-Za-z0-9/+=]{40})",
+    "slack_token": r"\b(?P<s>xox[abprs]-[A-Za-z0-9-]{10,})",
+    "google_api_key": r"\b(?P<s>AIza[0-9A-Za-z_-]{35})",
+    "stripe_key": r"\b(?P<s>(?:sk|rk)_(?:live|test)_[0-9A-Za-z]{16,})",
+    "openai_key": r"\b(?P<s>sk-(?:proj-)?[A-Za-z0-9_-]{20,})",
+    "jwt": r"\b(?P<s>eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})",
+    # NAME=value / "name": "value" where the name says it is a secret.
+    "secret_assignment": (
+        r"(?i)(?:\b|_)(?:[a-z0-9_.-]*?(?:password|passwd|passphrase|secret|token|api[_-]?key|apikey|access[_-]?key"
+        r"|private[_-]?key|credential|client[_-]?secret)[a-z0-9_.-]*)[\"']?\s*[=:]\s*"
+        r"(?P<q>[\"']?)(?P<s>(?!\[REDACTED)[^\s\"'&;,]{6,})(?P=q)"
+    ),
+}
+PRIVATE_KEY_BEGIN = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----")
+PRIVATE_KEY_END = re.compile(rb"-----END [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----")
+
+# Keys of metadata tables whose values are masked whatever they hold.
+SECRET_KEY_RE = re.compile(r"(?i)(token|password|passwd|passphrase|secret|credential|api[_-]?key|apikey|private[_-]?key|auth)")
+MASK = "[REDACTED]"
 
 
 def split_secrets(secrets: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -27,7 +70,7 @@ def split_secrets(secrets: Mapping[str, str]) -> tuple[dict[str, str], dict[str,
     used: dict[str, str] = {}
     ignored: dict[str, str] = {}
     for name, value in secrets.items():
-        if value is None or len(value) < MIN_SECRET_LEN:
+        if value is None or len(value.strip()) < MIN_SECRET_LEN:
             ignored[name] = f"shorter than {MIN_SECRET_LEN} characters"
         elif value.strip().lower() in COMMON_VALUES:
             ignored[name] = "a common value"
@@ -36,22 +79,48 @@ def split_secrets(secrets: Mapping[str, str]) -> tuple[dict[str, str], dict[str,
     return used, ignored
 
 
-class StreamRedactor:
-    """Redacts a byte stream chunk by chunk. Call :meth:`feed` for each chunk, :meth:`close` at EOF."""
+def _b64_forms(raw: bytes) -> list[bytes]:
+    """The base64 text of ``raw`` when it sits at each byte alignment inside longer data."""
+    forms = []
+    for k in range(3):
+        enc = base64.b64encode(b"\0" * k + raw)
+        start = -(-k * 8 // 6)  # first character made only of secret bits
+        end = (k + len(raw)) * 8 // 6  # last character made only of secret bits
+        piece = enc[start:end]
+        if len(piece) >= MIN_SECRET_LEN:
+            forms.append(piece)
+            forms.append(piece.translate(bytes.maketrans(b"+/", b"-_")))
+    return forms
 
-    def __init__(self, secrets: Mapping[str, str]) -> None:
+
+def variants(value: str) -> list[bytes]:
+    """Every byte form of ``value`` that stage 1 masks."""
+    out: list[bytes] = []
+    texts = [value]
+    if "\n" in value:
+        texts += [line.strip() for line in value.splitlines() if len(line.strip()) >= MIN_SECRET_LEN]
+    for text in texts:
+        raw = text.encode("utf-8", "surrogateescape")
+        out.append(raw)
+        out.extend(_b64_forms(raw))
+        for form in (quote(text, safe=""), quote_plus(text, safe=""), json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1], shlex.quote(text), text.replace("'", "'\\''")):
+            out.append(form.encode("utf-8", "surrogateescape"))
+    seen: set[bytes] = set()
+    return [v for v in out if len(v) >= MIN_SECRET_LEN and not (v in seen or seen.add(v))]
+
+
+class _ValueStage:
+    def __init__(self, values: Mapping[str, str]) -> None:
         patterns: dict[bytes, bytes] = {}
-        for name, value in secrets.items():
-            raw = value.encode("utf-8", "surrogateescape")
-            if raw:
-                patterns.setdefault(raw, f"[REDACTED:{name}]".encode())
+        for name, value in values.items():
+            for form in variants(value):
+                patterns.setdefault(form, f"[REDACTED:{name}]".encode())
         self._map = patterns
-        # Longest first, so when one secret contains another the longer one wins.
-        ordered = sorted(patterns, key=len, reverse=True)
+        ordered = sorted(patterns, key=len, reverse=True)  # the longer form wins
         self._re = re.compile(b"|".join(re.escape(p) for p in ordered)) if ordered else None
         self._hold = max((len(p) for p in patterns), default=1) - 1
         self._buf = b""
-        self.count = 0  # redactions made
+        self.count = 0
 
     def feed(self, chunk: bytes) -> bytes:
         if self._re is None:
@@ -63,6 +132,7 @@ class StreamRedactor:
             return b""
         out = []
         pos = 0
+        # A match starting before safe_end is complete: the longest form fits in the buffer.
         for m in self._re.finditer(buf):
             if m.start() >= safe_end:
                 break
@@ -84,8 +154,134 @@ class StreamRedactor:
         return out
 
 
-def redact_text(text: str, secrets: Mapping[str, str]) -> str:
-    """Redact a whole string (error messages, argv, labels) with the same replacement."""
-    r = StreamRedactor(secrets)
-    raw = text.encode("utf-8", "surrogateescape")
-    return (r.feed(raw) + r.close()).decode("utf-8", "replace")
+class _PatternStage:
+    def __init__(self, patterns: Mapping[str, str]) -> None:
+        self._rules = [(name, re.compile(rx.encode() if isinstance(rx, str) else rx)) for name, rx in patterns.items()]
+        self._buf = b""
+        self._in_key = False
+        self.count = 0
+        self.active = bool(self._rules)
+
+    def _line(self, line: bytes) -> bytes:
+        body = line.rstrip(b"\r\n")
+        end = line[len(body) :]
+        # private key blocks: every line between BEGIN and END is masked
+        if self._in_key:
+            if PRIVATE_KEY_END.search(body):
+                self._in_key = False
+                return line
+            self.count += 1
+            return b"[REDACTED:private_key]" + end
+        begin = PRIVATE_KEY_BEGIN.search(body)
+        if begin:
+            close = PRIVATE_KEY_END.search(body, begin.end())
+            if close is None:
+                self._in_key = True
+                return line
+            if close.start() > begin.end():  # a whole key on one line (JSON with \n escapes)
+                self.count += 1
+                body = body[: begin.end()] + b"[REDACTED:private_key]" + body[close.start() :]
+                line = body + end
+        for name, rx in self._rules:
+            line = self._sub(name, rx, line)
+        return line
+
+    def _sub(self, name: str, rx: re.Pattern, line: bytes) -> bytes:
+        out = []
+        pos = 0
+        for m in rx.finditer(line):
+            try:
+                start, end = m.span("s")
+            except IndexError:
+                start, end = m.span()
+            if start < 0 or end <= start:
+                continue
+            out.append(line[pos:start])
+            out.append(f"[REDACTED:{name}]".encode())
+            self.count += 1
+            pos = end
+        if not out:
+            return line
+        out.append(line[pos:])
+        return b"".join(out)
+
+    def feed(self, data: bytes) -> bytes:
+        if not self.active:
+            return data
+        buf = self._buf + data
+        out = []
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            out.append(self._line(buf[start : nl + 1]))
+            start = nl + 1
+        rest = buf[start:]
+        while len(rest) > MAX_LINE:  # a line with no end in sight is processed in pieces
+            out.append(self._line(rest[:MAX_LINE]))
+            rest = rest[MAX_LINE:]
+        self._buf = rest
+        return b"".join(out)
+
+    def close(self) -> bytes:
+        if not self.active:
+            return b""
+        buf, self._buf = self._buf, b""
+        return self._line(buf) if buf else b""
+
+
+class StreamRedactor:
+    """Redacts a byte stream chunk by chunk. Call :meth:`feed` per chunk, :meth:`close` at EOF."""
+
+    def __init__(self, values: Mapping[str, str], patterns: Mapping[str, str] | None = None) -> None:
+        self._values = _ValueStage(values)
+        self._patterns = _PatternStage(patterns or {})
+
+    @property
+    def count(self) -> int:
+        return self._values.count + self._patterns.count
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._patterns.feed(self._values.feed(chunk))
+
+    def close(self) -> bytes:
+        return self._patterns.feed(self._values.close()) + self._patterns.close()
+
+
+class Redactor:
+    """The secrets of one run, applied to streams, strings and metadata."""
+
+    def __init__(self, values: Mapping[str, str] | None = None, patterns: Mapping[str, str] | None = None) -> None:
+        self.values = dict(values or {})
+        self.patterns = dict(patterns or {})
+
+    def stream(self) -> StreamRedactor:
+        return StreamRedactor(self.values, self.patterns)
+
+    def text(self, text: str) -> str:
+        r = self.stream()
+        raw = text.encode("utf-8", "surrogateescape")
+        return (r.feed(raw) + r.close()).decode("utf-8", "replace")
+
+    def bytes(self, data: bytes) -> tuple[bytes, int]:
+        r = self.stream()
+        out = r.feed(data) + r.close()
+        return out, r.count
+
+    def metadata(self, value, key: str | None = None):
+        """Redact a JSON-like value: strings scanned, values under secret-naming keys masked."""
+        if key is not None and SECRET_KEY_RE.search(key) and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return MASK
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {k: self.metadata(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.metadata(v) for v in value]
+        return value
+
+
+def redact_text(text: str, secrets: Mapping[str, str], patterns: Mapping[str, str] | None = None) -> str:
+    """Redact a whole string (error messages, argv, labels)."""
+    return Redactor(secrets, patterns).text(text)

@@ -52,8 +52,10 @@ def default_root() -> str:
 class Registry:
     """A registry directory. Cheap to construct; nothing is created until a write."""
 
-    def __init__(self, root: str | os.PathLike | None = None) -> None:
+    def __init__(self, root: str | os.PathLike | None = None, *, plugins: Iterable[str] = ()) -> None:
         self.root = os.path.abspath(os.fspath(root)) if root is not None else default_root()
+        self.extra_plugins = list(plugins)
+        self._plugins = None
         self.runs_dir = os.path.join(self.root, "runs")
         self._config: Config | None = None
         self._store: DiskStore | None = None
@@ -74,6 +76,19 @@ class Registry:
 
             self._store = DiskStore(os.path.join(self.root, "blobs"))
         return self._store
+
+    @property
+    def plugins(self):
+        """The loaded plugin manager (entry points, config ``plugins``, ``plugins=`` given here)."""
+        if self._plugins is None:
+            from .plugins import load
+
+            self._plugins = load(self.plugin_modules())
+        return self._plugins
+
+    def plugin_modules(self) -> list[str]:
+        cfg = self.config.plugins if self._check_format() else []
+        return list(dict.fromkeys([*cfg, *self.extra_plugins]))
 
     def _check_format(self) -> bool:
         """True if the registry exists; raises on a newer major format."""
@@ -133,8 +148,9 @@ class Registry:
         argv = [str(a) for a in argv]
         if not argv or not argv[0]:
             raise InvalidInput("no command given: put it after --, e.g. casruns submit -- make test")
-        if provider != "shell":
-            raise UnknownProvider(f"unknown provider {provider!r}; available: shell")
+        providers = self.plugins.providers()
+        if provider not in providers:
+            raise UnknownProvider(f"unknown provider {provider!r}; available: {', '.join(sorted(providers)) or 'none'}")
         labels = dict(labels or {})
         for k, v in labels.items():
             _check_label(k, v)
@@ -174,7 +190,7 @@ class Registry:
             "secret_env": sorted(secrets),
             "timeout": timeout_s,
             "recipe": recipe,
-            "plugins": [],
+            "plugins": self.plugin_modules(),
         }
         request_hash = hashlib.sha256(
             json.dumps({"request": request, "provider": provider, "labels": labels, "retain_for": retain_s}, sort_keys=True).encode()
@@ -198,12 +214,15 @@ class Registry:
         if ignored:
             m["redaction"] = {"ignored_secrets": ignored}
         self._ensure()
-        # Redact the request itself: a secret value typed into argv or a label is masked.
-        if used:
-            from .redaction import redact_text
-
-            request["argv"] = [redact_text(a, used) for a in argv]
-            m["labels"] = {k: redact_text(v, used) for k, v in labels.items()}
+        # Redact the request itself: a secret typed into argv or a label never reaches the
+        # manifest. The supervisor then gets the real argv in memory only.
+        redactor = self.redactor(used)
+        request["argv"] = [redactor.text(a) for a in argv]
+        m["labels"] = redactor.metadata(labels)
+        payload = {"env": env_values, "secret_env": secrets}
+        if request["argv"] != argv:
+            request["argv_redacted"] = True
+            payload["argv"] = argv
         env_file = json.dumps({"env": env_values}).encode()
         try:
             run, lock = _create(self.runs_dir, m, env_file)
@@ -219,7 +238,7 @@ class Registry:
             if spawn:
                 from . import supervisor
 
-                supervisor.spawn(self.root, rid, {"env": env_values, "secret_env": secrets}, lock.fd)
+                supervisor.spawn(self.root, rid, payload, lock.fd)
         except Exception as e:
             with run.update() as mm:
                 mm["error"] = {"code": "spawn_failed", "message": f"cannot start supervisor: {e}"}
@@ -228,6 +247,15 @@ class Registry:
         finally:
             lock.release()
         return self.get(rid, reap=False)
+
+    def redactor(self, values: Mapping[str, str] | None = None):
+        """A redactor with ``values`` and the detectors the config leaves on."""
+        from .redaction import DETECTORS, Redactor
+
+        raw = (self.config.raw.get("redaction") or {}) if self._check_format() else {}
+        switches = raw.get("detectors") or {}
+        patterns = {**DETECTORS, **(raw.get("patterns") or {})}
+        return Redactor(values or {}, {k: v for k, v in patterns.items() if switches.get(k, True)})
 
     # -- queries -----------------------------------------------------------------------
     def manifest(self, run_id: str) -> dict:
@@ -427,7 +455,7 @@ class Registry:
         if not lock.acquire(blocking=False):
             return True  # someone else restarted it
         try:
-            if (m.get("request") or {}).get("secret_env"):
+            if (m.get("request") or {}).get("secret_env") or (m.get("request") or {}).get("argv_redacted"):
                 with run.update() as mm:
                     if mm["status"] == mf.QUEUED:
                         mm["error"] = {

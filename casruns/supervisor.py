@@ -28,11 +28,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from . import collect, fsutil, locking, scheduler
 from . import manifest as mf
-from .redaction import StreamRedactor, redact_text, split_secrets
+from .redaction import Redactor, split_secrets
 from .runs import RunDir
 from .timefmt import format_ts, now_ts
 
@@ -99,6 +100,9 @@ class Supervisor:
         # what redaction masks: too short or too common values are recorded as ignored at submit
         self.secrets = split_secrets(self.secret_env)[0]
         self.stop_reason: str | None = None
+        self.plugins = None
+        self.ctx = None
+        self.redactor = Redactor(self.secrets)
         self.slot: locking.FileLock | None = None
         self.lock_fd: int | None = None
         self._last_beat = 0.0
@@ -153,7 +157,7 @@ class Supervisor:
         try:
             return self.drive()
         except Exception as e:  # the run must end, whatever broke
-            msg = redact_text(f"{type(e).__name__}: {e}", self.secrets)
+            msg = self.redactor.text(f"{type(e).__name__}: {e}")
             print(f"casruns supervisor: {msg}", file=sys.stderr)
             try:
                 collect.finish(self.run, self.registry.store, mf.FAILED, error={"code": "supervisor_error", "message": msg})
@@ -200,23 +204,127 @@ class Supervisor:
             pass
         return True
 
+    def transition(self, new: str, **fields) -> dict:
+        """Commit a status change under the run lock, then tell the plugins (outside the lock)."""
+        with self.run.update() as m:
+            old = m["status"]
+            if old in mf.TERMINAL:
+                return m
+            if old != new:
+                mf.transition(m, new, now_ts())
+            m.update({k: v for k, v in fields.items() if v is not None})
+            snapshot = json.loads(json.dumps(m))
+        if old != new:
+            self.notify(old, new, snapshot)
+        return snapshot
+
+    def notify(self, old: str | None, new: str, m: dict) -> None:
+        if self.plugins is None:
+            return
+        for err in self.plugins.notify("casruns_status_changed", run_id=self.run.run_id, old=old, new=new, manifest=m):
+            print(f"casruns supervisor: {self.redactor.text(err)}", file=sys.stderr)
+
+    def bounded(self, fn, deadline: float | None):
+        """Run ``fn`` in a thread; stop waiting at the deadline or on cancel.
+
+        Returns ("ok", result) | ("error", exc) | ("timeout", None) | ("cancelled", None).
+        A hook that hangs is abandoned (its thread is a daemon and dies with us).
+        """
+        box: dict = {}
+
+        def target():
+            try:
+                box["result"] = fn()
+            except BaseException as e:  # noqa: BLE001 - reported to the caller
+                box["error"] = e
+
+        t = threading.Thread(target=target, daemon=True, name="casruns-hook")
+        t.start()
+        while t.is_alive():
+            t.join(POLL)
+            self.beat()
+            if deadline is not None and time.time() >= deadline:
+                return "timeout", None
+            if self.cancel_requested():
+                return "cancelled", None
+        if "error" in box:
+            return "error", box["error"]
+        return "ok", box.get("result")
+
+    def plugin_error(self, e: BaseException) -> dict:
+        details = getattr(e, "details", {}) or {}
+        err = {"code": "plugin_error", "message": self.redactor.text(str(getattr(e, "message", e)))}
+        for k in ("plugin", "hook"):
+            if details.get(k):
+                err[k] = details[k]
+        return err
+
     def drive(self) -> int:
+        from . import plugins as plugins_mod
+        from .errors import PluginError
+        from .redaction import DETECTORS, Redactor
+
         m = self.run.read_fresh()
         req = m.get("request") or {}
-        argv = list(req.get("argv") or [])
+        argv = list(self.payload.get("argv") or req.get("argv") or [])
         env = dict(self.payload.get("env") or {})
         env.update(self.secret_env)
         env["CASRUNS_RUN_ID"] = self.run.run_id
         env["CASRUNS_ARTIFACTS_DIR"] = self.run.artifacts_dir
-        cwd = req.get("cwd") or "/"
-        # boot: the built-in shell provider needs nothing; provider plugins hook in here.
+        self.ctx = plugins_mod.RunContext(
+            run_id=self.run.run_id,
+            provider=m.get("provider", "shell"),
+            argv=argv,
+            env=env,
+            cwd=req.get("cwd") or "/",
+            labels=dict(m.get("labels") or {}),
+            artifacts_dir=self.run.artifacts_dir,
+            registry_root=self.root,
+            attempt=int(m.get("attempt", 1)),
+            resumed_from=m.get("resumed_from"),
+            manifest=json.loads(json.dumps(m)),
+        )
+        # plugins and redaction: a plugin that cannot load fails the run before anything runs
+        try:
+            self.plugins = plugins_mod.load([*req.get("plugins", []), *self.config.plugins])
+            values = dict(self.secrets)
+            switches = (self.config.raw.get("redaction") or {}).get("detectors") or {}
+            patterns = {k: v for k, v in (self.config.raw.get("redaction") or {}).get("patterns", {}).items()}
+            for _, contrib in self.plugins.call("casruns_redaction", run=self.ctx):
+                values.update(split_secrets(contrib.get("values") or {})[0])
+                patterns.update(contrib.get("patterns") or {})
+            patterns = {k: v for k, v in patterns.items() if switches.get(k, True)}
+            self.redactor = Redactor(values, patterns)
+        except PluginError as e:
+            self.redactor = Redactor(self.secrets, {k: v for k, v in DETECTORS.items()})
+            return self.end(mf.FAILED, error=self.plugin_error(e), teardown=False)
+        self.notify(mf.QUEUED, mf.BOOTING, self.ctx.manifest)
+        # boot, bounded by the run's timeout
+        deadline = getattr(self, "deadline", None)
         if self.cancel_requested():
+            return self.end(mf.CANCELLED, teardown=False)
+        state, result = self.bounded(lambda: self.plugins.call("casruns_boot", run=self.ctx), deadline)
+        if state == "timeout":
+            return self.end(mf.TIMED_OUT, error={"code": "timeout", "message": "the run exceeded its timeout while booting"})
+        if state == "cancelled":
             return self.end(mf.CANCELLED)
+        if state == "error":
+            return self.end(mf.FAILED, error=self.plugin_error(result))
+        runtime: dict = {}
+        preview: dict = {}
+        for _, res in result:
+            if isinstance(res, dict):
+                runtime.update(res.get("runtime") or {})
+                preview.update(res.get("preview") or {})
+        meta = {"runtime": self.redactor.metadata(runtime), "preview": self.redactor.metadata(preview)}
+        with self.run.update() as mm:
+            mm.update({k: v for k, v in meta.items() if v})
+        argv = [str(a) for a in self.ctx.argv]
         try:
             child = subprocess.Popen(
                 argv,
-                cwd=cwd,
-                env=env,
+                cwd=self.ctx.cwd,
+                env={str(k): str(v) for k, v in self.ctx.env.items()},
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -224,18 +332,18 @@ class Supervisor:
                 close_fds=True,
             )
         except OSError as e:
-            message = redact_text(f"cannot start {argv[0] if argv else '(empty)'}: {e.strerror}", self.secrets)
+            message = self.redactor.text(f"cannot start {argv[0] if argv else '(empty)'}: {e.strerror}")
             return self.end(mf.FAILED, error={"code": "spawn_failed", "message": message})
-        with self.run.update() as m:
-            if m["status"] == mf.BOOTING:
-                mf.transition(m, mf.RUNNING, now_ts())
-            m["process"] = {
+        self.transition(
+            mf.RUNNING,
+            process={
                 "pid": child.pid,
                 "pgid": child.pid,
                 "start_time": locking.process_start_time(child.pid),
                 "boot_id": locking.boot_id(),
-            }
-        outcome, reason = self.capture(child)
+            },
+        )
+        outcome, _ = self.capture(child)
         returncode = child.returncode
         exit_code = returncode if returncode is not None and returncode >= 0 else None
         sig = -returncode if returncode is not None and returncode < 0 else None
@@ -248,14 +356,39 @@ class Supervisor:
         message = f"command exited with code {exit_code}" if exit_code is not None else f"command killed by signal {sig}"
         return self.end(mf.FAILED, exit_code=exit_code, signal=sig, error={"code": "command_failed", "message": message})
 
-    def end(self, status: str, **kw) -> int:
-        with self.run.update() as m:
-            if m["status"] in (mf.BOOTING, mf.RUNNING):
-                mf.transition(m, mf.COLLECTING, now_ts())
+    def end(self, status: str, *, teardown: bool = True, **kw) -> int:
+        """Teardown (always, if booting began), artifact hooks, collection, terminal commit."""
+        from .errors import PluginError
+
+        m = self.transition(mf.COLLECTING)
+        if status == mf.CANCELLED and not m.get("cancel") and self.stop_reason:
+            with self.run.update() as mm:
+                mm.setdefault("cancel", {"requested_at": now_ts(), "reason": self.stop_reason})
+        extra: dict = {}
+        if teardown and self.plugins is not None:
+            outcome = {"status": status, "exit_code": kw.get("exit_code")}
+            limit = time.time() + max(self.config.teardown_timeout, 1.0)
+            state, result = self.bounded(lambda: self.plugins.call("casruns_teardown", run=self.ctx, outcome=outcome), limit)
+            if state == "ok":
+                extra["teardown"] = {"ok": True}
+            elif state == "error":
+                extra["teardown"] = {"ok": False, **self.plugin_error(result)}
+            else:
+                extra["teardown"] = {"ok": False, "code": "teardown_timeout", "message": f"teardown did not finish within {self.config.teardown_timeout:g}s"}
+        exclude: set[str] = set()
+        if self.plugins is not None:
+            try:
+                for _, paths in self.plugins.call("casruns_collect_artifacts", run=self.ctx, artifacts_dir=self.run.artifacts_dir):
+                    exclude.update(str(p) for p in paths)
+            except PluginError as e:
+                status, kw["error"] = mf.FAILED, self.plugin_error(e)
         fault = os.environ.get("CASRUNS_TEST_FAULT")
         if fault == "before_collect":
             os.kill(os.getpid(), signal.SIGKILL)
-        final = collect.finish(self.run, self.registry.store, status, **kw)
+        final = collect.finish(
+            self.run, self.registry.store, status, extra=extra, exclude=exclude, redactor=self.redactor, policy=self.config.artifact_policy, **kw
+        )
+        self.notify(mf.COLLECTING, final["status"], final)
         return 0 if final["status"] == mf.SUCCEEDED else 1
 
     # -- the capture loop --------------------------------------------------------------
@@ -265,7 +398,7 @@ class Supervisor:
             name: fsutil.open_private(self.run.spool(name), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             for name in ("stdout", "stderr", "transcript")
         }
-        redactors = {"stdout": StreamRedactor(self.secrets), "stderr": StreamRedactor(self.secrets)}
+        redactors = {"stdout": self.redactor.stream(), "stderr": self.redactor.stream()}
         transcript = Transcript(spool["transcript"])
         sel = selectors.DefaultSelector()
         assert child.stdout is not None and child.stderr is not None

@@ -21,6 +21,7 @@ from .errors import CorruptManifest, UnsafePath
 from .ids import safe_relpath, validate_address
 
 if TYPE_CHECKING:
+    from .redaction import Redactor
     from .store import Batch, BlobStore
 
 TREE_SCHEMA = "casruns/tree/v1"
@@ -111,30 +112,84 @@ class Tree:
         return sink.put_bytes(self.to_bytes()).address
 
 
-def collect(directory: str | os.PathLike, sink: "BlobStore | Batch") -> Tree:
+def collect(
+    directory: str | os.PathLike,
+    sink: "BlobStore | Batch",
+    *,
+    exclude: set[str] | frozenset[str] = frozenset(),
+    redactor: "Redactor | None" = None,
+    policy: str = "redact",
+) -> Tree:
     """Ingest every regular file under ``directory`` into ``sink`` and return the tree.
 
     Symlinks are recorded (target text), not followed; other file types (fifos, sockets,
-    devices) and names that are not valid UTF-8 are listed in ``skipped``.
+    devices) and names that are not valid UTF-8 are listed in ``skipped``. Paths in
+    ``exclude`` (plugins' choice) are left out.
+
+    With a ``redactor`` holding declared secret values, a file that contains one is handled
+    by ``policy``: ``redact`` stores the redacted text, ``flag`` stores it unchanged, and
+    ``reject`` leaves it out; binary files (a NUL byte in the first 8 KiB) are flagged, never
+    altered. The entry's ``secrets`` field records what happened.
     """
     tree = Tree()
     try:
         top = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return tree
+    scan = _Scanner(redactor, policy) if redactor is not None and redactor.values else None
     try:
-        _walk(top, "", sink, tree)
+        _walk(top, "", sink, tree, {safe_relpath(p) for p in exclude}, scan)
     finally:
         os.close(top)
     tree.entries.sort(key=lambda e: e.path)
     return tree
 
 
-def _walk(dir_fd: int, prefix: str, sink, tree: Tree) -> None:
+class _Scanner:
+    def __init__(self, redactor: "Redactor", policy: str) -> None:
+        from .redaction import Redactor
+
+        self.values_only = Redactor(redactor.values)  # artifacts: declared values, not detectors
+        self.policy = policy
+
+    def ingest(self, f, sink) -> tuple[object | None, dict]:
+        """Returns (BlobInfo or None if rejected, entry extras)."""
+        import tempfile
+
+        stream = self.values_only.stream()
+        head = f.read(8192)
+        binary = b"\0" in head
+        with tempfile.SpooledTemporaryFile(max_size=SMALL) as out:
+            chunk = head
+            while chunk:
+                out.write(stream.feed(chunk))
+                chunk = f.read(SMALL)
+            out.write(stream.close())
+            if stream.count == 0:
+                return _put(f, sink), {}
+            if binary or self.policy == "flag":
+                return _put(f, sink), {"secrets": "flagged", "secret_matches": stream.count}
+            if self.policy == "reject":
+                return None, {"reason": f"contains a declared secret ({stream.count} matches); artifact_policy is reject"}
+            return _put(out, sink), {"secrets": "redacted", "secret_matches": stream.count}
+
+
+def _put(f, sink):
+    """Store a seekable file object from its start: small ones in one piece, others streamed."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    if size <= SMALL:
+        return sink.put_bytes(f.read())
+    return sink.put_stream(f, size=None)  # the file may still be growing: do not promise a size
+
+
+def _walk(dir_fd: int, prefix: str, sink, tree: Tree, exclude: set[str], scan: "_Scanner | None") -> None:
     with os.scandir(dir_fd) as it:
         names = sorted(e.name for e in it)
     for name in names:
         rel = f"{prefix}{name}"
+        if rel in exclude:
+            continue
         try:
             rel.encode("utf-8")
         except UnicodeEncodeError:
@@ -154,7 +209,7 @@ def _walk(dir_fd: int, prefix: str, sink, tree: Tree) -> None:
                 tree.skipped.append({"path": rel, "reason": f"cannot open directory: {e.strerror}"})
                 continue
             try:
-                _walk(sub, rel + "/", sink, tree)
+                _walk(sub, rel + "/", sink, tree, exclude, scan)
             finally:
                 os.close(sub)
         elif stat.S_ISREG(st.st_mode):
@@ -168,11 +223,14 @@ def _walk(dir_fd: int, prefix: str, sink, tree: Tree) -> None:
                 if not stat.S_ISREG(fst.st_mode):
                     tree.skipped.append({"path": rel, "reason": "changed type while collected"})
                     continue
-                if fst.st_size <= SMALL:
-                    info = sink.put_bytes(f.read())
+                if scan is not None:
+                    info, extra = scan.ingest(f, sink)
+                    if info is None:
+                        tree.skipped.append({"path": rel, **extra})
+                        continue
                 else:
-                    info = sink.put_stream(f, size=None)
-            tree.entries.append(TreeEntry(rel, "file", stat.S_IMODE(fst.st_mode), info.size, info.address))
+                    info, extra = _put(f, sink), {}
+            tree.entries.append(TreeEntry(rel, "file", stat.S_IMODE(fst.st_mode), info.size, info.address, extra=extra))
         else:
             tree.skipped.append({"path": rel, "reason": "not a regular file, directory or symlink"})
 

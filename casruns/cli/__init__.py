@@ -17,8 +17,9 @@ JSON_OPT = click.option("--json", "as_json", is_flag=True, help="Print JSON (err
 
 
 class Ctx:
-    def __init__(self, root: str | None) -> None:
+    def __init__(self, root: str | None, plugins: tuple[str, ...] = ()) -> None:
         self.root = root
+        self.plugins = plugins
         self._registry = None
 
     @property
@@ -26,7 +27,7 @@ class Ctx:
         if self._registry is None:
             from ..registry import Registry
 
-            self._registry = Registry(self.root)
+            self._registry = Registry(self.root, plugins=self.plugins)
         return self._registry
 
 
@@ -37,15 +38,18 @@ def build_cli() -> click.Group:
         type=click.Path(file_okay=False),
         help="Registry directory (default: $CASRUNS_HOME, else $XDG_DATA_HOME/casruns).",
     )
+    @click.option("--plugin", "plugins", multiple=True, metavar="MODULE", help="Load a plugin module (repeatable).")
     @click.version_option(package_name="casruns")
     @click.pass_context
-    def cli(ctx: click.Context, root: str | None) -> None:
+    def cli(ctx: click.Context, root: str | None, plugins: tuple[str, ...]) -> None:
         """casruns: a durable run registry for headless sandbox runs."""
-        ctx.obj = Ctx(root)
+        ctx.obj = Ctx(root, plugins)
 
+    from .plugins import register as register_plugins
     from .runs import register as register_runs
 
     register_runs(cli)
+    register_plugins(cli)
     return cli
 
 

@@ -1,0 +1,123 @@
+"""Hook specifications: the plugin author's reference.
+
+A plugin is a module (or object) with functions named like the specs below, decorated with
+``casruns.hookimpl``. It is found through the ``casruns`` entry-point group, the registry
+config's ``plugins`` list, ``--plugin MODULE`` or ``CASRUNS_PLUGINS`` (see spec/plugins.md).
+A hook implementation may accept any subset of the arguments a spec lists.
+
+Two processes call hooks:
+
+* the **supervisor** (the detached process that drives one run) calls the run hooks, in
+  the run phase each docstring names;
+* the **CLI** process (or an embedder's process using ``casruns.Registry``) calls the
+  registry hooks (providers at submit, promotion, gc roots).
+
+Failure isolation: an exception in a run hook ends the run ``failed`` with
+``error.code = "plugin_error"`` naming the plugin and hook (teardown still runs); in a CLI
+hook it is one error line and exit code 8. ``casruns_status_changed`` exceptions are
+recorded in the supervisor log and never affect the run.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .plugins import RunContext
+
+hookspec = pluggy.HookspecMarker("casruns")
+
+
+@hookspec
+def casruns_providers() -> list[str] | None:
+    """Name the providers this plugin implements.
+
+    Called by the CLI at submit to validate ``--provider``, and by ``casruns plugins``.
+
+    :return: a list of provider names (``["wp-codebox"]``), or None.
+    """
+
+
+@hookspec
+def casruns_boot(run: RunContext) -> dict[str, Any] | None:
+    """Prepare the sandbox before the command runs.
+
+    Called by the supervisor in the ``booting`` phase, for every plugin; an implementation
+    acts only when ``run.provider`` is one of its providers. It may change ``run.argv``,
+    ``run.env`` and ``run.cwd`` in place. Bounded by the run's timeout: a boot that hangs
+    past it ends the run ``timed_out``.
+
+    :param run: the run being started (see :class:`casruns.plugins.RunContext`).
+    :return: None, or ``{"runtime": {...}, "preview": {...}}``: runtime metadata (a runtime id,
+        a version) and preview info (``url``, ``expires_at``), merged into the manifest after
+        redaction. Later results override earlier keys.
+    """
+
+
+@hookspec
+def casruns_teardown(run: RunContext, outcome: dict[str, Any]) -> None:
+    """Tear the sandbox down after the command, always.
+
+    Called by the supervisor after the command ended, whatever happened: success, failure,
+    timeout, cancel or a boot that failed. A teardown that raises is recorded in the
+    manifest's ``teardown`` table and does not hide the run's own result.
+
+    :param run: the run.
+    :param outcome: ``{"status": <the status the run is about to end with>, "exit_code": int | None}``.
+    """
+
+
+@hookspec
+def casruns_redaction(run: RunContext) -> dict[str, Any] | None:
+    """Contribute secrets to mask in this run's logs, transcript, metadata and artifacts.
+
+    Called by the supervisor once, before the command starts.
+
+    :return: None, or ``{"values": {name: value}, "patterns": {name: regex}}``. Values are
+        masked as ``[REDACTED:name]`` wherever they appear; patterns (Python regular
+        expressions over one line of text) are masked likewise.
+    """
+
+
+@hookspec
+def casruns_collect_artifacts(run: RunContext, artifacts_dir: str) -> list[str] | None:
+    """Add or filter artifacts before they are ingested.
+
+    Called by the supervisor in ``collecting_artifacts``, before the artifact directory is
+    walked. A plugin may write extra files into ``artifacts_dir``.
+
+    :return: None, or relative paths to leave out of the artifact tree.
+    """
+
+
+@hookspec
+def casruns_status_changed(run_id: str, old: str | None, new: str, manifest: dict[str, Any]) -> None:
+    """Notification that a run changed status (for example to tell an orchestrator).
+
+    Called by the supervisor after each transition it commits, outside the run's lock.
+    ``manifest`` is a copy: changing it changes nothing. Exceptions are logged and ignored.
+    """
+
+
+@hookspec
+def casruns_promote(run: dict[str, Any], reason: str, by: str | None) -> dict[str, Any] | None:
+    """Validate or veto a promotion, or add promotion metadata.
+
+    Called by the CLI (``casruns promote``) before the promotion is committed.
+
+    :param run: the run's record (``casruns/run/v1``).
+    :return: None to accept; ``{"veto": "why"}`` to refuse (nothing changes and the CLI shows
+        the reason); ``{"metadata": {...}}`` to add fields to the promotion entry.
+    """
+
+
+@hookspec
+def casruns_gc_roots(registry_root: str) -> list[str] | None:
+    """Name extra blobs (64-hex addresses) or run ids that gc must keep.
+
+    Called by the CLI during ``casruns gc``, in the mark phase.
+
+    :return: None, or a list of blob addresses and/or run ids.
+    """

@@ -1,0 +1,25 @@
+"""The built-in ``shell`` provider: runs the command directly on this machine.
+
+It boots nothing; it records where the command ran so a run's record says so.
+"""
+
+from __future__ import annotations
+
+import platform
+import socket
+
+from casruns.plugins import RunContext, hookimpl
+
+PROVIDER = "shell"
+
+
+@hookimpl
+def casruns_providers() -> list[str]:
+    return [PROVIDER]
+
+
+@hookimpl
+def casruns_boot(run: RunContext) -> dict | None:
+    if run.provider != PROVIDER:
+        return None
+    return {"runtime": {"kind": "shell", "host": socket.gethostname(), "platform": platform.platform()}}
