@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
 
     code = try_run(args)
     if code is None:
-        from .cli import run_cli
+        from .cli.app import run_cli
 
         code = run_cli(args)
     sys.stdout.flush()

@@ -20,8 +20,14 @@ def retention_of(m: dict, config: Config, now: float | None = None) -> dict:
     """When a run may be cleaned up, and which rule says so."""
     ret = m.get("retention") or {}
     promoted = bool(ret.get("promoted"))
+    history = ret.get("history") or []
+    last = next((h for h in reversed(history) if h.get("action") == "promote"), None) if promoted else None
     out = {
         "promoted": promoted,
+        "promoted_at": last.get("at") if last else None,
+        "promoted_by": last.get("by") if last else None,
+        "promotion_reason": last.get("reason") if last else None,
+        "history": [dict(h) for h in history],
         "retain_for": ret.get("retain_for"),
         "retain_until": None,
         "cleanup_eligible": False,

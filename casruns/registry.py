@@ -296,6 +296,7 @@ class Registry:
         labels: Mapping[str, str] | None = None,
         since: str | None = None,
         limit: int | None = None,
+        promoted: bool | None = None,
         reap: bool = True,
     ) -> list[dict]:
         """Records newest first, filtered by status (any of), labels (all of), creation time."""
@@ -323,6 +324,8 @@ class Registry:
             if labels and any((m.get("labels") or {}).get(k) != v for k, v in labels.items()):
                 continue
             if since_ts is not None and parse_ts(m["created_at"]) < since_ts:
+                continue
+            if promoted is not None and bool((m.get("retention") or {}).get("promoted")) != promoted:
                 continue
             found.append((m.get("created_at", ""), rid, run, m))
         found.sort(key=lambda t: (t[0], t[1]), reverse=True)
@@ -381,6 +384,54 @@ class Registry:
                 pass
         if outcome == "requested" and self._lost(run, run.read_fresh()):
             self.reap_lost(run)
+        return self.get(run_id), outcome
+
+    # -- promotion ---------------------------------------------------------------------
+    def promote(self, run_id: str, *, reason: str, by: str | None = None) -> tuple[dict, str]:
+        """Mark a terminal run as accepted evidence. Returns (record, outcome) with outcome
+        ``promoted`` or ``already_promoted``. Plugins may veto (PluginError, nothing changes)
+        or add metadata to the promotion entry."""
+        return self._set_promotion(run_id, True, reason=reason, by=by)
+
+    def unpromote(self, run_id: str, *, reason: str, by: str | None = None) -> tuple[dict, str]:
+        """Reverse a promotion; the history of both stays in the manifest."""
+        return self._set_promotion(run_id, False, reason=reason, by=by)
+
+    def _set_promotion(self, run_id: str, promoted: bool, *, reason: str, by: str | None) -> tuple[dict, str]:
+        from .errors import InvalidTransition, PluginError
+
+        if not reason or not reason.strip():
+            raise InvalidInput("--reason is required and must not be empty")
+        record = self.get(run_id)
+        if not record["terminal"]:
+            raise InvalidTransition(f"run {run_id} is {record['status']}; only a finished run can be promoted", run_id=run_id)
+        if record["retention"]["promoted"] == promoted:
+            return record, "already_promoted" if promoted else "not_promoted"
+        metadata: dict = {}
+        if promoted:
+            for plugin, res in self.plugins.call("casruns_promote", run=record, reason=reason, by=by):
+                if not isinstance(res, dict):
+                    continue
+                if res.get("veto"):
+                    raise PluginError(f"plugin {plugin} vetoed the promotion: {res['veto']}", plugin=plugin, hook="casruns_promote")
+                metadata.update(res.get("metadata") or {})
+        redactor = self.redactor()
+        entry = {
+            "action": "promote" if promoted else "unpromote",
+            "at": now_ts(),
+            "reason": redactor.text(reason),
+            "by": by,
+            "metadata": redactor.metadata(metadata) or None,
+        }
+        with self.run_dir(run_id).update() as m:
+            ret = m.setdefault("retention", {})
+            if bool(ret.get("promoted")) == promoted:
+                outcome = "already_promoted" if promoted else "not_promoted"
+            else:
+                ret["promoted"] = promoted
+                ret.setdefault("history", []).append(entry)
+                m["updated_at"] = entry["at"]
+                outcome = "promoted" if promoted else "unpromoted"
         return self.get(run_id), outcome
 
     # -- reaping -----------------------------------------------------------------------

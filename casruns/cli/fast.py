@@ -45,8 +45,8 @@ def try_run(argv: list[str]) -> int | None:
         if parsed is None or parsed[1]:
             return None
         opts = parsed[0]
-        if "--promoted" in opts or "--not-promoted" in opts:
-            return None
+        if "--promoted" in opts and "--not-promoted" in opts:
+            return None  # click owns the error
         try:
             limit = int(opts["--limit"]) if "--limit" in opts else None
         except ValueError:
@@ -114,6 +114,7 @@ def _list(root, opts: dict, limit) -> int:
             labels=parse_labels(opts.get("--label", [])),
             since=opts.get("--since"),
             limit=limit,
+            promoted=True if "--promoted" in opts else False if "--not-promoted" in opts else None,
         )
     except CasrunsError as e:
         return error(e, as_json)

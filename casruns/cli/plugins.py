@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from . import JSON_OPT, render
+from . import render
+from .app import JSON_OPT
 
 
 def register(cli: click.Group) -> None:

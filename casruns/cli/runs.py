@@ -12,7 +12,8 @@ import click
 from .. import errors as E
 from ..registry import parse_labels
 from ..timefmt import parse_duration
-from . import JSON_OPT, render
+from . import render
+from .app import JSON_OPT
 
 
 def submit_options(f):
@@ -105,11 +106,12 @@ def register(cli: click.Group) -> None:
     @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Only runs with this label (repeatable).")
     @click.option("--since", help="Only runs created since TIME (RFC 3339 or a duration ago, e.g. 2h).")
     @click.option("--limit", type=int, help="At most N runs.")
+    @click.option("--promoted/--not-promoted", "promoted", default=None, help="Only promoted (or only unpromoted) runs.")
     @JSON_OPT
     @click.pass_obj
-    def list_(obj, statuses, labels, since, limit, as_json):
+    def list_(obj, statuses, labels, since, limit, promoted, as_json):
         """List runs, newest first."""
-        records = obj.registry.list(statuses=statuses, labels=parse_labels(labels), since=since, limit=limit)
+        records = obj.registry.list(statuses=statuses, labels=parse_labels(labels), since=since, limit=limit, promoted=promoted)
         return render.list_output(records, as_json)
 
     @cli.command()
@@ -145,6 +147,31 @@ def register(cli: click.Group) -> None:
                 "already_terminal": f"run is already {r['status']}; nothing changed",
             }[outcome]
             click.echo(f"{run_id}: {msg}")
+
+    def promotion_command(name: str, promote: bool):
+        @cli.command(name=name)
+        @click.argument("run_id")
+        @click.option("--reason", required=True, help="Why (recorded in the run's history).")
+        @click.option("--by", help="Who (a person or a tool).")
+        @JSON_OPT
+        @click.pass_obj
+        def cmd(obj, run_id, reason, by, as_json):
+            reg = obj.registry
+            r, outcome = (reg.promote if promote else reg.unpromote)(run_id, reason=reason, by=by)
+            if as_json:
+                render.emit_json({"schema": "casruns/promotion/v1", "run_id": run_id, "outcome": outcome, "run": r})
+            else:
+                click.echo(f"{run_id}: {outcome.replace('_', ' ')}")
+
+        cmd.__doc__ = (
+            "Mark a finished run as accepted evidence (kept by retention and gc; plugins may veto)."
+            if promote
+            else "Reverse a promotion; the history of both is kept."
+        )
+        return cmd
+
+    promotion_command("promote", True)
+    promotion_command("unpromote", False)
 
     @cli.command()
     @JSON_OPT

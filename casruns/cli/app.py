@@ -1,0 +1,84 @@
+"""The click CLI: parse arguments, call ``casruns.Registry``, render, map errors to exit codes.
+
+The group is built by :func:`build_cli`, not at import time. Every command takes ``--json``;
+with it, success and errors are both JSON on stdout (spec/cli.md).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import EXIT_USAGE, CasrunsError, UsageError
+from . import render
+
+JSON_OPT = click.option("--json", "as_json", is_flag=True, help="Print JSON (errors too).")
+
+
+class Ctx:
+    def __init__(self, root: str | None, plugins: tuple[str, ...] = ()) -> None:
+        self.root = root
+        self.plugins = plugins
+        self._registry = None
+
+    @property
+    def registry(self):
+        if self._registry is None:
+            from ..registry import Registry
+
+            self._registry = Registry(self.root, plugins=self.plugins)
+        return self._registry
+
+
+def build_cli() -> click.Group:
+    @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option(
+        "--root",
+        type=click.Path(file_okay=False),
+        help="Registry directory (default: $CASRUNS_HOME, else $XDG_DATA_HOME/casruns).",
+    )
+    @click.option("--plugin", "plugins", multiple=True, metavar="MODULE", help="Load a plugin module (repeatable).")
+    @click.version_option(package_name="casruns")
+    @click.pass_context
+    def cli(ctx: click.Context, root: str | None, plugins: tuple[str, ...]) -> None:
+        """casruns: a durable run registry for headless sandbox runs."""
+        ctx.obj = Ctx(root, plugins)
+
+    from .plugins import register as register_plugins
+    from .runs import register as register_runs
+
+    register_runs(cli)
+    register_plugins(cli)
+    return cli
+
+
+def run_cli(args: list[str]) -> int:
+    as_json = "--json" in args
+    cli = build_cli()
+    try:
+        result = cli.main(args=args, prog_name="casruns", standalone_mode=False)
+    except CasrunsError as e:
+        return render.error(e, as_json)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        sys.stderr.write("casruns: aborted\n")
+        return 1
+    except click.UsageError as e:
+        if as_json:
+            return render.error(UsageError(e.format_message()), True)
+        e.show()
+        return EXIT_USAGE
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except BrokenPipeError:
+        return 0
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        # An unexpected failure still gets one line and a documented code, not a traceback.
+        from ..errors import CasrunsError as Base
+
+        err = Base(f"internal error: {type(e).__name__}: {e}")
+        return render.error(err, as_json)
+    return result if isinstance(result, int) else 0

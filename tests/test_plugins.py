@@ -1,0 +1,248 @@
+"""Plugins: discovery, phases and processes, failure isolation, and the docs that keep them honest.
+
+The sample provider in fixtures/casruns-fakesandbox is installed the way a user installs a
+plugin (pip, into a directory on the Python path) and found through its entry point.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from casruns import hookspecs
+from conftest import cli, cli_json, poll_until
+
+ROOT = Path(__file__).resolve().parent.parent
+HOOKS = sorted(n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("casruns_"))
+
+
+@pytest.fixture(scope="session")
+def fake_site(tmp_path_factory):
+    site = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site),
+         str(ROOT / "fixtures" / "casruns-fakesandbox")],
+        check=True,
+        capture_output=True,
+    )
+    return site
+
+
+@pytest.fixture
+def fake(fake_site, monkeypatch, tmp_path):
+    """The environment a CLI call needs to see the sample plugin, plus its call log."""
+    monkeypatch.setenv("PYTHONPATH", str(fake_site))
+    log = tmp_path / "hooks.jsonl"
+    return {"log": log, "label": f"fake.log={log}"}
+
+
+def calls(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def submit_fake(fake, *extra, cmd=("sh", "-c", "echo in sandbox $FAKESANDBOX_ID")):
+    proc, out = cli_json("submit", "--provider", "fakesandbox", "--label", fake["label"], *extra, "--", *cmd)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out[0]["run_id"]
+
+
+def status(rid):
+    return cli_json("status", rid)[1][0]
+
+
+# -- the docs and tests that keep plugins honest (datasette's habit) -----------------------------
+
+
+def test_every_hook_is_documented_in_the_plugin_guide():
+    guide = (ROOT / "spec" / "plugins.md").read_text()
+    missing = [h for h in HOOKS if f"### `{h}`" not in guide]
+    assert missing == []
+
+
+def test_every_hook_has_a_test():
+    names = {n for n in globals() if n.startswith("test_hook_")}
+    assert [h for h in HOOKS if f"test_hook_{h}" not in names] == []
+
+
+def test_every_hookspec_docstring_names_its_process():
+    for h in HOOKS:
+        doc = getattr(hookspecs, h).__doc__
+        assert re.search(r"Called by the (supervisor|CLI)", doc), h
+
+
+# -- discovery ----------------------------------------------------------------------------------
+
+
+def test_plugins_json_lists_builtins_and_the_installed_plugin(fake, validate):
+    proc, out = cli_json("plugins")
+    assert proc.returncode == 0
+    doc = validate(out[0], "plugins.schema.json")
+    by_name = {p["name"]: p for p in doc["plugins"]}
+    assert by_name["shell"]["providers"] == ["shell"] and by_name["shell"]["source"].startswith("entry point")
+    assert "casruns_redaction" in by_name["redact"]["hooks"]
+    fake_info = by_name["fakesandbox"]
+    assert fake_info["providers"] == ["fakesandbox"]
+    assert fake_info["source"] == "entry point (casruns-fakesandbox 1.0.0)"
+    assert set(fake_info["hooks"]) == set(HOOKS)
+
+
+def test_plugin_option_and_env_load_a_module(tmp_path, monkeypatch, validate):
+    (tmp_path / "myplug.py").write_text(
+        "from casruns.plugins import hookimpl\n@hookimpl\ndef casruns_providers():\n    return ['mine']\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    _, out = cli_json("plugins")
+    assert "myplug" not in {p["name"] for p in out[0]["plugins"]}
+    proc = cli("--plugin", "myplug", "plugins", "--json", check=0)
+    doc = validate(json.loads(proc.stdout), "plugins.schema.json")
+    assert {p["name"]: p["source"] for p in doc["plugins"]}["myplug"] == "module"
+    _, out = cli_json("plugins", env={"CASRUNS_PLUGINS": "myplug"})
+    assert "mine" in {prov for p in out[0]["plugins"] for prov in p["providers"]}
+
+
+def test_missing_plugin_module_is_one_clear_error(casruns_home):
+    proc = cli("--plugin", "no_such_plugin_module", "plugins")
+    assert proc.returncode == 8
+    assert proc.stderr.strip().count("\n") == 0 and "no_such_plugin_module" in proc.stderr
+
+
+def test_unknown_provider_is_refused_before_the_run_exists(casruns_home):
+    proc, out = cli_json("submit", "--provider", "wp-codebox", "--", "true")
+    assert proc.returncode == 3 and out[0]["error"]["code"] == "unknown_provider"
+    assert "shell" in out[0]["error"]["message"]
+    assert not (casruns_home / "runs").exists() or not any((casruns_home / "runs").iterdir())
+
+
+def test_status_and_list_never_load_plugins():
+    code = (
+        "import sys, casruns.cli.fast as f\n"
+        "f.try_run(['list', '--json'])\n"
+        "bad = [m for m in ('pluggy', 'click', 'zstandard', 'blake3', 'casruns.plugins') if m in sys.modules]\n"
+        "print('loaded:' + ','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "loaded:"
+
+
+# -- one test per hook ---------------------------------------------------------------------------
+
+
+def test_hook_casruns_providers(fake):
+    rid = submit_fake(fake)
+    assert cli("wait", rid, "--timeout", "30").returncode == 0
+    assert status(rid)["provider"] == "fakesandbox"
+
+
+def test_hook_casruns_boot(fake, casruns_home):
+    rid = submit_fake(fake)
+    assert cli("wait", rid, "--timeout", "30").returncode == 0
+    rec = status(rid)
+    assert rec["runtime"]["id"] == f"fake-{rid}" and rec["runtime"]["version"] == "1.2.3"
+    assert rec["runtime"]["api_token"] == "[REDACTED]"  # a key that names a secret
+    assert rec["preview"]["url"] == f"http://127.0.0.1:9/preview/{rid}"
+    assert cli("logs", rid).stdout == f"in sandbox fake-{rid}\n"  # boot's env reached the command
+    log = calls(fake["log"])
+    boot = [c for c in log if c["hook"] == "casruns_boot"]
+    sup_pid = json.loads((casruns_home / "runs" / rid / "manifest.json").read_text())["manifest"]["supervisor"]["pid"]
+    assert boot and boot[0]["pid"] == sup_pid and boot[0]["status"] == "booting"
+
+
+def test_hook_casruns_teardown(fake):
+    ok = submit_fake(fake)
+    failing = submit_fake(fake, cmd=("sh", "-c", "exit 4"))
+    slow = submit_fake(fake, "--timeout", "1", cmd=("sleep", "30"))
+    cli("wait", ok, failing, slow, "--timeout", "40")
+    outcomes = {c["outcome"]["status"] for c in calls(fake["log"]) if c["hook"] == "casruns_teardown"}
+    assert outcomes == {"succeeded", "failed", "timed_out"}
+    assert status(failing)["status"] == "failed" and status(slow)["status"] == "timed_out"
+
+
+def test_hook_casruns_teardown_failure_does_not_hide_the_result(fake, casruns_home):
+    import tomllib
+
+    rid = submit_fake(fake, "--label", "fake.teardown=crash")
+    assert cli("wait", rid, "--timeout", "30").returncode == 0
+    assert status(rid)["status"] == "succeeded"
+    m = tomllib.loads((casruns_home / "runs" / rid / "manifest.toml").read_text())
+    assert m["teardown"]["ok"] is False and m["teardown"]["plugin"] == "fakesandbox"
+    assert "sandbox teardown failed" in m["teardown"]["message"]
+
+
+def test_hook_casruns_redaction(fake):
+    rid = submit_fake(fake, cmd=("sh", "-c", 'echo "key=$FAKESANDBOX_KEY"'))
+    cli("wait", rid, "--timeout", "30", check=0)
+    out = cli("logs", rid).stdout
+    assert "fake-sandbox-key-123456" not in out and "[REDACTED:FAKE_SANDBOX_KEY]" in out
+
+
+def test_hook_casruns_collect_artifacts(fake):
+    rid = submit_fake(fake, cmd=("sh", "-c", 'echo keep > "$CASRUNS_ARTIFACTS_DIR/keep.txt"; echo x > "$CASRUNS_ARTIFACTS_DIR/scratch.tmp"'))
+    cli("wait", rid, "--timeout", "30", check=0)
+    _, out = cli_json("artifacts", rid)
+    assert sorted(e["path"] for e in out[0]["entries"]) == ["fakesandbox/summary.txt", "keep.txt"]
+
+
+def test_hook_casruns_status_changed(fake):
+    rid = submit_fake(fake, "--label", "fake.notify=crash")  # a failing notifier changes nothing
+    assert cli("wait", rid, "--timeout", "30").returncode == 0
+    seen = [(c["old"], c["new"]) for c in calls(fake["log"]) if c["hook"] == "casruns_status_changed"]
+    assert seen == [("queued", "booting"), ("booting", "running"), ("running", "collecting_artifacts"), ("collecting_artifacts", "succeeded")]
+    assert status(rid)["status"] == "succeeded"
+
+
+def test_hook_casruns_promote(fake, casruns_home):
+    ok = submit_fake(fake)
+    vetoed = submit_fake(fake, "--label", "fake.veto=evidence incomplete")
+    cli("wait", ok, vetoed, "--timeout", "30", check=0)
+    proc, out = cli_json("promote", ok, "--reason", "tests pass", "--by", "homeboy")
+    assert proc.returncode == 0 and out[0]["outcome"] == "promoted"
+    entry = out[0]["run"]["retention"]["history"][-1]
+    assert entry["metadata"] == {"sandbox": f"fake-{ok}"} and entry["by"] == "homeboy"
+    promote_calls = [c for c in calls(fake["log"]) if c["hook"] == "casruns_promote"]
+    assert promote_calls[0]["pid"] != json.loads((casruns_home / "runs" / ok / "manifest.json").read_text())["manifest"]["supervisor"]["pid"]
+    before = (casruns_home / "runs" / vetoed / "manifest.toml").read_bytes()
+    proc, out = cli_json("promote", vetoed, "--reason", "looks fine")
+    assert proc.returncode == 8 and out[0]["error"]["code"] == "plugin_error"
+    assert "evidence incomplete" in out[0]["error"]["message"]
+    proc = cli("promote", vetoed, "--reason", "looks fine")
+    assert "evidence incomplete" in proc.stderr and proc.stderr.count("\n") == 1
+    assert (casruns_home / "runs" / vetoed / "manifest.toml").read_bytes() == before
+
+
+# -- failure isolation -------------------------------------------------------------------------
+
+
+def test_crashing_boot_ends_the_run_failed_and_still_tears_down(fake):
+    rid = submit_fake(fake, "--label", "fake.boot=crash")
+    assert cli("wait", rid, "--timeout", "30").returncode == 10
+    rec = status(rid)
+    assert rec["status"] == "failed"
+    assert rec["error"]["code"] == "plugin_error"
+    assert rec["error"]["plugin"] == "fakesandbox" and rec["error"]["hook"] == "casruns_boot"
+    assert "sandbox refused to boot" in rec["error"]["message"]
+    assert [c["hook"] for c in calls(fake["log"]) if c["hook"] == "casruns_teardown"] == ["casruns_teardown"]
+
+
+def test_hanging_boot_is_bounded_by_the_timeout(fake):
+    t0 = time.monotonic()
+    rid = submit_fake(fake, "--label", "fake.boot=hang", "--timeout", "2s")
+    assert cli("wait", rid, "--timeout", "30").returncode == 11
+    assert time.monotonic() - t0 < 25
+    rec = status(rid)
+    assert rec["status"] == "timed_out" and "booting" in rec["error"]["message"]
+    assert any(c["hook"] == "casruns_teardown" for c in calls(fake["log"]))
+
+
+def test_crashing_artifact_hook_fails_the_run_but_keeps_logs(fake):
+    rid = submit_fake(fake, "--label", "fake.artifacts=crash")
+    assert cli("wait", rid, "--timeout", "30").returncode == 10
+    rec = status(rid)
+    assert rec["error"]["code"] == "plugin_error" and rec["error"]["hook"] == "casruns_collect_artifacts"
+    assert cli("logs", rid).stdout == f"in sandbox fake-{rid}\n"
