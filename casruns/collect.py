@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from . import manifest as mf
 from .runs import SPOOL_STREAMS, RunDir
 from .timefmt import format_ts, now_ts
-from .tree import collect as collect_tree
+from .tree import Tree, collect as collect_tree
 
 if TYPE_CHECKING:
     from .redaction import Redactor
@@ -29,9 +29,20 @@ if TYPE_CHECKING:
 
 
 def ingest_workspace(
-    run: RunDir, store: "BlobStore", *, exclude: set[str] = frozenset(), redactor: "Redactor | None" = None, policy: str = "redact"
-) -> dict:
-    """Store the spool files and the artifact tree; returns the manifest fields to set."""
+    run: RunDir,
+    store: "BlobStore",
+    *,
+    exclude: set[str] = frozenset(),
+    redactor: "Redactor | None" = None,
+    policy: str = "redact",
+    artifacts: bool = True,
+) -> tuple[dict, dict | None]:
+    """Store the spool files and the artifact tree.
+
+    Returns (manifest fields to set, error or None). Logs and artifacts are separate batches,
+    so an artifact directory that cannot be collected still leaves the logs.
+    """
+    refs: dict = {}
     with store.batch() as batch:
         logs = {}
         for stream in SPOOL_STREAMS:
@@ -39,16 +50,28 @@ def ingest_workspace(
             if os.path.isfile(path):
                 info = batch.put_file(path)
                 logs[stream] = {"blake3": info.address, "size": info.size}
-        tree = collect_tree(run.artifacts_dir, batch, exclude=exclude, redactor=redactor, policy=policy)
-        tree_address = tree.store(batch)
         # leaving the block syncs the batch: every blob is durable before we return.
-    artifacts = {"tree": tree_address, "files": tree.files, "bytes": tree.total_size}
+    refs["logs"] = logs
+    if not artifacts:
+        # a salvage of a run that declared secrets: its secret values died with the
+        # supervisor, so its artifacts cannot be scanned. Fail closed: do not store them.
+        tree = Tree(skipped=[{"path": ".", "reason": "not collected: the run declared secrets and its supervisor was lost"}])
+        refs["artifacts"] = {"tree": tree.store(store), "files": 0, "bytes": 0, "skipped": 1}
+        return refs, None
+    try:
+        with store.batch() as batch:
+            tree = collect_tree(run.artifacts_dir, batch, exclude=exclude, redactor=redactor, policy=policy)
+            tree_address = tree.store(batch)
+    except Exception as e:  # an unreadable tree must not wedge the run
+        return refs, {"code": "collect_failed", "message": f"cannot collect artifacts: {type(e).__name__}: {e}"}
+    arts = {"tree": tree_address, "files": tree.files, "bytes": tree.total_size}
     if tree.skipped:
-        artifacts["skipped"] = len(tree.skipped)
+        arts["skipped"] = len(tree.skipped)
     flagged = sum(1 for e in tree.entries if e.extra.get("secrets"))
     if flagged:
-        artifacts["with_secrets"] = flagged
-    return {"logs": logs, "artifacts": artifacts}
+        arts["with_secrets"] = flagged
+    refs["artifacts"] = arts
+    return refs, None
 
 
 def finish(
@@ -63,12 +86,16 @@ def finish(
     exclude: set[str] = frozenset(),
     redactor: "Redactor | None" = None,
     policy: str = "redact",
+    artifacts: bool = True,
 ) -> dict:
     """Collect the workspace and commit the terminal status. Returns the final manifest.
 
-    A cancel requested before this commit wins over a normal ending (spec/format.md).
+    A cancel requested before this commit wins over a normal ending (spec/format.md). If the
+    artifacts cannot be collected the run ends ``failed`` with ``collect_failed``.
     """
-    refs = ingest_workspace(run, store, exclude=exclude, redactor=redactor, policy=policy)
+    refs, collect_error = ingest_workspace(run, store, exclude=exclude, redactor=redactor, policy=policy, artifacts=artifacts)
+    if collect_error is not None:
+        status, error = mf.FAILED, collect_error
     heartbeat = run.mtime("heartbeat")
     activity = run.last_activity()
     with run.update() as m:

@@ -102,7 +102,9 @@ def read_format(root: str | os.PathLike) -> dict | None:
     if doc.get("format") != FORMAT_NAME:
         raise UnsupportedFormat(f"{path} does not describe a casruns registry (format = {doc.get('format')!r})")
     version = doc.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UnsupportedFormat(f"{path} has an invalid format version {version!r}")
+    if version > FORMAT_VERSION:
         raise UnsupportedFormat(
             f"registry {root} has format version {version}, newer than this casruns reads ({FORMAT_VERSION}); upgrade casruns"
         )

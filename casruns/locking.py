@@ -68,6 +68,29 @@ def process_matches(pid: int | None, start_time: int | None, boot: str | None) -
     return start_time is not None and process_start_time(pid) == start_time
 
 
+def group_members(pgid: int, started_after: int, boot: str | None) -> list[int]:
+    """Live processes in group ``pgid`` that started no earlier than ``started_after`` (clock
+    ticks since boot) on this boot: what is left of a command whose leader already exited."""
+    if boot != boot_id() or not pgid:
+        return []
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        rest = data[data.rfind(b")") + 2 :].split()
+        try:
+            if int(rest[2]) == pgid and int(rest[19]) >= started_after:
+                out.append(int(name))
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
 def holder_record() -> dict:
     pid = os.getpid()
     return {

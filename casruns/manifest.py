@@ -136,7 +136,14 @@ def read(path: str) -> dict:
         return cache
     with open(path, "rb") as f:
         data = f.read()
-    return loads(data, path)
+        fst = os.fstat(f.fileno())
+    m = loads(data, path)
+    # Rebuild a missing or stale cache, tagged with the file we actually read.
+    try:
+        _store_cache(path, m, fst)
+    except OSError:
+        pass  # read-only registry: stay correct, only slower
+    return m
 
 
 def read_toml(path: str) -> dict:
@@ -172,10 +179,22 @@ def write(path: str, m: dict, *, dirs: fsutil.DirSync | None = None) -> None:
 
 
 def write_cache(path: str, m: dict) -> None:
-    """The cache is rebuilt from the manifest whenever it is missing, so it needs no fsync."""
+    """The cache is rebuilt from the manifest by the next reader if lost, so it needs no fsync."""
     try:
-        st = os.stat(path)
-        doc = {"schema": CACHE_SCHEMA, "tag": _tag(st), "manifest": _strip_none(m)}
-        fsutil.atomic_write(_cache_path(path), json.dumps(doc, separators=(",", ":")).encode(), durable=False)
+        _store_cache(path, m, os.stat(path))
     except OSError:
         pass  # a cache that cannot be written is only a slower read
+
+
+def _store_cache(path: str, m: dict, st: os.stat_result) -> None:
+    try:
+        data = json.dumps({"schema": CACHE_SCHEMA, "tag": _tag(st), "manifest": _strip_none(m)}, separators=(",", ":"))
+    except (TypeError, ValueError):
+        # a value JSON cannot hold (a TOML datetime a newer writer used): no cache, and no
+        # stale one either, so readers parse the TOML.
+        try:
+            os.unlink(_cache_path(path))
+        except OSError:
+            pass
+        return
+    fsutil.atomic_write(_cache_path(path), data.encode(), durable=False)

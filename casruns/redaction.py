@@ -61,7 +61,10 @@ PRIVATE_KEY_BEGIN = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----
 PRIVATE_KEY_END = re.compile(rb"-----END [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----")
 
 # Keys of metadata tables whose values are masked whatever they hold.
-SECRET_KEY_RE = re.compile(r"(?i)(token|password|passwd|passphrase|secret|credential|api[_-]?key|apikey|private[_-]?key|auth)")
+SECRET_KEY_RE = re.compile(
+    r"(?i)(?:^|[^a-z])(tokens?|password|passwd|passphrase|secrets?|credentials?|api[_-]?key|apikey|private[_-]?key"
+    r"|access[_-]?key|auth|authorization|cookie|session[_-]?id)(?:$|[^a-z])"
+)
 MASK = "[REDACTED]"
 
 

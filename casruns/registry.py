@@ -104,6 +104,13 @@ class Registry:
         existed = self._check_format()
         if existed:
             return False
+        if os.path.isdir(self.root) and any(not n.startswith(".") for n in os.listdir(self.root)):
+            from .errors import RegistryError
+
+            raise RegistryError(
+                f"{self.root} exists, is not empty and is not a casruns registry; choose another --root or CASRUNS_HOME",
+                path=self.root,
+            )
         fsutil.ensure_dir(self.root)
         os.chmod(self.root, fsutil.DIR_MODE)
         for sub in ("blobs", "blobs/tmp", "runs", "queue", "locks", "slots"):
@@ -192,10 +199,12 @@ class Registry:
             "recipe": recipe,
             "plugins": self.plugin_modules(),
         }
-        request_hash = hashlib.sha256(
-            json.dumps({"request": request, "provider": provider, "labels": labels, "retain_for": retain_s}, sort_keys=True).encode()
-        ).hexdigest()
-        request["hash"] = request_hash
+        # The request's fingerprint, for idempotent resubmission. Salted per run: a bare hash
+        # of argv and labels would let anyone who reads the manifest test guesses of a secret.
+        canon = json.dumps({"request": request, "provider": provider, "labels": labels, "retain_for": retain_s}, sort_keys=True)
+        salt = os.urandom(16).hex()
+        request["hash_salt"] = salt
+        request["hash"] = _fingerprint(salt, canon)
         now = time.time()
         m = {
             "schema": mf.SCHEMA,
@@ -219,7 +228,9 @@ class Registry:
         redactor = self.redactor(used)
         request["argv"] = [redactor.text(a) for a in argv]
         m["labels"] = redactor.metadata(labels)
-        payload = {"env": env_values, "secret_env": secrets}
+        umask = os.umask(0o077)
+        os.umask(umask)
+        payload = {"env": env_values, "secret_env": secrets, "umask": umask}
         if request["argv"] != argv:
             request["argv_redacted"] = True
             payload["argv"] = argv
@@ -228,7 +239,8 @@ class Registry:
             run, lock = _create(self.runs_dir, m, env_file)
         except RunExists:
             existing = self.run_dir(rid).read()
-            if (existing.get("request") or {}).get("hash") != request_hash:
+            old = existing.get("request") or {}
+            if old.get("hash") != _fingerprint(old.get("hash_salt", ""), canon):
                 raise RunIdConflict(
                     f"run id {rid} already names a run submitted with a different request", run_id=rid
                 ) from None
@@ -373,8 +385,9 @@ class Registry:
                     outcome = "cancelled"
                 else:
                     outcome = "requested"
-                fsutil.touch(run.cancel_path)
             sup = m.get("supervisor") or {}
+        if outcome in ("cancelled", "requested"):
+            fsutil.touch(run.cancel_path)  # after the commit: the marker never runs ahead of the record
         if outcome == "cancelled":
             scheduler.dequeue(self.root, run_id)
         if outcome in ("cancelled", "requested") and locking.process_matches(sup.get("pid"), sup.get("start_time"), sup.get("boot_id")):
@@ -444,11 +457,12 @@ class Registry:
             if m["status"] not in mf.ACTIVE or not self._lost(run, m):
                 return m
             proc = m.get("process") or {}
+            # Kill what is left of the command: its group, if the leader is provably ours,
+            # else each member of that group that started after it (the leader may be gone).
             if locking.process_matches(proc.get("pid"), proc.get("start_time"), proc.get("boot_id")):
-                try:
-                    os.killpg(proc["pgid"], 9)
-                except OSError:
-                    pass
+                _kill([proc["pgid"]], group=True)
+            elif proc.get("pgid") and proc.get("start_time") is not None:
+                _kill(locking.group_members(proc["pgid"], proc["start_time"], proc.get("boot_id")), group=False)
         sup = m.get("supervisor") or {}
         deadline = m.get("deadline_at")
         if deadline and time.time() >= parse_ts(deadline):
@@ -460,7 +474,8 @@ class Registry:
                 "message": f"the supervisor (pid {sup.get('pid', '?')} on {sup.get('host', '?')}) is gone; "
                 "output captured until then was salvaged",
             }
-        return collect.finish(run, self.store, status, error=error)
+        declared = bool((m.get("request") or {}).get("secret_env"))
+        return collect.finish(run, self.store, status, error=error, artifacts=not declared)
 
     def reap(self) -> dict:
         """Find every run whose supervisor is gone: end active ones, restart queued ones."""
@@ -503,7 +518,7 @@ class Registry:
         from . import supervisor
 
         lock = locking.FileLock(run.supervisor_lock_path, record=True)
-        if not lock.acquire(blocking=False):
+        if not lock.acquire(blocking=False, timeout=0.2):  # a probe holds it shared for an instant
             return True  # someone else restarted it
         try:
             if (m.get("request") or {}).get("secret_env") or (m.get("request") or {}).get("argv_redacted"):
@@ -518,9 +533,15 @@ class Registry:
                 return False
             try:
                 with open(run.file("env.json"), "rb") as f:
-                    env = json.loads(f.read()).get("env", {})
-            except (OSError, ValueError):
-                env = {k: os.environ[k] for k in _base_env_names() if k in os.environ}
+                    env = json.loads(f.read())["env"]
+            except (OSError, ValueError, KeyError):
+                # never run it with an environment other than the one it was submitted with
+                with run.update() as mm:
+                    if mm["status"] == mf.QUEUED:
+                        mm["error"] = {"code": "supervisor_lost", "message": "the queued run's supervisor is gone and its environment record is missing; replay it"}
+                        mf.transition(mm, mf.FAILED, now_ts())
+                scheduler.dequeue(self.root, run.run_id)
+                return False
             supervisor.spawn(self.root, run.run_id, {"env": env, "secret_env": {}}, lock.fd)
             return True
         finally:
@@ -604,6 +625,20 @@ class Registry:
         with open(os.path.join(dest, "run.json"), "w") as f:  # export target, outside the registry
             json.dump(record, f, indent=2)
         return {"schema": "casruns/export/v1", "run_id": run_id, "dest": dest, **report}
+
+
+def _kill(ids: list[int], *, group: bool) -> None:
+    import signal
+
+    for i in ids:
+        try:
+            (os.killpg if group else os.kill)(i, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _fingerprint(salt: str, canon: str) -> str:
+    return hashlib.sha256((salt + canon).encode()).hexdigest()
 
 
 def _skip(chunks: Iterator[bytes], offset: int) -> Iterator[bytes]:

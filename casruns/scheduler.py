@@ -44,7 +44,7 @@ def dequeue(root: str, run_id: str) -> None:
     except FileNotFoundError:
         return
     for name in names:
-        if name.endswith("-" + run_id) and name[:20].isdigit():
+        if name[21:] == run_id and name[:20].isdigit() and name[20:21] == "-":
             try:
                 os.unlink(os.path.join(qdir, name))
             except FileNotFoundError:

@@ -102,6 +102,8 @@ class Supervisor:
         self.stop_reason: str | None = None
         self.plugins = None
         self.ctx = None
+        self.child: subprocess.Popen | None = None
+        self.boot_abandoned = False
         self.redactor = Redactor(self.secrets)
         self.slot: locking.FileLock | None = None
         self.lock_fd: int | None = None
@@ -126,9 +128,11 @@ class Supervisor:
         if fd is not None:
             self.lock_fd = int(fd)
             os.set_inheritable(self.lock_fd, False)  # the command must not keep it alive
+            locking.write_record(self.lock_fd)  # the record names us, not the submitter
             return True
         lock = locking.FileLock(self.run.supervisor_lock_path, record=True)
-        if not lock.acquire(blocking=False):
+        # a short wait: a reader probing the lock holds it shared for an instant
+        if not lock.acquire(blocking=False, timeout=0.2):
             return False  # another supervisor is alive: it owns this run
         self.lock_fd = lock.fd
         return True
@@ -138,7 +142,9 @@ class Supervisor:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGUSR1, lambda *a: None)  # a wake-up: cancel was requested
+        # SIGUSR1 is what cancel sends; the loops poll the cancel marker every POLL seconds,
+        # so the handler only has to exist (the default action would kill us).
+        signal.signal(signal.SIGUSR1, lambda *a: None)
         if not self.take_lock():
             return 0
         m = self.run.read_fresh()
@@ -152,6 +158,9 @@ class Supervisor:
                 "boot_id": locking.boot_id(),
             }
         self.beat(force=True)
+        # The heartbeat has its own thread, so it keeps beating through long boots and long
+        # collections, not only while the capture loop spins.
+        threading.Thread(target=self._heartbeat_loop, daemon=True, name="casruns-heartbeat").start()
         if not self.wait_for_slot():
             return 0
         try:
@@ -159,14 +168,27 @@ class Supervisor:
         except Exception as e:  # the run must end, whatever broke
             msg = self.redactor.text(f"{type(e).__name__}: {e}")
             print(f"casruns supervisor: {msg}", file=sys.stderr)
+            if self.child is not None:  # never leave the command running behind a failed run
+                _killpg(self.child.pid, signal.SIGKILL)
             try:
-                collect.finish(self.run, self.registry.store, mf.FAILED, error={"code": "supervisor_error", "message": msg})
+                collect.finish(
+                    self.run, self.registry.store, mf.FAILED, error={"code": "supervisor_error", "message": msg},
+                    redactor=self.redactor, policy=self.config.artifact_policy,
+                )
             except Exception as e2:
                 print(f"casruns supervisor: cannot finish run: {e2}", file=sys.stderr)
             return 1
         finally:
             if self.slot is not None:
                 self.slot.release()
+
+    def _heartbeat_loop(self) -> None:
+        while True:
+            time.sleep(self.config.heartbeat_interval)
+            try:
+                self.beat(force=True)
+            except OSError:
+                pass  # the run directory went away (gc of a finished run): nothing to beat for
 
     def wait_for_slot(self) -> bool:
         m = self.run.read_fresh()
@@ -304,6 +326,8 @@ class Supervisor:
         if self.cancel_requested():
             return self.end(mf.CANCELLED, teardown=False)
         state, result = self.bounded(lambda: self.plugins.call("casruns_boot", run=self.ctx), deadline)
+        if state in ("timeout", "cancelled"):
+            self.boot_abandoned = True  # teardown is told: boot may still be creating things
         if state == "timeout":
             return self.end(mf.TIMED_OUT, error={"code": "timeout", "message": "the run exceeded its timeout while booting"})
         if state == "cancelled":
@@ -321,8 +345,9 @@ class Supervisor:
             mm.update({k: v for k, v in meta.items() if v})
         argv = [str(a) for a in self.ctx.argv]
         try:
-            child = subprocess.Popen(
+            child = self.child = subprocess.Popen(
                 argv,
+                umask=int(self.payload.get("umask", 0o022)),  # the submitter's, not ours
                 cwd=self.ctx.cwd,
                 env={str(k): str(v) for k, v in self.ctx.env.items()},
                 stdin=subprocess.DEVNULL,
@@ -366,7 +391,7 @@ class Supervisor:
                 mm.setdefault("cancel", {"requested_at": now_ts(), "reason": self.stop_reason})
         extra: dict = {}
         if teardown and self.plugins is not None:
-            outcome = {"status": status, "exit_code": kw.get("exit_code")}
+            outcome = {"status": status, "exit_code": kw.get("exit_code"), "boot_abandoned": self.boot_abandoned}
             limit = time.time() + max(self.config.teardown_timeout, 1.0)
             state, result = self.bounded(lambda: self.plugins.call("casruns_teardown", run=self.ctx, outcome=outcome), limit)
             if state == "ok":

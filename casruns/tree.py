@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import CorruptManifest, UnsafePath
+from .errors import CorruptManifest, InvalidAddress, UnsafePath
 from .ids import safe_relpath, validate_address
 
 if TYPE_CHECKING:
@@ -100,12 +101,15 @@ class Tree:
             if not isinstance(path, str):
                 raise CorruptManifest("artifact tree entry has no path")
             # Paths are kept as written: materialize() refuses unsafe ones entry by entry.
-            if kind == "file":
-                entries.append(
-                    TreeEntry(path, "file", int(raw.get("mode", 0o644)), int(raw["size"]), validate_address(raw["blake3"]), extra=extra)
-                )
-            else:
-                entries.append(TreeEntry(path, "symlink", int(raw.get("mode", 0o777)), target=str(raw["target"]), extra=extra))
+            try:
+                if kind == "file":
+                    entries.append(
+                        TreeEntry(path, "file", int(raw.get("mode", 0o644)), int(raw["size"]), validate_address(raw["blake3"]), extra=extra)
+                    )
+                else:
+                    entries.append(TreeEntry(path, "symlink", int(raw.get("mode", 0o777)), target=str(raw["target"]), extra=extra))
+            except (KeyError, TypeError, ValueError, InvalidAddress) as e:
+                raise CorruptManifest(f"artifact tree entry {path!r} is malformed: {e}") from None
         return cls(entries, list(doc.get("skipped", [])))
 
     def store(self, sink: "BlobStore | Batch") -> str:
@@ -183,56 +187,93 @@ def _put(f, sink):
     return sink.put_stream(f, size=None)  # the file may still be growing: do not promise a size
 
 
-def _walk(dir_fd: int, prefix: str, sink, tree: Tree, exclude: set[str], scan: "_Scanner | None") -> None:
-    with os.scandir(dir_fd) as it:
-        names = sorted(e.name for e in it)
-    for name in names:
-        rel = f"{prefix}{name}"
-        if rel in exclude:
-            continue
+MAX_DEPTH = 128
+
+
+def _walk(top_fd: int, _prefix: str, sink, tree: Tree, exclude: set[str], scan: "_Scanner | None") -> None:
+    """Depth first without recursion: at most one open descriptor per directory level."""
+    stack: list[tuple[int, Iterator[str], str, int]] = []
+
+    def push(fd: int, prefix: str, depth: int) -> None:
+        with os.scandir(fd) as it:
+            names = sorted(e.name for e in it)
+        stack.append((fd, iter(names), prefix, depth))
+
+    push(os.dup(top_fd), "", 0)
+    try:
+        while stack:
+            dir_fd, names, prefix, depth = stack[-1]
+            name = next(names, None)
+            if name is None:
+                os.close(dir_fd)
+                stack.pop()
+                continue
+            sub = _visit(dir_fd, name, prefix, depth, sink, tree, exclude, scan)
+            if sub is not None:
+                push(sub, f"{prefix}{name}/", depth + 1)
+    finally:
+        for fd, *_ in stack:
+            os.close(fd)
+
+
+def _visit(dir_fd, name, prefix, depth, sink, tree, exclude, scan) -> int | None:
+    """Handle one directory entry; returns an open descriptor if it is a directory to enter."""
+    rel = f"{prefix}{name}"
+    if rel in exclude:
+        return None
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        tree.skipped.append({"path": _printable(rel), "reason": "name is not valid UTF-8"})
+        return None
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None  # removed while we walked
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(name, dir_fd=dir_fd)
         try:
-            rel.encode("utf-8")
+            target.encode("utf-8")
         except UnicodeEncodeError:
-            tree.skipped.append({"path": rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "reason": "name is not valid UTF-8"})
-            continue
+            tree.skipped.append({"path": rel, "reason": "symlink target is not valid UTF-8"})
+            return None
+        tree.entries.append(TreeEntry(rel, "symlink", 0o777, target=target))
+    elif stat.S_ISDIR(st.st_mode):
+        if depth + 1 > MAX_DEPTH:
+            tree.skipped.append({"path": rel, "reason": f"deeper than {MAX_DEPTH} directories"})
+            return None
         try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            continue  # removed while we walked
-        if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(name, dir_fd=dir_fd)
-            tree.entries.append(TreeEntry(rel, "symlink", 0o777, target=target))
-        elif stat.S_ISDIR(st.st_mode):
-            try:
-                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            except OSError as e:
-                tree.skipped.append({"path": rel, "reason": f"cannot open directory: {e.strerror}"})
-                continue
-            try:
-                _walk(sub, rel + "/", sink, tree, exclude, scan)
-            finally:
-                os.close(sub)
-        elif stat.S_ISREG(st.st_mode):
-            try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            except OSError as e:
-                tree.skipped.append({"path": rel, "reason": f"cannot open: {e.strerror}"})
-                continue
-            with os.fdopen(fd, "rb") as f:
-                fst = os.fstat(f.fileno())
-                if not stat.S_ISREG(fst.st_mode):
-                    tree.skipped.append({"path": rel, "reason": "changed type while collected"})
-                    continue
-                if scan is not None:
-                    info, extra = scan.ingest(f, sink)
-                    if info is None:
-                        tree.skipped.append({"path": rel, **extra})
-                        continue
-                else:
-                    info, extra = _put(f, sink), {}
-            tree.entries.append(TreeEntry(rel, "file", stat.S_IMODE(fst.st_mode), info.size, info.address, extra=extra))
-        else:
-            tree.skipped.append({"path": rel, "reason": "not a regular file, directory or symlink"})
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError as e:
+            tree.skipped.append({"path": rel, "reason": f"cannot open directory: {e.strerror}"})
+            return None
+        return sub
+    elif stat.S_ISREG(st.st_mode):
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError as e:
+            tree.skipped.append({"path": rel, "reason": f"cannot open: {e.strerror}"})
+            return None
+        with os.fdopen(fd, "rb") as f:
+            fst = os.fstat(f.fileno())
+            if not stat.S_ISREG(fst.st_mode):
+                tree.skipped.append({"path": rel, "reason": "changed type while collected"})
+                return None
+            if scan is not None:
+                info, extra = scan.ingest(f, sink)
+                if info is None:
+                    tree.skipped.append({"path": rel, **extra})
+                    return None
+            else:
+                info, extra = _put(f, sink), {}
+        tree.entries.append(TreeEntry(rel, "file", stat.S_IMODE(fst.st_mode), info.size, info.address, extra=extra))
+    else:
+        tree.skipped.append({"path": rel, "reason": "not a regular file, directory or symlink"})
+    return None
+
+
+def _printable(name: str) -> str:
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def materialize(tree: Tree, store: "BlobStore", dest: str | os.PathLike) -> dict:
@@ -244,6 +285,7 @@ def materialize(tree: Tree, store: "BlobStore", dest: str | os.PathLike) -> dict
     dest = os.path.abspath(dest)
     os.makedirs(dest, exist_ok=True)
     report = {"files": 0, "symlinks": 0, "bytes": 0, "refused": []}
+    created: list[tuple[str, str]] = []
     for e in tree.entries:
         try:
             rel = safe_relpath(e.path)
@@ -271,7 +313,16 @@ def materialize(tree: Tree, store: "BlobStore", dest: str | os.PathLike) -> dict
             if os.path.lexists(target_path):
                 os.unlink(target_path)
             os.symlink(e.target, target_path)
+            created.append((e.path, target_path))
+    # Links can chain (b -> ".", c -> "b/..", ...): judge each by where it finally resolves,
+    # once all exist, and remove those that leave dest.
+    for path, link in created:
+        resolved = os.path.realpath(link)
+        if resolved == dest or resolved.startswith(dest + os.sep):
             report["symlinks"] += 1
+        else:
+            os.unlink(link)
+            report["refused"].append({"path": path, "reason": "symlink resolves outside the destination"})
     return report
 
 
