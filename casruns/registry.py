@@ -22,6 +22,7 @@ from . import record as rec
 from .config import FORMAT_FILE, FORMAT_NAME, FORMAT_VERSION, Config, read_format
 from .errors import (
     ArtifactNotFound,
+    CasrunsError,
     InvalidInput,
     RunIdConflict,
     RunNotFound,
@@ -310,6 +311,7 @@ class Registry:
         limit: int | None = None,
         promoted: bool | None = None,
         reap: bool = True,
+        errors: list | None = None,
     ) -> list[dict]:
         """Records newest first, filtered by status (any of), labels (all of), creation time."""
         statuses = set(statuses)
@@ -333,6 +335,11 @@ class Registry:
                 m = run.read()
             except RunNotFound:
                 continue  # removed while we listed
+            except CasrunsError as e:
+                # one unreadable manifest must not hide every other run
+                if errors is not None:
+                    errors.append({"run_id": rid, "code": e.code, "message": e.message})
+                continue
             if labels and any((m.get("labels") or {}).get(k) != v for k, v in labels.items()):
                 continue
             if since_ts is not None and parse_ts(m["created_at"]) < since_ts:
@@ -356,10 +363,21 @@ class Registry:
         for rid in run_ids:
             self.manifest(rid)  # unknown ids fail before we wait
         deadline = None if timeout is None else time.monotonic() + timeout
+        last_check = 0.0
         while True:
             records = [self.get(rid) for rid in run_ids]
             if all(r["terminal"] for r in records):
                 return records, True
+            if time.monotonic() - last_check > 5.0:
+                # A queued run whose supervisor is gone would never end: restart it (or fail
+                # it, if it cannot be restarted safely) as reap would, so wait always returns.
+                last_check = time.monotonic()
+                for r in records:
+                    run = self.run_dir(r["run_id"])
+                    if r["status"] == mf.QUEUED and not run.is_supervised():
+                        time.sleep(0.05)  # the submitter hands its lock over; look twice
+                        if not run.is_supervised() and run.read_fresh()["status"] == mf.QUEUED:
+                            self._restart_queued(run, run.read_fresh())
             if deadline is not None and time.monotonic() >= deadline:
                 return records, False
             time.sleep(poll)
@@ -479,9 +497,10 @@ class Registry:
 
     def reap(self) -> dict:
         """Find every run whose supervisor is gone: end active ones, restart queued ones."""
-        report = {"schema": "casruns/reap/v1", "reaped": [], "restarted": [], "failed": [], "queue_repaired": 0}
+        report = {"schema": "casruns/reap/v1", "reaped": [], "restarted": [], "failed": [], "queue_repaired": 0, "cleaned": 0}
         if not self._check_format():
             return report
+        report["cleaned"] = self._clean_leftovers()
         queued_entries = set(scheduler.queued_run_ids(self.root))
         for rid in iter_run_ids(self.runs_dir):
             run = self.run_dir(rid)
@@ -491,6 +510,9 @@ class Registry:
                 continue
             status = m["status"]
             if status in mf.TERMINAL:
+                if os.path.isdir(run.spool_dir) or os.path.isdir(run.artifacts_dir):
+                    run.remove_workspace()  # a crash between the terminal commit and cleanup
+                    report["cleaned"] += 1
                 if rid in queued_entries:
                     scheduler.dequeue(self.root, rid)
                     report["queue_repaired"] += 1
@@ -511,6 +533,33 @@ class Registry:
             else:
                 report["failed"].append(rid)
         return report
+
+    def _clean_leftovers(self, grace: float = 3600.0) -> int:
+        """Remove what crashed writers left: half-created run directories (``runs/.new-*``)
+        and temp files of atomic writes (``.tmp-*``), once older than ``grace`` seconds."""
+        import shutil
+
+        removed = 0
+        cutoff = time.time() - grace
+        for name in os.listdir(self.runs_dir) if os.path.isdir(self.runs_dir) else []:
+            path = os.path.join(self.runs_dir, name)
+            if name.startswith((".new-", ".tmp-")):
+                try:
+                    if os.lstat(path).st_mtime < cutoff:
+                        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+                        removed += 1
+                except OSError:
+                    pass
+            elif os.path.isdir(path) and not os.path.islink(path):
+                for inner in os.listdir(path):
+                    if inner.startswith(".tmp-"):
+                        try:
+                            if os.lstat(os.path.join(path, inner)).st_mtime < cutoff:
+                                os.unlink(os.path.join(path, inner))
+                                removed += 1
+                        except OSError:
+                            pass
+        return removed
 
     def _restart_queued(self, run: RunDir, m: dict) -> bool:
         """Start a new supervisor for a queued run that never ran. Secret values were held

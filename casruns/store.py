@@ -147,6 +147,7 @@ class Batch:
     def __init__(self, store: BlobStore) -> None:
         self.store = store
         self._pending: dict[str, tuple[str, BlobInfo]] = {}  # address -> (temp path, info)
+        self.dirs = fsutil.DirSync()  # shards of dedup hits: their names must be durable too
 
     def __enter__(self) -> "Batch":
         return self
@@ -177,6 +178,7 @@ class Batch:
         if self._pending:
             self.store._commit_batch(list(self._pending.values()))
             self._pending.clear()
+        self.dirs.sync()
 
     def discard(self) -> None:
         for tmp, _ in self._pending.values():
@@ -328,6 +330,12 @@ class DiskStore(BlobStore):
             st = final.stat()
         except FileNotFoundError:
             return None
+        # The blob may have been renamed in a moment ago by a writer that has not yet synced
+        # its directory: make the name durable before anyone commits a reference to it.
+        if batch is not None:
+            batch.dirs.add(final.parent)
+        else:
+            fsutil.fsync_dir(final.parent)
         return BlobInfo(address, -1, st.st_size, True)
 
     def _put_bytes(self, data: bytes, batch: Batch | None) -> BlobInfo:

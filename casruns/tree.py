@@ -315,14 +315,19 @@ def materialize(tree: Tree, store: "BlobStore", dest: str | os.PathLike) -> dict
             os.symlink(e.target, target_path)
             created.append((e.path, target_path))
     # Links can chain (b -> ".", c -> "b/..", ...): judge each by where it finally resolves,
-    # once all exist, and remove those that leave dest.
-    for path, link in created:
-        resolved = os.path.realpath(link)
-        if resolved == dest or resolved.startswith(dest + os.sep):
-            report["symlinks"] += 1
-        else:
-            os.unlink(link)
-            report["refused"].append({"path": path, "reason": "symlink resolves outside the destination"})
+    # once all exist; removing one can change where others resolve, so repeat until stable.
+    kept = list(created)
+    changed = True
+    while changed:
+        changed = False
+        for path, link in list(kept):
+            resolved = os.path.realpath(link)
+            if not (resolved == dest or resolved.startswith(dest + os.sep)):
+                os.unlink(link)
+                kept.remove((path, link))
+                report["refused"].append({"path": path, "reason": "symlink resolves outside the destination"})
+                changed = True
+    report["symlinks"] = len(kept)
     return report
 
 

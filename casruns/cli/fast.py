@@ -107,9 +107,11 @@ def _list(root, opts: dict, limit) -> int:
     from .render import error, list_output
 
     as_json = "--json" in opts
+    errors: list = []
     try:
         reg = Registry(root)
         records = reg.list(
+            errors=errors,
             statuses=opts.get("--status", []),
             labels=parse_labels(opts.get("--label", [])),
             since=opts.get("--since"),
@@ -118,4 +120,4 @@ def _list(root, opts: dict, limit) -> int:
         )
     except CasrunsError as e:
         return error(e, as_json)
-    return list_output(records, as_json)
+    return list_output(records, as_json, errors)

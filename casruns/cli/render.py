@@ -98,9 +98,18 @@ def status_output(records: list[dict], errors: list[CasrunsError], as_json: bool
     return code
 
 
-def list_output(records: list[dict], as_json: bool) -> int:
+def list_output(records: list[dict], as_json: bool, errors: list[dict] | None = None) -> int:
+    """``list``: runs newest first; unreadable runs are reported, never hide the others.
+
+    Exit 0 when every run was read, 6 (registry error) when some could not be."""
+    errors = errors or []
     if as_json:
-        emit_json({"schema": "casruns/list/v1", "runs": records})
+        doc = {"schema": "casruns/list/v1", "runs": records}
+        if errors:
+            doc["errors"] = errors
+        emit_json(doc)
     else:
         sys.stdout.write(list_text(records) + "\n")
-    return 0
+        for e in errors:
+            sys.stderr.write(f"casruns: error: run {e['run_id']}: {e['message']}\n")
+    return 6 if errors else 0

