@@ -38,13 +38,13 @@ COMMON_VALUES = frozenset({"true", "false", "null", "none", "yes", "no", "on", "
 # Built-in detectors for well-known credential shapes. Each regex's group "s" is what gets
 # masked; the rest of the match is kept so the log still reads.
 DETECTORS: dict[str, str] = {
-    "bearer_token": r"(?i)\bauthorization\s*[:=]\s*\"?(?:bearer|token)\s+(?P<s>[A-Za-z0-9._~+/=-]{8,})",
-    "basic_auth": r"(?i)\bauthorization\s*[:=]\s*\"?basic\s+(?P<s>[A-Za-z0-9+/=]{8,})",
+    "bearer_token": r"(?i)\bauthorization[ \t]*[:=][ \t]*\"?(?:bearer|token)[ \t]+(?P<s>[A-Za-z0-9._~+/=-]{8,})",
+    "basic_auth": r"(?i)\bauthorization[ \t]*[:=][ \t]*\"?basic[ \t]+(?P<s>[A-Za-z0-9+/=]{8,})",
     "url_credentials": r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]+:(?P<s>[^@\s/]{3,})@",
     "github_token": r"\b(?P<s>(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})\b",
     "gitlab_token": r"\b(?P<s>glpat-[A-Za-z0-9_-]{20,})",
     "aws_access_key_id": r"\b(?P<s>(?:AKIA|ASIA)[0-9A-Z]{16})\b",
-    "aws_secret_access_key": r"(?i)\baws_secret_access_key\s*[=:]\s*[\"']?(?P<s>[A-Za-z0-9/+=]{40})",
+    "aws_secret_access_key": r"(?i)\baws_secret_access_key[ \t]*[=:][ \t]*[\"']?(?P<s>[A-Za-z0-9/+=]{40})",
     "slack_token": r"\b(?P<s>xox[abprs]-[A-Za-z0-9-]{10,})",
     "google_api_key": r"\b(?P<s>AIza[0-9A-Za-z_-]{35})",
     "stripe_key": r"\b(?P<s>(?:sk|rk)_(?:live|test)_[0-9A-Za-z]{16,})",
@@ -52,10 +52,28 @@ DETECTORS: dict[str, str] = {
     "jwt": r"\b(?P<s>eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})",
     # NAME=value / "name": "value" where the name says it is a secret.
     "secret_assignment": (
-        r"(?i)(?:\b|_)(?:[a-z0-9_.-]*?(?:password|passwd|passphrase|secret|token|api[_-]?key|apikey|access[_-]?key"
-        r"|private[_-]?key|credential|client[_-]?secret)[a-z0-9_.-]*)[\"']?\s*[=:]\s*"
+        r"(?i)(?:password|passwd|passphrase|secret|token|api[_-]?key|apikey|access[_-]?key"
+        r"|private[_-]?key|credential)[a-z0-9_.-]{0,40}[\"']?[ \t]*[=:][ \t]*"
         r"(?P<q>[\"']?)(?P<s>(?!\[REDACTED)[^\s\"'&;,]{6,})(?P=q)"
     ),
+}
+# Cheap literal triggers (searched in the lower-cased text): a detector whose triggers are
+# all absent from a chunk is not run on it. Measured: the regexes alone ran at 3 MB/s over
+# log text; with triggers, clean logs pass at the speed of a few substring searches.
+TRIGGERS: dict[str, tuple[bytes, ...]] = {
+    "bearer_token": (b"authorization",),
+    "basic_auth": (b"authorization",),
+    "url_credentials": (b"://",),
+    "github_token": (b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_", b"github_pat_"),
+    "gitlab_token": (b"glpat-",),
+    "aws_access_key_id": (b"akia", b"asia"),
+    "aws_secret_access_key": (b"aws_secret_access_key",),
+    "slack_token": (b"xox",),
+    "google_api_key": (b"aiza",),
+    "stripe_key": (b"_live_", b"_test_"),
+    "openai_key": (b"sk-",),
+    "jwt": (b"eyj",),
+    "secret_assignment": (b"passw", b"passphrase", b"secret", b"token", b"key", b"credential"),
 }
 PRIVATE_KEY_BEGIN = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----")
 PRIVATE_KEY_END = re.compile(rb"-----END [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----")
@@ -113,62 +131,102 @@ def variants(value: str) -> list[bytes]:
 
 
 class _ValueStage:
+    """Literal forms of declared values, found with one Aho-Corasick pass (leftmost-longest)."""
+
     def __init__(self, values: Mapping[str, str]) -> None:
         patterns: dict[bytes, bytes] = {}
         for name, value in values.items():
             for form in variants(value):
                 patterns.setdefault(form, f"[REDACTED:{name}]".encode())
-        self._map = patterns
-        ordered = sorted(patterns, key=len, reverse=True)  # the longer form wins
-        self._re = re.compile(b"|".join(re.escape(p) for p in ordered)) if ordered else None
-        self._hold = max((len(p) for p in patterns), default=1) - 1
+        self._forms = list(patterns)
+        self._repl = [patterns[f] for f in self._forms]
+        self._ac = None
+        if self._forms:
+            import ahocorasick_rs
+
+            self._ac = ahocorasick_rs.BytesAhoCorasick(self._forms, matchkind=ahocorasick_rs.MATCHKIND_LEFTMOST_LONGEST)
+        self._hold = max((len(p) for p in self._forms), default=1) - 1
         self._buf = b""
         self.count = 0
 
+    def _replace(self, buf: bytes, limit: int | None) -> tuple[list[bytes], int]:
+        """Replace matches that start before ``limit``; returns (pieces, end of last match)."""
+        out: list[bytes] = []
+        pos = 0
+        for idx, start, end in self._ac.find_matches_as_indexes(buf):
+            if limit is not None and start >= limit:
+                break
+            out.append(buf[pos:start])
+            out.append(self._repl[idx])
+            self.count += 1
+            pos = end
+        return out, pos
+
     def feed(self, chunk: bytes) -> bytes:
-        if self._re is None:
+        if self._ac is None:
             return chunk
         buf = self._buf + chunk
         safe_end = len(buf) - self._hold
         if safe_end <= 0:
             self._buf = buf
             return b""
-        out = []
-        pos = 0
         # A match starting before safe_end is complete: the longest form fits in the buffer.
-        for m in self._re.finditer(buf):
-            if m.start() >= safe_end:
-                break
-            out.append(buf[pos : m.start()])
-            out.append(self._map[m.group()])
-            self.count += 1
-            pos = m.end()
+        out, pos = self._replace(buf, safe_end)
         emit_end = max(pos, safe_end)
         out.append(buf[pos:emit_end])
         self._buf = buf[emit_end:]
         return b"".join(out)
 
     def close(self) -> bytes:
-        if self._re is None:
+        if self._ac is None:
             return b""
         buf, self._buf = self._buf, b""
-        out, n = self._re.subn(lambda m: self._map[m.group()], buf)
-        self.count += n
-        return out
+        out, pos = self._replace(buf, None)
+        out.append(buf[pos:])
+        return b"".join(out)
 
 
 class _PatternStage:
+    """Regex detectors over complete lines; private key blocks masked line by line."""
+
     def __init__(self, patterns: Mapping[str, str]) -> None:
-        self._rules = [(name, re.compile(rx.encode() if isinstance(rx, str) else rx)) for name, rx in patterns.items()]
+        self._rules = [
+            (name, re.compile(rx.encode() if isinstance(rx, str) else rx), TRIGGERS.get(name) if rx == DETECTORS.get(name) else None)
+            for name, rx in patterns.items()
+        ]
         self._buf = b""
         self._in_key = False
         self.count = 0
         self.active = bool(self._rules)
+        # All triggers in one Aho-Corasick automaton: one pass says which rules can match.
+        words = sorted({t for _, _, trig in self._rules if trig for t in trig})
+        self._trigger_words = words
+        self._triggers = None
+        if words:
+            import ahocorasick_rs
 
-    def _line(self, line: bytes) -> bytes:
+            self._triggers = ahocorasick_rs.BytesAhoCorasick(words)
+
+    def _block(self, block: bytes) -> bytes:
+        """Redact a block of complete lines (or a final partial line)."""
+        if self._in_key or b"PRIVATE KEY" in block:
+            return b"".join(self._key_line(line) for line in block.splitlines(keepends=True))
+        return self._rules_on(block)
+
+    def _rules_on(self, text: bytes) -> bytes:
+        present: set[bytes] = set()
+        if self._triggers is not None:
+            words = self._trigger_words
+            present = {words[i] for i, _, _ in self._triggers.find_matches_as_indexes(text.lower(), overlapping=True)}
+        for name, rx, triggers in self._rules:
+            if triggers is not None and not present.intersection(triggers):
+                continue
+            text = self._sub(name, rx, text)
+        return text
+
+    def _key_line(self, line: bytes) -> bytes:
         body = line.rstrip(b"\r\n")
         end = line[len(body) :]
-        # private key blocks: every line between BEGIN and END is masked
         if self._in_key:
             if PRIVATE_KEY_END.search(body):
                 self._in_key = False
@@ -183,55 +241,46 @@ class _PatternStage:
                 return line
             if close.start() > begin.end():  # a whole key on one line (JSON with \n escapes)
                 self.count += 1
-                body = body[: begin.end()] + b"[REDACTED:private_key]" + body[close.start() :]
-                line = body + end
-        for name, rx in self._rules:
-            line = self._sub(name, rx, line)
-        return line
+                line = body[: begin.end()] + b"[REDACTED:private_key]" + body[close.start() :] + end
+        return self._rules_on(line)
 
-    def _sub(self, name: str, rx: re.Pattern, line: bytes) -> bytes:
+    def _sub(self, name: str, rx: re.Pattern, text: bytes) -> bytes:
         out = []
         pos = 0
-        for m in rx.finditer(line):
+        for m in rx.finditer(text):
             try:
                 start, end = m.span("s")
             except IndexError:
                 start, end = m.span()
             if start < 0 or end <= start:
                 continue
-            out.append(line[pos:start])
+            out.append(text[pos:start])
             out.append(f"[REDACTED:{name}]".encode())
             self.count += 1
             pos = end
         if not out:
-            return line
-        out.append(line[pos:])
+            return text
+        out.append(text[pos:])
         return b"".join(out)
 
     def feed(self, data: bytes) -> bytes:
         if not self.active:
             return data
         buf = self._buf + data
-        out = []
-        start = 0
-        while True:
-            nl = buf.find(b"\n", start)
-            if nl < 0:
-                break
-            out.append(self._line(buf[start : nl + 1]))
-            start = nl + 1
-        rest = buf[start:]
-        while len(rest) > MAX_LINE:  # a line with no end in sight is processed in pieces
-            out.append(self._line(rest[:MAX_LINE]))
-            rest = rest[MAX_LINE:]
-        self._buf = rest
-        return b"".join(out)
+        cut = buf.rfind(b"\n") + 1
+        if cut == 0 and len(buf) <= MAX_LINE:
+            self._buf = buf
+            return b""
+        if cut == 0:  # a line with no end in sight is processed in pieces
+            cut = len(buf)
+        self._buf = buf[cut:]
+        return self._block(buf[:cut])
 
     def close(self) -> bytes:
         if not self.active:
             return b""
         buf, self._buf = self._buf, b""
-        return self._line(buf) if buf else b""
+        return self._block(buf) if buf else b""
 
 
 class StreamRedactor:

@@ -53,8 +53,9 @@ What it does
    ``text`` (<= 1.3x), casruns vs restic files/s on ``small`` (>= 1.5x), and the start-up
    floor of ``python -c pass``.
 
-Every measurement is repeated (``--repeat``, default 3) and the fastest run is reported:
-the machines are noisy, and the minimum is the least disturbed run. Nothing is asserted.
+Every measurement is repeated (``--repeat``, default 3; the tools take turns, round-robin)
+and each tool's fastest run is reported: the machines are noisy (the same command varies
+by up to 2x here), and the minimum is the least disturbed run. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -351,6 +353,16 @@ class Result:
         return self.dataset.nfiles / self.seconds if self.seconds else 0.0
 
 
+@dataclass
+class Measure:
+    """One tool on one data set: ``once()`` makes one timed run and returns it with the
+    size of what the tool wrote."""
+
+    tool: str
+    note: str
+    once: Callable[[], tuple[Run, int]]
+
+
 class Bench:
     def __init__(self, work: Path, tools: dict[str, str | None], repeat: int) -> None:
         self.work = work
@@ -358,121 +370,112 @@ class Bench:
         self.repeat = repeat
         self.results: list[Result] = []
         self.restic_no_scan = bool(tools["restic"]) and help_mentions(["restic", "backup", "--help"], "--no-scan")
+        self.restic_v2 = bool(tools["restic"]) and help_mentions(["restic", "init", "--help"], "--repository-version")
 
-    def best(self, ds: Dataset, fn) -> tuple[Run, int]:
-        """Best (fastest) of ``repeat`` runs of ``fn() -> (Run, output bytes)``, warm each time."""
-        runs = []
+    def run_dataset(self, ds: Dataset) -> None:
+        """Time every tool ``repeat`` times, round-robin, and keep each tool's fastest run.
+
+        Round-robin rather than all runs of one tool in a row: a slow spell of the host
+        then hits every tool alike instead of all the runs of one.
+        """
+        measures: list[Measure] = []
+        for tool, cmd in (("casruns", None), ("b3sum", "b3sum"), ("zstd -3 -T2", "zstd"), ("restic", "restic"), ("borg", "borg")):
+            if cmd and not self.tools[cmd]:
+                self.results.append(Result(ds, tool, None, note="unavailable"))
+                continue
+            measures.append(getattr(self, "_" + tool.split()[0])(ds))
+        runs: dict[str, list[tuple[Run, int]]] = {m.tool: [] for m in measures}
+        errors: dict[str, str] = {}
         for _ in range(self.repeat):
-            warm(ds)
-            runs.append(fn())
-        return min(runs, key=lambda r: r[0].seconds)
+            for m in measures:
+                if m.tool in errors:
+                    continue
+                warm(ds)
+                try:
+                    runs[m.tool].append(m.once())
+                except Exception as e:  # a failing baseline must not stop the others
+                    errors[m.tool] = f"failed: {e}"[:200]
+                finally:
+                    shutil.rmtree(self.work / "out", ignore_errors=True)
+        for m in measures:
+            if not runs[m.tool]:
+                self.add(Result(ds, m.tool, None, note=errors.get(m.tool, "no run")))
+                continue
+            run, out_bytes = min(runs[m.tool], key=lambda r: r[0].seconds)
+            self.add(Result(ds, m.tool, run.seconds, run.cpu, run.rss, out_bytes, m.note))
+            if m.tool == "casruns":
+                inproc = min(float(r.stdout) for r, _ in runs[m.tool])
+                self.add(Result(ds, "casruns (in-process)", inproc, note="same runs, after imports"))
+        b3, zs = find(self.results, ds.name, "b3sum"), find(self.results, ds.name, "zstd -3 -T2")
+        if b3 and zs:
+            self.add(Result(ds, "b3sum + zstd", b3.seconds + zs.seconds, b3.cpu + zs.cpu, max(b3.rss, zs.rss), zs.out_bytes, "sum of the two"))
 
-    def record(self, ds: Dataset, tool: str, fn, note: str = "") -> Result:
-        try:
-            run, out_bytes = self.best(ds, fn)
-            res = Result(ds, tool, run.seconds, run.cpu, run.rss, out_bytes, note)
-        except Exception as e:  # a failing baseline must not stop the others
-            res = Result(ds, tool, None, note=f"failed: {e}"[:200])
-        self.results.append(res)
-        print(f"  {ds.name:<7} {tool:<22} {fmt(res.seconds, '.2f'):>8} s  {res.mbps:8.1f} MB/s  {res.note}")
-        return res
+    def add(self, r: Result) -> None:
+        self.results.append(r)
+        print(f"  {r.dataset.name:<7} {r.tool:<22} {fmt(r.seconds, '.2f'):>8} s  {r.mbps:8.1f} MB/s  {r.note}")
 
-    # -- tools -------------------------------------------------------------------------
-    def casruns(self, ds: Dataset) -> None:
-        out = self.work / "out" / "casruns"
+    def out(self, name: str) -> Path:
+        return fresh(self.work / "out" / name)
+
+    # -- one Measure per tool ----------------------------------------------------------
+    def _casruns(self, ds: Dataset) -> Measure:
         mode = "tree" if ds.path.is_dir() else "file"
-        inproc: list[float] = []
 
-        def go():
-            fresh(out)
+        def once():
+            out = self.out("casruns")
             run = timed([PYTHON, "-c", CASRUNS_CHILD, mode, str(ds.path), str(out / "blobs")], cwd=REPO_ROOT)
-            inproc.append(float(run.stdout.strip()))
             return run, tree_size(out)
 
-        how = "collect+batch" if mode == "tree" else "put_file"
-        self.record(ds, "casruns", go, note=how)
-        if inproc:
-            self.results.append(Result(ds, "casruns (in-process)", min(inproc), note="same runs, after imports"))
-            r = self.results[-1]
-            print(f"  {ds.name:<7} {r.tool:<22} {r.seconds:8.2f} s  {r.mbps:8.1f} MB/s  {r.note}")
-        shutil.rmtree(out, ignore_errors=True)
+        return Measure("casruns", "collect+batch" if mode == "tree" else "put_file", once)
 
-    def b3sum_zstd(self, ds: Dataset) -> None:
-        if not (self.tools["b3sum"] and self.tools["zstd"]):
-            for tool in ("b3sum", "zstd -3 -T2"):
-                self.results.append(Result(ds, tool, None, note="unavailable"))
-            return
-        out = self.work / "out" / "zstd"
+    def _b3sum(self, ds: Dataset) -> Measure:
         if ds.path.is_dir():
             rel = [str(p.relative_to(ds.path)) for p in ds.files()]
-            b3 = lambda: (timed(["b3sum", *rel], cwd=ds.path), 0)  # noqa: E731
+            return Measure("b3sum", "one call, 5000 args", lambda: (timed(["b3sum", *rel], cwd=ds.path), 0))
+        return Measure("b3sum", "mmaps the file (RSS = file)", lambda: (timed(["b3sum", str(ds.path)]), 0))
 
-            def zs():
-                fresh(out)
+    def _zstd(self, ds: Dataset) -> Measure:
+        def once():
+            out = self.out("zstd")
+            if ds.path.is_dir():
                 run = timed(["zstd", "-3", "-T2", "-q", "-r", "--output-dir-mirror", str(out), "."], cwd=ds.path)
-                return run, tree_size(out)
-
-            notes = ("one call, 5000 args", "one call, -r, file by file")
-        else:
-            b3 = lambda: (timed(["b3sum", str(ds.path)]), 0)  # noqa: E731
-
-            def zs():
-                fresh(out)
+            else:
                 run = timed(["zstd", "-3", "-T2", "-q", "-c", str(ds.path)], stdout_path=out / "out.zst")
-                return run, tree_size(out)
+            return run, tree_size(out)
 
-            notes = ("mmaps the file (RSS = file)", "-c FILE > out, no fsync")
-        r1 = self.record(ds, "b3sum", b3, note=notes[0])
-        r2 = self.record(ds, "zstd -3 -T2", zs, note=notes[1])
-        total = r1.seconds + r2.seconds if r1.seconds and r2.seconds else None
-        self.results.append(Result(ds, "b3sum + zstd", total, r1.cpu + r2.cpu, max(r1.rss, r2.rss), r2.out_bytes, "sum of the two"))
-        shutil.rmtree(out, ignore_errors=True)
+        note = "one call, -r, file by file" if ds.path.is_dir() else "-c FILE > out, no fsync"
+        return Measure("zstd -3 -T2", note, once)
 
-    def restic(self, ds: Dataset) -> None:
-        if not self.tools["restic"]:
-            self.results.append(Result(ds, "restic", None, note="unavailable"))
-            return
-        out = self.work / "out" / "restic"
-        env = dict(os.environ, RESTIC_PASSWORD="bench", RESTIC_REPOSITORY=str(out / "repo"), RESTIC_CACHE_DIR=str(out / "cache"))
-        init = ["restic", "init", "-q"]
-        if help_mentions(["restic", "init", "--help"], "--repository-version"):
-            init += ["--repository-version", "2"]  # v2 is the format that compresses
+    def _restic(self, ds: Dataset) -> Measure:
+        init = ["restic", "init", "-q", *(["--repository-version", "2"] if self.restic_v2 else [])]  # v2 compresses
         backup = ["restic", "backup", "-q", *(["--no-scan"] if self.restic_no_scan else []), ds.path.name]
 
-        def go():
-            fresh(out)
+        def once():
+            out = self.out("restic")
+            env = dict(os.environ, RESTIC_PASSWORD="bench", RESTIC_REPOSITORY=str(out / "repo"), RESTIC_CACHE_DIR=str(out / "cache"))
             subprocess.run(init, env=env, check=True, capture_output=True)
-            run = timed(backup, cwd=ds.path.parent, env=env)
-            return run, tree_size(out / "repo")
+            return timed(backup, cwd=ds.path.parent, env=env), tree_size(out / "repo")
 
-        self.record(ds, "restic", go, note="backup" + (" --no-scan" if self.restic_no_scan else ""))
-        shutil.rmtree(out, ignore_errors=True)
+        return Measure("restic", "backup" + (" --no-scan" if self.restic_no_scan else ""), once)
 
-    def borg(self, ds: Dataset) -> None:
-        if not self.tools["borg"]:
-            self.results.append(Result(ds, "borg", None, note="unavailable"))
-            return
-        out = self.work / "out" / "borg"
-        env = dict(
-            os.environ,
-            BORG_BASE_DIR=str(out / "base"),
-            BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
-            BORG_RELOCATED_REPO_ACCESS_IS_OK="yes",
-        )
-        repo = str(out / "repo")
-
-        def go():
-            fresh(out)
+    def _borg(self, ds: Dataset) -> Measure:
+        def once():
+            out = self.out("borg")
+            env = dict(
+                os.environ,
+                BORG_BASE_DIR=str(out / "base"),  # a fresh cache too
+                BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+                BORG_RELOCATED_REPO_ACCESS_IS_OK="yes",
+            )
+            repo = str(out / "repo")
             subprocess.run(["borg", "init", "--encryption=none", repo], env=env, check=True, capture_output=True)
             run = timed(["borg", "create", "--compression", "zstd,3", f"{repo}::bench", ds.path.name], cwd=ds.path.parent, env=env)
             return run, tree_size(out / "repo")
 
-        self.record(ds, "borg", go, note="create --compression zstd,3")
-        shutil.rmtree(out, ignore_errors=True)
+        return Measure("borg", "create --compression zstd,3", once)
 
     def rss(self, ds: Dataset) -> tuple[float, ...] | None:
-        out = self.work / "out" / "rss"
-        fresh(out)
+        out = self.out("rss")
         try:
             proc = subprocess.run(
                 [PYTHON, "-c", RSS_CHILD, str(ds.path), str(out / "blobs")], cwd=REPO_ROOT, capture_output=True, text=True, check=True
@@ -580,10 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(work, tools, max(1, args.repeat))
         for ds in datasets:
             print(f"{ds.name}: {ds.nbytes / MB:.1f} MB in {ds.nfiles} file(s)")
-            bench.casruns(ds)
-            bench.b3sum_zstd(ds)
-            bench.restic(ds)
-            bench.borg(ds)
+            bench.run_dataset(ds)
 
         print("measuring peak RSS of DiskStore.put_file + iter_chunks in a child process")
         rss = {ds.name: bench.rss(ds) for ds in datasets if ds.name in ("text", "random")}
