@@ -28,6 +28,7 @@ EXIT_RUN_FAILED = 10
 EXIT_RUN_TIMED_OUT = 11
 EXIT_RUN_CANCELLED = 12
 EXIT_WAIT_TIMEOUT = 13  # `wait --timeout` elapsed with the run still active
+EXIT_FINDINGS = 14  # `scan` (and `verify`) found something to report
 
 
 class CasrunsError(Exception):

@@ -140,6 +140,7 @@ class _ValueStage:
                 patterns.setdefault(form, f"[REDACTED:{name}]".encode())
         self._forms = list(patterns)
         self._repl = [patterns[f] for f in self._forms]
+        self.hits: dict[str, int] = {}
         self._ac = None
         if self._forms:
             import ahocorasick_rs
@@ -159,6 +160,8 @@ class _ValueStage:
             out.append(buf[pos:start])
             out.append(self._repl[idx])
             self.count += 1
+            name = self._repl[idx][10:-1].decode()
+            self.hits[name] = self.hits.get(name, 0) + 1
             pos = end
         return out, pos
 
@@ -197,6 +200,7 @@ class _PatternStage:
         self._buf = b""
         self._in_key = False
         self.count = 0
+        self.hits: dict[str, int] = {}
         self.active = bool(self._rules)
         # All triggers in one Aho-Corasick automaton: one pass says which rules can match.
         words = sorted({t for _, _, trig in self._rules if trig for t in trig})
@@ -232,6 +236,7 @@ class _PatternStage:
                 self._in_key = False
                 return line
             self.count += 1
+            self.hits["private_key"] = self.hits.get("private_key", 0) + 1
             return b"[REDACTED:private_key]" + end
         begin = PRIVATE_KEY_BEGIN.search(body)
         if begin:
@@ -241,6 +246,7 @@ class _PatternStage:
                 return line
             if close.start() > begin.end():  # a whole key on one line (JSON with \n escapes)
                 self.count += 1
+                self.hits["private_key"] = self.hits.get("private_key", 0) + 1
                 line = body[: begin.end()] + b"[REDACTED:private_key]" + body[close.start() :] + end
         return self._rules_on(line)
 
@@ -257,6 +263,7 @@ class _PatternStage:
             out.append(text[pos:start])
             out.append(f"[REDACTED:{name}]".encode())
             self.count += 1
+            self.hits[name] = self.hits.get(name, 0) + 1
             pos = end
         if not out:
             return text
@@ -293,6 +300,14 @@ class StreamRedactor:
     @property
     def count(self) -> int:
         return self._values.count + self._patterns.count
+
+    @property
+    def hits(self) -> dict[str, int]:
+        """Matches per secret or detector name."""
+        out = dict(self._values.hits)
+        for k, v in self._patterns.hits.items():
+            out[k] = out.get(k, 0) + v
+        return out
 
     def feed(self, chunk: bytes) -> bytes:
         return self._patterns.feed(self._values.feed(chunk))

@@ -177,6 +177,26 @@ def register(cli: click.Group) -> None:
     promotion_command("unpromote", False)
 
     @cli.command()
+    @click.argument("run_ids", nargs=-1)
+    @JSON_OPT
+    @click.pass_obj
+    def scan(obj, run_ids, as_json):
+        """Re-check stored runs against today's secret detectors (exit 14 if anything is found)."""
+        from ..scan import scan as do_scan
+        from .progress import Progress
+
+        progress = Progress("scanning runs", enabled=None if not as_json else False)
+        report = do_scan(obj.registry, list(run_ids) or None, progress=progress)
+        progress.done()
+        if as_json:
+            render.emit_json(report)
+        else:
+            for f in report["findings"]:
+                click.echo(f"{f['run_id']}  {f['where']}  {f['detector']} x{f['count']}")
+            click.echo(f"scanned {report['runs_scanned']} runs, {len(report['findings'])} findings")
+        return E.EXIT_FINDINGS if report["findings"] else 0
+
+    @cli.command()
     @JSON_OPT
     @click.pass_obj
     def reap(obj, as_json):

@@ -493,6 +493,13 @@ def own_peak_rss() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def check_load(when: str) -> None:
+    """Warn when other work runs on the machine: with 2 cores it skews every figure."""
+    load = os.getloadavg()[0]
+    if load > 0.7:
+        print(f"WARNING ({when}): 1-minute load average is {load:.2f}; other processes compete for the CPUs")
+
+
 def startup_floor(cmd: list[str], n: int = 7) -> float:
     times = []
     for _ in range(n):
@@ -572,12 +579,13 @@ def main(argv: list[str] | None = None) -> int:
     size = (args.size_mb or (200 if args.quick else 1024)) * MiB
 
     tools = ensure_baselines()
+    check_load("before")
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, large files {size // MiB} MiB, {N_SMALL} small files")
     for cmd, vcmd in [("b3sum", ["b3sum", "--version"]), ("zstd", ["zstd", "--version"]), ("restic", ["restic", "version"]), ("borg", ["borg", "--version"])]:
         if tools[cmd]:
             print(f"  {cmd}: {tool_version(vcmd)}")
 
-    work = Path(tempfile.mkdtemp(prefix="casruns-bench-", dir="/work"))
+    work = Path(tempfile.mkdtemp(prefix="casruns-bench-ingest-", dir="/work"))
     try:
         datasets = generate(work, size)
         bench = Bench(work, tools, max(1, args.repeat))
@@ -605,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"start-up floor: python -c pass {floor * 1000:.0f} ms; import casruns.store+tree {import_floor * 1000:.0f} ms (medians of 7)")
         print()
         print_ratios(bench.results)
+        check_load("after")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

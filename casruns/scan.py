@@ -1,0 +1,76 @@
+"""Audit stored runs against the current detectors: ``casruns scan``.
+
+A registry written before a detector existed (or with a detector switched off) may hold
+credentials. Scanning re-reads each run's manifest fields, logs and text artifacts through
+today's redactor and reports where something would now be masked. It changes nothing.
+Declared secret values are not known any more (only their names were stored), so a scan
+uses the detectors and the config's patterns.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .redaction import Redactor
+    from .registry import Registry
+
+SCHEMA = "casruns/scan/v1"
+
+
+def _count(redactor: "Redactor", chunks) -> dict[str, int]:
+    stream = redactor.stream()
+    for chunk in chunks:
+        stream.feed(chunk)
+    stream.close()
+    return stream.hits
+
+
+def scan_run(registry: "Registry", run_id: str, redactor: "Redactor") -> list[dict]:
+    findings = []
+    m = registry.manifest(run_id)
+
+    def add(where: str, hits: dict[str, int]) -> None:
+        for detector, count in sorted(hits.items()):
+            findings.append({"run_id": run_id, "where": where, "detector": detector, "count": count})
+
+    fields = {
+        "argv": (m.get("request") or {}).get("argv"),
+        "labels": m.get("labels"),
+        "runtime": m.get("runtime"),
+        "preview": m.get("preview"),
+        "error": m.get("error"),
+        "cancel": m.get("cancel"),
+    }
+    for name, value in fields.items():
+        if value:
+            text = json.dumps(value, ensure_ascii=False, sort_keys=True).encode()
+            add(f"manifest:{name}", _count(redactor, [text]))
+            masked = redactor.metadata(value)
+            if masked != value and not _count(redactor, [text]):
+                add(f"manifest:{name}", {"secret_key": 1})
+    for stream, ref in (m.get("logs") or {}).items():
+        if ref:
+            add(f"logs:{stream}", _count(redactor, registry.store.iter_chunks(ref["blake3"])))
+    for entry in registry.tree(run_id).entries:
+        if entry.type != "file" or entry.blake3 is None:
+            continue
+        head = next(iter(registry.store.iter_chunks(entry.blake3)), b"") if entry.size else b""
+        if b"\0" in head[:8192]:
+            continue  # binary artifacts: detectors read text
+        add(f"artifact:{entry.path}", _count(redactor, registry.store.iter_chunks(entry.blake3)))
+    return findings
+
+
+def scan(registry: "Registry", run_ids: list[str] | None = None, progress=None) -> dict:
+    from .runs import iter_run_ids
+
+    redactor = registry.redactor()
+    ids = list(run_ids) if run_ids else sorted(iter_run_ids(registry.runs_dir))
+    findings: list[dict] = []
+    for i, rid in enumerate(ids):
+        findings.extend(scan_run(registry, rid, redactor))
+        if progress:
+            progress(i + 1, len(ids))
+    return {"schema": SCHEMA, "runs_scanned": len(ids), "findings": findings}
