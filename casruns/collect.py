@@ -36,6 +36,7 @@ def ingest_workspace(
     redactor: "Redactor | None" = None,
     policy: str = "redact",
     artifacts: bool = True,
+    pin=None,
 ) -> tuple[dict, dict | None]:
     """Store the spool files and the artifact tree.
 
@@ -43,7 +44,7 @@ def ingest_workspace(
     so an artifact directory that cannot be collected still leaves the logs.
     """
     refs: dict = {}
-    with store.batch() as batch:
+    with store.batch(pin) as batch:
         logs = {}
         for stream in SPOOL_STREAMS:
             path = run.spool(stream)
@@ -56,10 +57,11 @@ def ingest_workspace(
         # a salvage of a run that declared secrets: its secret values died with the
         # supervisor, so its artifacts cannot be scanned. Fail closed: do not store them.
         tree = Tree(skipped=[{"path": ".", "reason": "not collected: the run declared secrets and its supervisor was lost"}])
-        refs["artifacts"] = {"tree": tree.store(store), "files": 0, "bytes": 0, "skipped": 1}
+        with store.batch(pin) as batch:
+            refs["artifacts"] = {"tree": tree.store(batch), "files": 0, "bytes": 0, "skipped": 1}
         return refs, None
     try:
-        with store.batch() as batch:
+        with store.batch(pin) as batch:
             tree = collect_tree(run.artifacts_dir, batch, exclude=exclude, redactor=redactor, policy=policy)
             tree_address = tree.store(batch)
     except Exception as e:  # an unreadable tree must not wedge the run
@@ -93,7 +95,16 @@ def finish(
     A cancel requested before this commit wins over a normal ending (spec/format.md). If the
     artifacts cannot be collected the run ends ``failed`` with ``collect_failed``.
     """
-    refs, collect_error = ingest_workspace(run, store, exclude=exclude, redactor=redactor, policy=policy, artifacts=artifacts)
+    # The pin keeps every blob we use alive against a concurrent gc until the manifest that
+    # references them is committed (spec/format.md, "Garbage collection").
+    with store.pin() as pin:
+        return _finish(run, store, status, exit_code, signal, error, extra, exclude, redactor, policy, artifacts, pin)
+
+
+def _finish(run, store, status, exit_code, signal, error, extra, exclude, redactor, policy, artifacts, pin) -> dict:
+    refs, collect_error = ingest_workspace(
+        run, store, exclude=exclude, redactor=redactor, policy=policy, artifacts=artifacts, pin=pin
+    )
     if collect_error is not None:
         status, error = mf.FAILED, collect_error
     heartbeat = run.mtime("heartbeat")

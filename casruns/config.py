@@ -15,11 +15,15 @@ Config keys (spec/format.md, "Config"), all optional:
     [redaction.patterns]       # extra regexes (group "s" is masked, else the whole match)
     ticket = "TICKET-[0-9]{6}"
 
+    gc_grace = "1h"            # gc keeps unreferenced blobs and temp files younger than this
+
     [retention]                # per terminal status; how long a run is kept
     succeeded = "14d"
     failed = "7d"
     timed_out = "7d"
     cancelled = "3d"
+    [retention.keep_last]      # keep the newest N finished runs of each value of a label
+    suite = 5
 
 Unknown keys are kept and ignored, so an older casruns can share a registry with a newer one.
 """
@@ -48,6 +52,8 @@ class Config:
     lost_after: float = 30.0
     teardown_timeout: float = 60.0
     artifact_policy: str = "redact"
+    gc_grace: float = 3600.0
+    keep_last: dict[str, int] = field(default_factory=dict)
     plugins: list[str] = field(default_factory=list)
     retention: dict[str, float] = field(default_factory=lambda: {k: parse_duration(v) for k, v in DEFAULT_RETENTION.items()})
     raw: dict = field(default_factory=dict)
@@ -72,7 +78,7 @@ class Config:
                 c.max_running = int(raw["max_running"])
                 if c.max_running < 1:
                     raise InvalidInput("max_running must be at least 1")
-            for key in ("kill_grace", "heartbeat_interval", "lost_after", "teardown_timeout"):
+            for key in ("kill_grace", "heartbeat_interval", "lost_after", "teardown_timeout", "gc_grace"):
                 if key in raw:
                     setattr(c, key, parse_duration(raw[key]))
             if "artifact_policy" in raw:
@@ -84,6 +90,10 @@ class Config:
             for status, value in (raw.get("retention") or {}).items():
                 if isinstance(value, (str, int, float)):
                     c.retention[status] = parse_duration(value)
+            for label, n in ((raw.get("retention") or {}).get("keep_last") or {}).items():
+                if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                    raise InvalidInput(f"retention.keep_last.{label} must be a whole number")
+                c.keep_last[str(label)] = n
         except (InvalidInput, ValueError, TypeError) as e:
             raise RegistryError(f"invalid setting in {where}: {e}") from None
         return c

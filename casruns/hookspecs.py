@@ -111,3 +111,14 @@ def casruns_promote(run: dict[str, Any], reason: str, by: str | None) -> dict[st
     :return: None to accept; ``{"veto": "why"}`` to refuse (nothing changes and the CLI shows
         the reason); ``{"metadata": {...}}`` to add fields to the promotion entry.
     """
+
+
+@hookspec
+def casruns_gc_roots(registry_root: str) -> list[str] | None:
+    """Name extra blobs (64-hex addresses) or run ids whose blobs gc must keep.
+
+    Called by the CLI during ``casruns gc``, in the mark phase, before anything is swept.
+    A failure stops the gc before it deletes any blob.
+
+    :return: None, or a list of blob addresses and/or run ids.
+    """

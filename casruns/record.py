@@ -7,57 +7,12 @@ rewrites the manifest. spec/run.schema.json is the contract; tests validate ever
 
 from __future__ import annotations
 
-import time
-
 from . import manifest as mf
 from .config import Config
-from .timefmt import format_ts, parse_ts
+from .retention import retention_of
+from .timefmt import format_ts
 
 SCHEMA = "casruns/run/v1"
-
-
-def retention_of(m: dict, config: Config, now: float | None = None) -> dict:
-    """When a run may be cleaned up, and which rule says so."""
-    ret = m.get("retention") or {}
-    promoted = bool(ret.get("promoted"))
-    history = ret.get("history") or []
-    last = next((h for h in reversed(history) if h.get("action") == "promote"), None) if promoted else None
-    out = {
-        "promoted": promoted,
-        "promoted_at": last.get("at") if last else None,
-        "promoted_by": last.get("by") if last else None,
-        "promotion_reason": last.get("reason") if last else None,
-        "history": [dict(h) for h in history],
-        "retain_for": ret.get("retain_for"),
-        "retain_until": None,
-        "cleanup_eligible": False,
-        "cleanup_eligible_at": None,
-        "rule": None,
-    }
-    status = m.get("status")
-    if promoted:
-        out["rule"] = "promoted"
-        return out
-    if status not in mf.TERMINAL:
-        out["rule"] = "active"
-        return out
-    finished = m.get("finished_at") or m.get("updated_at")
-    if ret.get("retain_until"):
-        until = parse_ts(ret["retain_until"])
-        out["rule"] = "retain_until"
-    else:
-        if ret.get("retain_for") is not None:
-            keep = float(ret["retain_for"])
-            out["rule"] = "retain_for"
-        else:
-            keep = config.retention.get(status, config.retention.get("default", 7 * 86400.0))
-            out["rule"] = f"status:{status}"
-        until = parse_ts(finished) + keep
-    now = time.time() if now is None else now
-    out["retain_until"] = format_ts(until)
-    out["cleanup_eligible_at"] = out["retain_until"]
-    out["cleanup_eligible"] = now >= until
-    return out
 
 
 def replay_of(m: dict) -> dict:
@@ -76,7 +31,9 @@ def replay_of(m: dict) -> dict:
     }
 
 
-def build(m: dict, config: Config, *, heartbeat: float | None = None, activity: float | None = None) -> dict:
+def build(
+    m: dict, config: Config, *, heartbeat: float | None = None, activity: float | None = None, kept_by: str | None = None
+) -> dict:
     status = m["status"]
     terminal = status in mf.TERMINAL
     logs = m.get("logs") or {}
@@ -106,7 +63,7 @@ def build(m: dict, config: Config, *, heartbeat: float | None = None, activity: 
             {"tree": arts.get("tree"), "files": arts.get("files", 0), "bytes": arts.get("bytes", 0)} if arts else None
         ),
         "logs": {s: _ref(logs.get(s)) for s in ("stdout", "stderr", "transcript")},
-        "retention": retention_of(m, config),
+        "retention": retention_of(m, config, kept_by=kept_by),
         "replay": replay_of(m),
         "cancel": dict(m["cancel"]) if m.get("cancel") else None,
         "error": {"code": m["error"].get("code"), "message": m["error"].get("message"), **{k: v for k, v in m["error"].items() if k not in ("code", "message")}}

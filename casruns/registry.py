@@ -280,9 +280,25 @@ class Registry:
         """The run's record (``casruns/run/v1``); reaps it first if its supervisor is lost."""
         run = self.run_dir(run_id)
         m = self.manifest(run_id)
-        return self._record(run, m, reap=reap)
+        kept_by = None
+        keep = self.config.keep_last
+        if keep and m["status"] in mf.TERMINAL and any(k in (m.get("labels") or {}) for k in keep):
+            kept_by = self.keep_last_protected().get(run_id)  # needs every run: only when it can apply
+        return self._record(run, m, reap=reap, kept_by=kept_by)
 
-    def _record(self, run: RunDir, m: dict, *, reap: bool = True) -> dict:
+    def keep_last_protected(self) -> dict[str, str]:
+        from .retention import keep_last_protected
+
+        return keep_last_protected(self._all_manifests(), self.config)
+
+    def _all_manifests(self) -> Iterator[dict]:
+        for rid in iter_run_ids(self.runs_dir):
+            try:
+                yield self.run_dir(rid).read()
+            except CasrunsError:
+                continue
+
+    def _record(self, run: RunDir, m: dict, *, reap: bool = True, kept_by: str | None = None) -> dict:
         hb = act = None
         if m["status"] not in mf.TERMINAL:
             if reap and m["status"] in mf.ACTIVE and self._lost(run, m):
@@ -290,7 +306,7 @@ class Registry:
             else:
                 hb = run.mtime("heartbeat")
                 act = run.last_activity()
-        return rec.build(m, self.config, heartbeat=hb, activity=act)
+        return rec.build(m, self.config, heartbeat=hb, activity=act, kept_by=kept_by)
 
     def _lost(self, run: RunDir, m: dict) -> bool:
         """True if the run's supervisor is provably gone (or silent too long on another host)."""
@@ -329,6 +345,7 @@ class Registry:
         if not self._check_format():
             return []
         found: list[tuple[str, str, RunDir, dict]] = []
+        everything: list[dict] = []
         for rid in iter_run_ids(self.runs_dir):
             run = self.run_dir(rid)
             try:
@@ -340,6 +357,7 @@ class Registry:
                 if errors is not None:
                     errors.append({"run_id": rid, "code": e.code, "message": e.message})
                 continue
+            everything.append(m)
             if labels and any((m.get("labels") or {}).get(k) != v for k, v in labels.items()):
                 continue
             if since_ts is not None and parse_ts(m["created_at"]) < since_ts:
@@ -348,9 +366,12 @@ class Registry:
                 continue
             found.append((m.get("created_at", ""), rid, run, m))
         found.sort(key=lambda t: (t[0], t[1]), reverse=True)
+        from .retention import keep_last_protected
+
+        kept = keep_last_protected(everything, self.config)
         out = []
         for _, _, run, m in found:
-            r = self._record(run, m, reap=reap)
+            r = self._record(run, m, reap=reap, kept_by=kept.get(m["run_id"]))
             if statuses and r["status"] not in statuses:
                 continue
             out.append(r)
@@ -465,6 +486,32 @@ class Registry:
                 outcome = "promoted" if promoted else "unpromoted"
         return self.get(run_id), outcome
 
+    def retain(self, run_id: str, *, for_: str | float | None = None, until: str | None = None) -> dict:
+        """Override a run's retention: keep it ``for_`` long after it finished, or ``until`` a time."""
+        if (for_ is None) == (until is None):
+            raise InvalidInput("give exactly one of --for DURATION or --until TIME")
+        with self.run_dir(run_id).update() as m:
+            ret = m.setdefault("retention", {})
+            if for_ is not None:
+                ret["retain_for"] = parse_duration(for_)
+                ret.pop("retain_until", None)
+            else:
+                ret["retain_until"] = format_ts(parse_ts(until))
+                ret.pop("retain_for", None)
+            m["updated_at"] = now_ts()
+        return self.get(run_id)
+
+    # -- gc and verify -------------------------------------------------------------------
+    def gc(self, *, dry_run: bool = False, wait: bool = False, progress=None) -> dict:
+        from .gc import collect_garbage
+
+        return collect_garbage(self, dry_run=dry_run, wait=wait, progress=progress)
+
+    def verify(self, run_ids: list[str] | None = None, *, read_data: bool = False, quarantine: bool = False, progress=None) -> dict:
+        from .verify import verify
+
+        return verify(self, run_ids, read_data=read_data, quarantine=quarantine, progress=progress)
+
     # -- reaping -----------------------------------------------------------------------
     def reap_lost(self, run: RunDir) -> dict:
         """End an active run whose supervisor is gone: kill leftovers, salvage, mark failed."""
@@ -536,27 +583,39 @@ class Registry:
 
     def _clean_leftovers(self, grace: float = 3600.0) -> int:
         """Remove what crashed writers left: half-created run directories (``runs/.new-*``)
-        and temp files of atomic writes (``.tmp-*``), once older than ``grace`` seconds."""
+        and temp files of atomic writes (``.tmp-*``). Each name carries its writer's pid: an
+        entry is removed only when that process is gone and the entry is older than
+        ``grace`` (and never less than a minute, whatever gc_grace says)."""
         import shutil
 
         removed = 0
-        cutoff = time.time() - grace
+        cutoff = time.time() - max(grace, 60.0)
+
+        def abandoned(path: str, name: str) -> bool:
+            pid = next((p for p in name.split("-") if p.isdigit() and len(p) < 10), None)
+            if pid is not None and os.path.exists(f"/proc/{pid}"):
+                return False
+            try:
+                return os.lstat(path).st_mtime < cutoff
+            except OSError:
+                return False
+
         for name in os.listdir(self.runs_dir) if os.path.isdir(self.runs_dir) else []:
             path = os.path.join(self.runs_dir, name)
             if name.startswith((".new-", ".tmp-")):
-                try:
-                    if os.lstat(path).st_mtime < cutoff:
+                if abandoned(path, name[5:].split("-", 1)[-1] if name.startswith(".new-") else name):
+                    try:
                         shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
                         removed += 1
-                except OSError:
-                    pass
+                    except OSError:
+                        pass
             elif os.path.isdir(path) and not os.path.islink(path):
                 for inner in os.listdir(path):
-                    if inner.startswith(".tmp-"):
+                    ipath = os.path.join(path, inner)
+                    if inner.startswith(".tmp-") and abandoned(ipath, inner):
                         try:
-                            if os.lstat(os.path.join(path, inner)).st_mtime < cutoff:
-                                os.unlink(os.path.join(path, inner))
-                                removed += 1
+                            os.unlink(ipath)
+                            removed += 1
                         except OSError:
                             pass
         return removed

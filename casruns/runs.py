@@ -159,7 +159,7 @@ def create(runs_dir: str | os.PathLike, m: dict, *, files: dict[str, bytes] | No
     run = RunDir(runs_dir, m["run_id"])
     if os.path.lexists(run.path):
         raise RunExists(run.run_id)
-    tmp = os.path.join(runs_dir, f".new-{run.run_id}-{secrets.token_hex(4)}")
+    tmp = os.path.join(runs_dir, f".new-{run.run_id}-{os.getpid()}-{secrets.token_hex(4)}")
     os.mkdir(tmp, fsutil.DIR_MODE)
     os.chmod(tmp, fsutil.DIR_MODE)
     lock = None

@@ -132,9 +132,17 @@ class BlobStore(ABC):
             raise
         return size
 
-    def batch(self) -> "Batch":
-        """A group of puts made durable together (see :class:`Batch`)."""
-        return Batch(self)
+    def batch(self, pin: "Pin | None" = None) -> "Batch":
+        """A group of puts made durable together (see :class:`Batch`).
+
+        With ``pin``, every address the batch uses is pinned first, so a concurrent gc keeps
+        it until the pin is released (after the manifest that references it is committed).
+        """
+        return Batch(self, pin)
+
+    def pin(self) -> "Pin":
+        """A pin for an ingest (a no-op where no gc runs concurrently)."""
+        return Pin(None)
 
 
 class Batch:
@@ -144,8 +152,9 @@ class Batch:
     exception discards the batch's temp files (nothing references them yet).
     """
 
-    def __init__(self, store: BlobStore) -> None:
+    def __init__(self, store: BlobStore, pin: "Pin | None" = None) -> None:
         self.store = store
+        self.pin = pin
         self._pending: dict[str, tuple[str, BlobInfo]] = {}  # address -> (temp path, info)
         self.dirs = fsutil.DirSync()  # shards of dedup hits: their names must be durable too
 
@@ -189,6 +198,55 @@ class Batch:
         self._pending.clear()
 
 
+class Pin:
+    """The addresses an in-flight ingest uses: gc roots until released.
+
+    On disk: ``blobs/pins/<pid>-<random>.pin``, one address per line, held under an flock
+    for the pin's life, so a pin whose writer died is recognised (its lock is free) and
+    ignored. Released (deleted) once the manifest referencing the blobs is committed.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.fd: int | None = None
+        self.addresses: set[str] = set()
+        if path is not None:
+            from . import locking
+
+            # Created under another name and renamed once locked: a ``*.pin`` file that gc
+            # can see is always held, so gc never takes a live pin for a dead one.
+            making = path + ".new"
+            self._lock = locking.FileLock(making, record=False)
+            self._lock.acquire()
+            self.fd = self._lock.fd
+            os.rename(making, path)
+
+    def add(self, address: str) -> None:
+        if address in self.addresses:
+            return
+        self.addresses.add(address)
+        if self.fd is not None:
+            os.write(self.fd, (address + "\n").encode())  # O_APPEND is not needed: one writer
+
+    def release(self) -> None:
+        """Settle the pin: renamed to ``*.done``, not deleted. A gc that marked before our
+        manifest commit still finds these addresses among its roots when it sweeps; the next
+        gc, whose mark sees the manifest, deletes the file."""
+        if self.path is not None and self.fd is not None:
+            try:
+                os.rename(self.path, self.path[: -len(".pin")] + ".done")
+            except OSError:
+                pass
+            self._lock.release()
+            self.fd = None
+
+    def __enter__(self) -> "Pin":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class _HashingReader:
     """A file-like wrapper that hashes and counts what zstd's copy loop reads through it."""
 
@@ -215,6 +273,36 @@ class DiskStore(BlobStore):
         # Large inputs compress on worker threads while this thread reads and hashes.
         self.threads = threads if threads is not None else min(os.cpu_count() or 1, 4)
         self._local = threading.local()
+        self.pins_dir = self.path / "pins"
+        self._sweep_fd: int | None = None
+
+    def pin(self) -> Pin:
+        if not self.pins_dir.is_dir():
+            fsutil.ensure_dir(self.pins_dir)
+        return Pin(str(self.pins_dir / f"{os.getpid()}-{secrets.token_hex(8)}.pin"))
+
+    def sweep_lock_path(self) -> Path:
+        return self.path / "sweep.lock"
+
+    def _sweep_shared(self):
+        """Shared hold of the sweep lock around "pin, then check": gc deletes under the
+        exclusive hold, so it either sees our pin or we see the blob gone (and rewrite it)."""
+        import fcntl
+        from contextlib import contextmanager
+
+        @contextmanager
+        def held():
+            if self._sweep_fd is None:
+                if not self.path.is_dir():
+                    fsutil.ensure_dir(self.path)
+                self._sweep_fd = fsutil.open_private(self.sweep_lock_path(), os.O_RDWR | os.O_CREAT)
+            fcntl.flock(self._sweep_fd, fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._sweep_fd, fcntl.LOCK_UN)
+
+        return held()
 
     # -- paths -------------------------------------------------------------------------
     def path_for(self, address: str) -> Path:
@@ -322,14 +410,19 @@ class DiskStore(BlobStore):
             if info is not None:
                 return info._replace(existed=True)
         final = self.path_for(address)
-        try:
-            # Why touch: a concurrent gc keeps blobs whose mtime is within its grace period.
-            # Refreshing here tells it this blob was just used. If gc removes it anyway
-            # between this call and our manifest commit, gc's pin protocol (spec/gc) applies.
-            os.utime(final)
-            st = final.stat()
-        except FileNotFoundError:
-            return None
+        pin = batch.pin if batch is not None else None
+        with self._sweep_shared():
+            # Pin first, then check (a gc sweeping right now sees the pin, or has already
+            # deleted the blob and we write it again).
+            if pin is not None:
+                pin.add(address)
+            try:
+                # Why touch as well: gc also keeps blobs whose mtime is within its grace
+                # period, which protects puts made without a pin.
+                os.utime(final)
+                st = final.stat()
+            except FileNotFoundError:
+                return None
         # The blob may have been renamed in a moment ago by a writer that has not yet synced
         # its directory: make the name durable before anyone commits a reference to it.
         if batch is not None:

@@ -216,6 +216,23 @@ def test_hook_casruns_promote(fake, casruns_home):
     assert (casruns_home / "runs" / vetoed / "manifest.toml").read_bytes() == before
 
 
+def test_hook_casruns_gc_roots(fake, casruns_home):
+    from casruns import Registry
+
+    cli("init", check=0)
+    (casruns_home / "config.toml").write_text('gc_grace = "0s"\n')
+    reg = Registry(casruns_home)
+    keep = reg.store.put_bytes(b"a sandbox snapshot a plugin still needs")
+    drop = reg.store.put_bytes(b"garbage")
+    (casruns_home / "fakesandbox-roots.txt").write_text(keep.address + "\n")
+    proc, out = cli_json("gc")
+    assert proc.returncode == 0 and out[0]["blobs_removed"] == 1
+    assert reg.store.contains(keep.address) and not reg.store.contains(drop.address)
+    (casruns_home / "fakesandbox-roots.txt").unlink()
+    cli("gc", check=0)
+    assert not reg.store.contains(keep.address)
+
+
 # -- failure isolation -------------------------------------------------------------------------
 
 

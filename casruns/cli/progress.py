@@ -13,14 +13,24 @@ class Progress:
         self._last = 0.0
         self._shown = False
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, *args) -> None:
+        """``(done, total)`` or ``(phase, done, total)``."""
         if not self.enabled:
             return
+        if len(args) == 3:
+            phase, done, total = args
+            if phase != getattr(self, "_phase", phase) and self._shown:
+                sys.stderr.write("\n")
+            self._phase = phase
+            label = f"{self.label}: {phase}"
+        else:
+            done, total = args
+            label = self.label
         now = time.monotonic()
         if now - self._last < 0.1 and done < total:
             return  # at most ten redraws a second
         self._last = now
-        sys.stderr.write(f"\r{self.label}: {done}/{total}")
+        sys.stderr.write(f"\r{label}: {done}/{total}")
         sys.stderr.flush()
         self._shown = True
 

@@ -197,6 +197,68 @@ def register(cli: click.Group) -> None:
         return E.EXIT_FINDINGS if report["findings"] else 0
 
     @cli.command()
+    @click.option("--dry-run", is_flag=True, help="Report what would be removed; change nothing.")
+    @click.option("--wait", "wait_", is_flag=True, help="Wait for another running gc instead of failing.")
+    @JSON_OPT
+    @click.pass_obj
+    def gc(obj, dry_run, wait_, as_json):
+        """Remove runs retention allows, then every blob no remaining run references."""
+        from .progress import Progress
+
+        progress = Progress("gc", enabled=None if not as_json else False)
+        report = obj.registry.gc(dry_run=dry_run, wait=wait_, progress=progress)
+        progress.done()
+        if as_json:
+            render.emit_json(report)
+        else:
+            verb = "would remove" if dry_run else "removed"
+            click.echo(
+                f"{verb} {report['runs_removed']} runs and {report['blobs_removed']} blobs "
+                f"({report['bytes_freed']} bytes); kept {report['blobs_kept']} blobs; "
+                f"{report['temps_removed']} temp files; {report['duration_s']:.2f}s"
+            )
+
+    @cli.command()
+    @click.argument("run_ids", nargs=-1)
+    @click.option("--read-data", is_flag=True, help="Decompress and re-hash every blob checked.")
+    @click.option("--quarantine", is_flag=True, help="Move corrupt blobs to <root>/quarantine.")
+    @JSON_OPT
+    @click.pass_obj
+    def verify(obj, run_ids, read_data, quarantine, as_json):
+        """Check manifests and the blobs they reference (exit 14 if anything is wrong)."""
+        from .progress import Progress
+
+        progress = Progress("verify", enabled=None if not as_json else False)
+        report = obj.registry.verify(list(run_ids) or None, read_data=read_data, quarantine=quarantine, progress=progress)
+        progress.done()
+        if as_json:
+            render.emit_json(report)
+        else:
+            for p in report["problems"]:
+                click.echo(f"{p['kind']}: {p.get('run_id') or '-'}: {p['message']}")
+            click.echo(
+                f"checked {report['runs_checked']} runs, {report['blobs_checked']} blobs"
+                f"{' (data re-hashed)' if read_data else ''}; {len(report['problems'])} problems; "
+                f"{report['orphans']} unreferenced blobs" + (f"; quarantined {len(report['quarantined'])}" if quarantine else "")
+            )
+        return 0 if report["ok"] else E.EXIT_FINDINGS
+
+    @cli.command()
+    @click.argument("run_id")
+    @click.option("--for", "for_", metavar="DURATION", help="Keep the run this long after it finished.")
+    @click.option("--until", metavar="TIME", help="Keep the run until this time (RFC 3339).")
+    @JSON_OPT
+    @click.pass_obj
+    def retain(obj, run_id, for_, until, as_json):
+        """Override a run's retention."""
+        r = obj.registry.retain(run_id, for_=for_, until=until)
+        if as_json:
+            render.emit_json(r)
+        else:
+            ret = r["retention"]
+            click.echo(f"{run_id}: kept until {ret['retain_until'] or 'finished + ' + str(ret['retain_for']) + 's'} ({ret['rule']})")
+
+    @cli.command()
     @JSON_OPT
     @click.pass_obj
     def reap(obj, as_json):

@@ -1,0 +1,289 @@
+"""Mark-and-sweep garbage collection that never loses a referenced or promoted blob.
+
+Phases (spec/format.md, "Garbage collection"), under ``locks/gc.lock`` held exclusively for
+the whole run (a second gc waits with ``wait=True`` or fails with ``busy``):
+
+0. **Finish** deletions a killed gc left: ``runs/.trash-*`` directories.
+1. **Remove runs** retention makes eligible. Each is re-checked under its run lock, then its
+   directory is renamed to ``runs/.trash-*`` (atomic: the run is whole or gone) and deleted.
+2. **Snapshot pins**: the pin files in ``blobs/pins/`` present now. Pins that are settled
+   (``*.done``) or whose writer is dead were committed (or abandoned) before the mark, so
+   the mark covers them: they are not roots, and they are deleted at the end.
+3. **Mark**: every blob reachable from the remaining manifests (log refs, artifact trees and
+   the files they list), plus plugin gc roots. An unreadable tree aborts the sweep: gc never
+   deletes what it cannot prove unreferenced.
+4. **Sweep**, in chunks under the exclusive sweep lock: re-read every pin file not settled
+   at the snapshot (live ones, and any that settled or died since: a reference added after
+   the mark),
+   then delete each unreachable, unpinned blob whose mtime is older than the grace period.
+   Writers pin an address, then check for the blob, under the shared sweep lock; so either
+   gc sees the pin or the writer sees the blob gone and writes it again.
+5. **Temp files** in ``blobs/tmp`` older than the grace period whose writer's pid is not
+   alive, and the leftovers ``reap`` cleans.
+
+Clock jumps: correctness rests on pins and locks, not time. The grace period is a second
+line (puts made without a pin); a blob or temp file with an mtime in the future is kept.
+Crash safety: every step is idempotent; SIGKILL at any point leaves every manifest's blobs
+in place and the next gc completes the work.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from . import fsutil, locking
+from . import manifest as mf
+from .errors import Busy, CasrunsError, CorruptManifest
+from .retention import keep_last_protected, retention_of
+from .runs import iter_run_ids
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+SCHEMA = "casruns/gc/v1"
+CHUNK = 1000
+
+
+@dataclass
+class GCStats:
+    dry_run: bool = False
+    runs_removed: int = 0
+    runs_kept: int = 0
+    blobs_removed: int = 0
+    bytes_freed: int = 0
+    blobs_kept: int = 0
+    blobs_pinned: int = 0
+    blobs_in_grace: int = 0
+    temps_removed: int = 0
+    pins_removed: int = 0
+    trash_removed: int = 0
+    duration_s: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"schema": SCHEMA, **asdict(self)}
+
+
+def _fault(point: str) -> None:
+    """Test hook: CASRUNS_TEST_GC_KILL=<point> kills this process there (crash tests)."""
+    if os.environ.get("CASRUNS_TEST_GC_KILL") == point:
+        os.kill(os.getpid(), 9)
+
+
+def collect_garbage(registry: "Registry", *, dry_run: bool = False, wait: bool = False, progress=None) -> dict:
+    t0 = time.monotonic()
+    stats = GCStats(dry_run=dry_run)
+    if not registry._check_format():
+        return stats.to_json()
+    fsutil.ensure_dir(os.path.join(registry.root, "locks"))
+    lock_path = os.path.join(registry.root, "locks", "gc.lock")
+    lock = locking.FileLock(lock_path, record=True)
+    if not lock.acquire(blocking=wait):
+        rec = locking.read_record(lock_path) or {}
+        raise Busy(f"another gc is running (pid {rec.get('pid', '?')} on {rec.get('host', '?')}); try again or use --wait")
+    try:
+        _run(registry, stats, dry_run, progress)
+    finally:
+        lock.release()
+    stats.duration_s = round(time.monotonic() - t0, 3)
+    return stats.to_json()
+
+
+def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
+    store = registry.store
+    config = registry.config
+    runs_dir = registry.runs_dir
+    grace = config.gc_grace
+
+    # 0. finish interrupted deletions
+    for name in os.listdir(runs_dir) if os.path.isdir(runs_dir) else []:
+        if name.startswith(".trash-"):
+            if not dry_run:
+                shutil.rmtree(os.path.join(runs_dir, name), ignore_errors=True)
+            stats.trash_removed += 1
+    _fault("after_trash")
+
+    # 1. remove eligible runs
+    manifests = {}
+    for rid in iter_run_ids(runs_dir):
+        try:
+            manifests[rid] = registry.run_dir(rid).read()
+        except CasrunsError:
+            continue  # unreadable: never eligible, and verify reports it
+    kept = keep_last_protected(manifests.values(), config)
+    eligible = [rid for rid, m in manifests.items() if retention_of(m, config, kept_by=kept.get(rid))["cleanup_eligible"]]
+    dirs = fsutil.DirSync()
+    trash = []
+    would_remove: set[str] = set()  # dry run: what the mark must treat as gone
+    for i, rid in enumerate(sorted(eligible)):
+        if progress:
+            progress("removing runs", i + 1, len(eligible))
+        run = registry.run_dir(rid)
+        try:
+            with run.locked():
+                m = run.read_fresh()
+                if not retention_of(m, config, kept_by=kept.get(rid))["cleanup_eligible"]:
+                    continue  # promoted or retained since we looked
+                if dry_run:
+                    stats.runs_removed += 1
+                    would_remove.add(rid)
+                    continue
+                target = os.path.join(runs_dir, f".trash-{rid}-{os.urandom(4).hex()}")
+                os.rename(run.path, target)
+                trash.append(target)
+                dirs.add(runs_dir)
+        except CasrunsError:
+            continue
+        stats.runs_removed += 1
+        manifests.pop(rid, None)
+        _fault("after_run_rename")
+    dirs.sync()  # the renames are durable before anything they referenced can be swept
+    for target in trash:
+        shutil.rmtree(target, ignore_errors=True)
+    _fault("after_runs_removed")
+
+    # 2. snapshot pins (2a: done/dead pins are covered by the mark and removed at the end)
+    pins_dir = store.pins_dir
+    settled_at_start = [p for p in _pin_files(pins_dir) if p.endswith(".done") or not locking.is_held(p)]
+    settled = set(settled_at_start)
+
+    # 3. mark
+    reachable: set[str] = set()
+    ids = sorted(set(iter_run_ids(runs_dir)) - would_remove)
+    for i, rid in enumerate(ids):
+        if progress:
+            progress("marking", i + 1, len(ids))
+        try:
+            m = registry.run_dir(rid).read()
+        except CasrunsError as e:
+            raise CorruptManifest(f"gc stopped before sweeping: run {rid} cannot be read ({e.message}); run casruns verify") from None
+        reachable.update(referenced_addresses(registry, m))
+    try:
+        for _, roots in registry.plugins.call("casruns_gc_roots", registry_root=registry.root):
+            for root in roots:
+                root = str(root)
+                if len(root) == 64:
+                    reachable.add(root)
+                else:
+                    try:
+                        reachable.update(referenced_addresses(registry, registry.run_dir(root).read()))
+                    except CasrunsError:
+                        pass
+    except CasrunsError:
+        raise
+    _fault("after_mark")
+
+    # 4. sweep
+    candidates = [a for a in store.iter_addresses() if a not in reachable]
+    stats.blobs_kept = len(reachable)
+    now = time.time()
+    for start in range(0, len(candidates), CHUNK):
+        chunk = candidates[start : start + CHUNK]
+        if progress:
+            progress("sweeping", min(start + CHUNK, len(candidates)), len(candidates))
+        with _sweep_exclusive(store):
+            pinned = _read_pins(pins_dir, skip=settled)
+            for address in chunk:
+                if address in pinned:
+                    stats.blobs_pinned += 1
+                    continue
+                path = store.path_for(address)
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                age = now - st.st_mtime
+                if age < grace or age < 0:
+                    stats.blobs_in_grace += 1
+                    continue
+                if not dry_run:
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        continue
+                stats.blobs_removed += 1
+                stats.bytes_freed += st.st_size
+                if stats.blobs_removed == 1:
+                    _fault("after_first_delete")
+    stats.blobs_kept += stats.blobs_pinned + stats.blobs_in_grace
+
+    # 5. temp files, settled pins, leftovers
+    for path in list(store.iter_temp_files()):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        pid = path.name.split("-", 1)[0]
+        alive = pid.isdigit() and os.path.exists(f"/proc/{pid}")
+        if not alive and 0 <= now - st.st_mtime >= grace:
+            if not dry_run:
+                path.unlink(missing_ok=True)
+            stats.temps_removed += 1
+    for p in settled_at_start:
+        if not dry_run:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        stats.pins_removed += 1
+    if not dry_run:
+        stats.temps_removed += registry._clean_leftovers(grace)
+
+
+def referenced_addresses(registry: "Registry", m: dict) -> set[str]:
+    """Every blob a manifest references: log blobs, the artifact tree and its files."""
+    from .tree import Tree
+
+    out: set[str] = set()
+    for ref in (m.get("logs") or {}).values():
+        if isinstance(ref, dict) and ref.get("blake3"):
+            out.add(ref["blake3"])
+    tree_ref = (m.get("artifacts") or {}).get("tree")
+    if tree_ref:
+        out.add(tree_ref)
+        try:
+            out.update(Tree.from_bytes(registry.store.read_bytes(tree_ref)).addresses())
+        except CasrunsError as e:
+            raise CorruptManifest(
+                f"gc stopped before sweeping: the artifact tree of run {m.get('run_id')} cannot be read ({e.message}); "
+                "run casruns verify"
+            ) from None
+    return out
+
+
+def _pin_files(pins_dir) -> list[str]:
+    try:
+        return [os.path.join(pins_dir, n) for n in os.listdir(pins_dir) if n.endswith((".pin", ".done"))]
+    except FileNotFoundError:
+        return []
+
+
+def _read_pins(pins_dir, skip: set[str]) -> set[str]:
+    """Addresses in every pin file except those settled before the mark (which the mark
+    covers): live pins, and pins that settled or died after the snapshot, are roots."""
+    out: set[str] = set()
+    for path in _pin_files(pins_dir):
+        if path in skip:
+            continue
+        try:
+            with open(path, "rb") as f:
+                out.update(line.decode() for line in f.read().split() if len(line) == 64)
+        except OSError:
+            continue
+    return out
+
+
+class _sweep_exclusive:
+    def __init__(self, store) -> None:
+        self.lock = locking.FileLock(store.sweep_lock_path())
+
+    def __enter__(self):
+        fsutil.ensure_dir(self.lock.path.rsplit("/", 1)[0])
+        self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()

@@ -1,0 +1,147 @@
+"""Integrity verification: ``casruns verify``.
+
+Checks, per run: the manifest parses and has the fields and types spec/format.md requires;
+every blob it references exists (log blobs, the artifact tree, each file the tree lists);
+with ``read_data`` every referenced blob is decompressed and re-hashed. Verifying the whole
+registry also reports orphaned blobs (unreferenced: gc's business, not an error) and, with
+``read_data``, re-hashes every blob in the store.
+
+``quarantine`` moves corrupt blobs to ``<root>/quarantine/<address>`` so nothing reads them
+and a later ``archive pull`` can put a good copy back.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from . import fsutil
+from . import manifest as mf
+from .errors import BlobNotFound, CasrunsError, IntegrityError
+from .runs import iter_run_ids
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+SCHEMA = "casruns/verify/v1"
+
+
+def check_manifest(m: dict) -> list[str]:
+    """Structural problems of a manifest (beyond parsing), as messages."""
+    problems = []
+    for key, kind in (("run_id", str), ("status", str), ("created_at", str), ("updated_at", str)):
+        if not isinstance(m.get(key), kind):
+            problems.append(f"field {key} is missing or not a {kind.__name__}")
+    if m.get("status") not in mf.STATUSES:
+        problems.append(f"unknown status {m.get('status')!r}")
+    for key in ("labels", "request", "retention", "logs", "artifacts", "runtime", "preview", "error"):
+        if key in m and not isinstance(m[key], dict):
+            problems.append(f"field {key} is not a table")
+    req = m.get("request") or {}
+    if not isinstance(req.get("argv", []), list):
+        problems.append("request.argv is not a list")
+    for stream, ref in (m.get("logs") or {}).items():
+        if not isinstance(ref, dict) or not isinstance(ref.get("blake3"), str):
+            problems.append(f"logs.{stream} has no blake3 address")
+    if m.get("status") in mf.TERMINAL and m.get("status") != mf.CANCELLED and not m.get("finished_at"):
+        problems.append("terminal run without finished_at")
+    return problems
+
+
+def verify(registry: "Registry", run_ids: list[str] | None = None, *, read_data: bool = False, quarantine: bool = False, progress=None) -> dict:
+    from .tree import Tree
+
+    store = registry.store
+    everything = not run_ids
+    ids = sorted(iter_run_ids(registry.runs_dir)) if everything else list(run_ids)
+    problems: list[dict] = []
+    referenced: set[str] = set()
+    checked: dict[str, str | None] = {}  # address -> problem kind or None (blobs shared by runs are read once)
+
+    def check_blob(address: str, run_id: str, what: str) -> bool:
+        if address not in checked:
+            try:
+                if read_data:
+                    for _ in store.iter_chunks(address):
+                        pass
+                elif not store.contains(address):
+                    raise BlobNotFound(f"blob {address} not found")
+                checked[address] = None
+            except BlobNotFound:
+                checked[address] = "blob_missing"
+            except IntegrityError:
+                checked[address] = "blob_corrupt"
+        kind = checked[address]
+        if kind:
+            problems.append({"kind": kind, "run_id": run_id, "address": address, "message": f"{what} blob {address} is {kind[5:]}"})
+        return kind is None
+
+    for i, rid in enumerate(ids):
+        if progress:
+            progress("verifying runs", i + 1, len(ids))
+        run = registry.run_dir(rid)
+        try:
+            m = run.read_fresh()
+        except CasrunsError as e:
+            problems.append({"kind": "manifest_invalid", "run_id": rid, "message": e.message})
+            continue
+        for p in check_manifest(m):
+            problems.append({"kind": "manifest_invalid", "run_id": rid, "message": p})
+        for stream, ref in (m.get("logs") or {}).items():
+            if isinstance(ref, dict) and ref.get("blake3"):
+                referenced.add(ref["blake3"])
+                check_blob(ref["blake3"], rid, f"log {stream}")
+        tree_ref = (m.get("artifacts") or {}).get("tree")
+        if tree_ref:
+            referenced.add(tree_ref)
+            try:
+                tree = Tree.from_bytes(store.read_bytes(tree_ref))
+            except BlobNotFound:
+                problems.append({"kind": "blob_missing", "run_id": rid, "address": tree_ref, "message": f"artifact tree blob {tree_ref} is missing"})
+                continue
+            except IntegrityError:
+                checked[tree_ref] = "blob_corrupt"
+                problems.append({"kind": "blob_corrupt", "run_id": rid, "address": tree_ref, "message": f"artifact tree blob {tree_ref} is corrupt"})
+                continue
+            except CasrunsError as e:
+                problems.append({"kind": "tree_invalid", "run_id": rid, "address": tree_ref, "message": e.message})
+                continue
+            for entry in tree.entries:
+                if entry.type == "file" and entry.blake3:
+                    referenced.add(entry.blake3)
+                    check_blob(entry.blake3, rid, f"artifact {entry.path}")
+
+    orphans = 0
+    if everything:
+        addresses = list(store.iter_addresses())
+        for i, address in enumerate(addresses):
+            if progress:
+                progress("checking blobs", i + 1, len(addresses))
+            if address not in referenced:
+                orphans += 1
+                if read_data and address not in checked:
+                    check_blob(address, "", "unreferenced")
+
+    quarantined = []
+    if quarantine:
+        qdir = os.path.join(registry.root, "quarantine")
+        for address, kind in sorted(checked.items()):
+            if kind == "blob_corrupt":
+                fsutil.ensure_dir(qdir)
+                try:
+                    os.rename(store.path_for(address), os.path.join(qdir, address))
+                    quarantined.append(address)
+                except FileNotFoundError:
+                    pass
+        if quarantined:
+            fsutil.fsync_dir(qdir)
+    return {
+        "schema": SCHEMA,
+        "runs_checked": len(ids),
+        "blobs_checked": len(checked),
+        "read_data": read_data,
+        "orphans": orphans,
+        "problems": problems,
+        "quarantined": quarantined,
+        "ok": not problems,
+    }
