@@ -122,3 +122,17 @@ def casruns_gc_roots(registry_root: str) -> list[str] | None:
 
     :return: None, or a list of blob addresses and/or run ids.
     """
+
+
+@hookspec
+def casruns_resume(run: dict[str, Any], attempt: int) -> dict[str, Any] | None:
+    """Refuse or prepare a resumed attempt of a run.
+
+    Called by the CLI (``casruns resume``) before the new attempt is created.
+
+    :param run: the earlier attempt's record (``casruns/run/v1``).
+    :param attempt: the number the new attempt will have.
+    :return: None; ``{"refuse": "why"}`` to refuse (nothing is created, the CLI shows why);
+        or ``{"env": {...}}`` to give the new attempt extra environment variables (for
+        example a snapshot to restore), held in memory only like ``--env`` values.
+    """

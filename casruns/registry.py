@@ -144,6 +144,7 @@ class Registry:
         retain_for: str | float | None = None,
         environ: Mapping[str, str] | None = None,
         spawn: bool = True,
+        _chain: Mapping | None = None,
     ) -> dict:
         """Record a run as queued, start its supervisor, return its record at once.
 
@@ -215,7 +216,9 @@ class Registry:
             "created_ns": time.time_ns(),
             "updated_at": format_ts(now),
             "provider": provider,
-            "attempt": 1,
+            "attempt": int((_chain or {}).get("attempt", 1)),
+            "resumed_from": (_chain or {}).get("resumed_from"),
+            "replay_of": (_chain or {}).get("replay_of"),
             "submitted_by": {"host": socket.gethostname(), "pid": os.getpid()},
             "labels": labels,
             "request": request,
@@ -235,6 +238,8 @@ class Registry:
         if request["argv"] != argv:
             request["argv_redacted"] = True
             payload["argv"] = argv
+        for k, v in ((_chain or {}).get("env") or {}).items():  # resume: CASRUNS_RESUMED_FROM, plugin env
+            payload["env"][k] = str(v)
         env_file = json.dumps({"env": env_values}).encode()
         try:
             run, lock = _create(self.runs_dir, m, env_file)
@@ -247,6 +252,13 @@ class Registry:
                 ) from None
             return self.get(rid)
         try:
+            seed = (_chain or {}).get("seed_tree")
+            if seed:
+                # a resumed attempt starts from the earlier attempt's artifacts, materialized
+                # from the store (collecting them again later dedups to the same blobs)
+                from .tree import Tree, materialize
+
+                materialize(Tree.from_bytes(self.store.read_bytes(seed)), self.store, run.artifacts_dir)
             scheduler.enqueue(self.root, rid, m["created_ns"])
             if spawn:
                 from . import supervisor
@@ -437,6 +449,97 @@ class Registry:
         if outcome == "requested" and self._lost(run, run.read_fresh()):
             self.reap_lost(run)
         return self.get(run_id), outcome
+
+    # -- replay and resume ---------------------------------------------------------------
+    def _recipe(self, run_id: str) -> tuple[dict, dict]:
+        m = self.manifest(run_id)
+        req = m.get("request") or {}
+        if req.get("argv_redacted"):
+            raise InvalidInput(
+                f"run {run_id}'s command line held a secret and was stored redacted; it cannot be run again from its record"
+            )
+        return m, req
+
+    def replay(self, run_id: str, *, run_id_new: str | None = None, environ: Mapping[str, str] | None = None, spawn: bool = True) -> dict:
+        """Submit a new run from a run's recipe (secrets and env values read again from
+        ``environ``), linked to it by ``replay_of``."""
+        m, req = self._recipe(run_id)
+        return self._resubmit(m, req, run_id_new=run_id_new, environ=environ, spawn=spawn, chain={"replay_of": run_id})
+
+    def resume(self, run_id: str, *, environ: Mapping[str, str] | None = None, spawn: bool = True) -> dict:
+        """Start attempt n+1 of a failed, timed-out or cancelled run, seeded with its artifacts.
+
+        The command sees ``CASRUNS_RESUMED_FROM`` (the earlier run id) and ``CASRUNS_ATTEMPT``.
+        A plugin may refuse (``{"refuse": why}``) or prepare it (``{"env": {...}}``)."""
+        from .errors import InvalidTransition, PluginError
+
+        m, req = self._recipe(run_id)
+        if m["status"] not in (mf.FAILED, mf.TIMED_OUT, mf.CANCELLED):
+            raise InvalidTransition(
+                f"run {run_id} is {m['status']}; only a failed, timed_out or cancelled run can be resumed", run_id=run_id
+            )
+        attempt = int(m.get("attempt", 1)) + 1
+        env = {"CASRUNS_RESUMED_FROM": run_id, "CASRUNS_ATTEMPT": str(attempt)}
+        record = self.get(run_id)
+        plugins = self._plugins_for(req)
+        for plugin, res in plugins.call("casruns_resume", run=record, attempt=attempt):
+            if isinstance(res, dict) and res.get("refuse"):
+                raise PluginError(f"plugin {plugin} refused to resume run {run_id}: {res['refuse']}", plugin=plugin, hook="casruns_resume")
+            if isinstance(res, dict):
+                env.update({str(k): str(v) for k, v in (res.get("env") or {}).items()})
+        chain = {
+            "attempt": attempt,
+            "resumed_from": run_id,
+            "replay_of": m.get("replay_of"),
+            "seed_tree": (m.get("artifacts") or {}).get("tree"),
+            "env": env,
+        }
+        return self._resubmit(m, req, environ=environ, spawn=spawn, chain=chain)
+
+    def _plugins_for(self, req: dict):
+        recorded = [p for p in req.get("plugins") or [] if p not in self.plugin_modules()]
+        if not recorded:
+            return self.plugins
+        return Registry(self.root, plugins=[*self.extra_plugins, *recorded]).plugins
+
+    def _resubmit(self, m: dict, req: dict, *, environ, spawn: bool, chain: dict, run_id_new: str | None = None) -> dict:
+        recorded = [p for p in req.get("plugins") or [] if p not in self.plugin_modules()]
+        target = Registry(self.root, plugins=[*self.extra_plugins, *recorded]) if recorded else self
+        return target.submit(
+            list(req.get("argv") or []),
+            provider=m.get("provider", "shell"),
+            timeout=req.get("timeout"),
+            labels=dict(m.get("labels") or {}),
+            env=list(req.get("env_names") or []),
+            secret_env=list(req.get("secret_env") or []),
+            cwd=req.get("cwd"),
+            recipe=req.get("recipe"),
+            run_id=run_id_new,
+            retain_for=(m.get("retention") or {}).get("retain_for"),
+            environ=environ,
+            spawn=spawn,
+            _chain=chain,
+        )
+
+    def chain(self, run_id: str) -> list[dict]:
+        """Every attempt of the run's chain (linked by ``resumed_from``), first attempt first."""
+        m = self.manifest(run_id)
+        by_id = {x["run_id"]: x for x in self._all_manifests()}
+        root = m
+        seen = {root["run_id"]}
+        while root.get("resumed_from") in by_id and root["resumed_from"] not in seen:
+            root = by_id[root["resumed_from"]]
+            seen.add(root["run_id"])
+        children: dict[str, list[dict]] = {}
+        for x in by_id.values():
+            if x.get("resumed_from"):
+                children.setdefault(x["resumed_from"], []).append(x)
+        out, todo = [], [root]
+        while todo:
+            cur = todo.pop(0)
+            out.append(cur)
+            todo.extend(sorted(children.get(cur["run_id"], []), key=lambda x: x.get("created_at", "")))
+        return [self._record(self.run_dir(x["run_id"]), x) for x in out]
 
     # -- promotion ---------------------------------------------------------------------
     def promote(self, run_id: str, *, reason: str, by: str | None = None) -> tuple[dict, str]:

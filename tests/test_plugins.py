@@ -67,8 +67,8 @@ def test_every_hook_is_documented_in_the_plugin_guide():
 
 
 def test_every_hook_has_a_test():
-    names = {n for n in globals() if n.startswith("test_hook_")}
-    assert [h for h in HOOKS if f"test_hook_{h}" not in names] == []
+    source = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
+    assert [h for h in HOOKS if f"def test_hook_{h}(" not in source] == []
 
 
 def test_every_hookspec_docstring_names_its_process():

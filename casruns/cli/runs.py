@@ -107,10 +107,13 @@ def register(cli: click.Group) -> None:
     @click.option("--since", help="Only runs created since TIME (RFC 3339 or a duration ago, e.g. 2h).")
     @click.option("--limit", type=int, help="At most N runs.")
     @click.option("--promoted/--not-promoted", "promoted", default=None, help="Only promoted (or only unpromoted) runs.")
+    @click.option("--chain", metavar="RUN_ID", help="The attempts of RUN_ID's chain (resume links), first first.")
     @JSON_OPT
     @click.pass_obj
-    def list_(obj, statuses, labels, since, limit, promoted, as_json):
+    def list_(obj, statuses, labels, since, limit, promoted, chain, as_json):
         """List runs, newest first."""
+        if chain:
+            return render.list_output(obj.registry.chain(chain), as_json)
         errors: list = []
         records = obj.registry.list(
             statuses=statuses, labels=parse_labels(labels), since=since, limit=limit, promoted=promoted, errors=errors
@@ -150,6 +153,25 @@ def register(cli: click.Group) -> None:
                 "already_terminal": f"run is already {r['status']}; nothing changed",
             }[outcome]
             click.echo(f"{run_id}: {msg}")
+
+    @cli.command()
+    @click.argument("run_id")
+    @click.option("--run-id", "new_id", help="Id for the new run (idempotent, as in submit).")
+    @JSON_OPT
+    @click.pass_obj
+    def replay(obj, run_id, new_id, as_json):
+        """Submit a new run from RUN_ID's recipe; secrets and env values are read again from here."""
+        r = obj.registry.replay(run_id, run_id_new=new_id)
+        render.emit_json(r) if as_json else click.echo(r["run_id"])
+
+    @cli.command()
+    @click.argument("run_id")
+    @JSON_OPT
+    @click.pass_obj
+    def resume(obj, run_id, as_json):
+        """Start the next attempt of a failed, timed-out or cancelled run, seeded with its artifacts."""
+        r = obj.registry.resume(run_id)
+        render.emit_json(r) if as_json else click.echo(r["run_id"])
 
     def promotion_command(name: str, promote: bool):
         @cli.command(name=name)
