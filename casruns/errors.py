@@ -78,6 +78,12 @@ class UnsafePath(InvalidInput):
     code = "unsafe_path"
 
 
+class BackendMissing(InvalidInput):
+    """An archive URL whose backend (an optional extra) is not installed."""
+
+    code = "backend_missing"
+
+
 class UnknownProvider(InvalidInput):
     code = "unknown_provider"
 

@@ -610,10 +610,37 @@ class Registry:
 
         return collect_garbage(self, dry_run=dry_run, wait=wait, progress=progress)
 
-    def verify(self, run_ids: list[str] | None = None, *, read_data: bool = False, quarantine: bool = False, progress=None) -> dict:
+    def verify(
+        self, run_ids: list[str] | None = None, *, read_data: bool = False, quarantine: bool = False, against: str | None = None, progress=None
+    ) -> dict:
         from .verify import verify
 
-        return verify(self, run_ids, read_data=read_data, quarantine=quarantine, progress=progress)
+        report = verify(self, run_ids, read_data=read_data, quarantine=quarantine, progress=progress)
+        if against:
+            from .archive import compare
+
+            ids = run_ids or [rid for rid in iter_run_ids(self.runs_dir)]
+            diffs = compare(self, against, sorted(ids))
+            report["against"] = against
+            report["problems"].extend(diffs)
+            report["ok"] = not report["problems"]
+        return report
+
+    # -- archives ------------------------------------------------------------------------
+    def archive_push(self, dest: str, run_ids: list[str] | None = None, *, promoted: bool = False, progress=None) -> dict:
+        from .archive import push
+
+        return push(self, dest, run_ids, promoted=promoted, progress=progress)
+
+    def archive_pull(self, src: str, run_ids: list[str] | None = None, *, progress=None) -> dict:
+        from .archive import pull
+
+        return pull(self, src, run_ids, progress=progress)
+
+    def archive_list(self, src: str) -> dict:
+        from .archive import list_archive
+
+        return list_archive(self, src)
 
     # -- reaping -----------------------------------------------------------------------
     def reap_lost(self, run: RunDir) -> dict:

@@ -493,6 +493,53 @@ class DiskStore(BlobStore):
         fsutil.fsync_dir(final.parent)
         return info
 
+    def import_frame(self, address: str, stream: BinaryIO | None, batch: Batch) -> int:
+        """Take a stored blob (a zstd frame) from elsewhere, verified before it is accepted.
+
+        The frame is written to a temp file while it is decompressed and re-hashed; only if
+        its content hashes to ``address`` does it join ``batch``. A tampered or truncated
+        frame raises IntegrityError and leaves nothing behind. With ``stream=None`` the blob
+        must already be here: it is pinned and refreshed. Returns the bytes received.
+        """
+        if stream is None:
+            if self._existing(address, batch) is None:
+                raise BlobNotFound(f"blob {address} not found in {self.path}", address=address)
+            return 0
+        validate_address(address)
+        if self._existing(address, batch) is not None:
+            return 0
+        hasher = blake3.blake3()
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        received = 0
+        tmp, fd = self._new_temp()
+        try:
+            with os.fdopen(fd, "wb") as out:
+                try:
+                    while chunk := stream.read(CHUNK):
+                        out.write(chunk)
+                        received += len(chunk)
+                        hasher.update(dobj.decompress(chunk))
+                    if not dobj.eof:
+                        raise IntegrityError(f"blob {address} is truncated (the zstd frame does not end)", address=address)
+                except zstandard.ZstdError as e:
+                    raise IntegrityError(f"blob {address} cannot be decoded ({e})", address=address) from None
+            if hasher.hexdigest() != address:
+                raise IntegrityError(f"blob {address} is corrupt: its content hashes to {hasher.hexdigest()}", address=address)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        size = self.stat_frame_size(tmp)
+        self._finish(address, tmp, BlobInfo(address, size, received), batch)
+        return received
+
+    @staticmethod
+    def stat_frame_size(path: str) -> int:
+        with open(path, "rb") as f:
+            try:
+                return max(zstandard.frame_content_size(f.read(18)), -1)
+            except zstandard.ZstdError:
+                return -1
+
     def _commit_batch(self, pending: list[tuple[str, BlobInfo]]) -> None:
         """Make a batch durable: data first, then names, then the directories."""
         many = len(pending) > FEW

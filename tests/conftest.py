@@ -69,7 +69,8 @@ def cli(*args, env=None, input=None, check=None, timeout=60):
 
 def cli_json(*args, **kw):
     # --json goes right after the subcommand, before any `--` that starts a command line
-    proc = cli(args[0], "--json", *args[1:], **kw)
+    n = 2 if args[0] == "archive" else 1  # after the (sub)command's name
+    proc = cli(*args[:n], "--json", *args[n:], **kw)
     lines = [json.loads(l) for l in proc.stdout.splitlines() if l.strip()]
     return proc, lines
 

@@ -45,11 +45,13 @@ def build_cli() -> click.Group:
         """casruns: a durable run registry for headless sandbox runs."""
         ctx.obj = Ctx(root, plugins)
 
+    from .archive import register as register_archive
     from .plugins import register as register_plugins
     from .runs import register as register_runs
 
     register_runs(cli)
     register_plugins(cli)
+    register_archive(cli)
     return cli
 
 

@@ -244,14 +244,15 @@ def register(cli: click.Group) -> None:
     @click.argument("run_ids", nargs=-1)
     @click.option("--read-data", is_flag=True, help="Decompress and re-hash every blob checked.")
     @click.option("--quarantine", is_flag=True, help="Move corrupt blobs to <root>/quarantine.")
+    @click.option("--against", metavar="SRC", help="Also compare the runs with their copies in archive SRC.")
     @JSON_OPT
     @click.pass_obj
-    def verify(obj, run_ids, read_data, quarantine, as_json):
+    def verify(obj, run_ids, read_data, quarantine, against, as_json):
         """Check manifests and the blobs they reference (exit 14 if anything is wrong)."""
         from .progress import Progress
 
         progress = Progress("verify", enabled=None if not as_json else False)
-        report = obj.registry.verify(list(run_ids) or None, read_data=read_data, quarantine=quarantine, progress=progress)
+        report = obj.registry.verify(list(run_ids) or None, read_data=read_data, quarantine=quarantine, against=against, progress=progress)
         progress.done()
         if as_json:
             render.emit_json(report)

@@ -1,0 +1,375 @@
+"""Archives: promoted evidence copied to other machines, in the same content-addressed format.
+
+An archive is a directory tree (spec/format.md, "Archives")::
+
+    casruns-archive.toml           format = "casruns-archive", version = 1
+    blobs/<ab>/<62 hex>            the zstd frames, byte for byte as in a registry
+    runs/<run_id>/manifest.toml    the run's manifest, written last
+
+Runs from many registries share blobs: a blob the archive already holds is never sent again.
+
+Write order and visibility: for each run, its blobs (artifact files and logs first, the tree
+next), then the manifest; so an archive never holds a manifest whose blobs are missing, and an
+interrupted push resumes by skipping what arrived. A reader never sees a partial object under
+its final name: on filesystems (local, NFS, sftp) objects are written under ``tmp/`` and
+renamed; on object stores (S3) a PUT is atomic, and its size is checked after the upload.
+Pull trusts nothing: each blob is decompressed and re-hashed against its address before it
+enters the local store.
+
+Local paths need nothing beyond casruns; other URLs go through fsspec, with the backends as
+optional extras (``casruns[s3]``, ``casruns[sftp]``). Credentials come from the usual
+environment variables or the registry config's ``[archive]`` table, never from manifests.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import TYPE_CHECKING, BinaryIO
+
+from . import fsutil
+from . import manifest as mf
+from .errors import BackendMissing, CasrunsError, InvalidInput, RegistryError, RunNotFound
+from .ids import validate_address, validate_run_id
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+MARKER = "casruns-archive.toml"
+FORMAT = "casruns-archive"
+VERSION = 1
+CHUNK = 1 << 20
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "sftp": "sftp", "ssh": "sftp"}
+
+
+def blob_key(address: str) -> str:
+    validate_address(address)
+    return f"blobs/{address[:2]}/{address[2:]}"
+
+
+def manifest_key(run_id: str) -> str:
+    return f"runs/{validate_run_id(run_id)}/manifest.toml"
+
+
+class Remote:
+    """What an archive backend must do. Keys are relative POSIX paths."""
+
+    url: str
+
+    def size(self, key: str) -> int | None: ...
+    def put_file(self, local: str, key: str, size: int) -> None: ...
+    def put_bytes(self, data: bytes, key: str) -> None: ...
+    def open(self, key: str) -> BinaryIO: ...
+    def list_runs(self) -> list[str]: ...
+
+    def get_bytes(self, key: str) -> bytes:
+        with self.open(key) as f:
+            return f.read()
+
+
+class LocalRemote(Remote):
+    """A local or mounted directory, written durably: temp, fsync, rename, fsync dir."""
+
+    def __init__(self, path: str) -> None:
+        self.url = self.root = os.path.abspath(path)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *key.split("/"))
+
+    def size(self, key: str) -> int | None:
+        try:
+            return os.stat(self._path(key)).st_size
+        except FileNotFoundError:
+            return None
+
+    def put_file(self, local: str, key: str, size: int) -> None:
+        target = self._path(key)
+        fsutil.ensure_dir(os.path.dirname(target))
+        tmp = os.path.join(os.path.dirname(target), fsutil.temp_name(os.path.basename(target)))
+        try:
+            with open(local, "rb") as src, os.fdopen(fsutil.open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as dst:
+                while chunk := src.read(CHUNK):
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.rename(tmp, target)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        fsutil.fsync_dir(os.path.dirname(target))
+
+    def put_bytes(self, data: bytes, key: str) -> None:
+        target = self._path(key)
+        fsutil.ensure_dir(os.path.dirname(target))
+        fsutil.atomic_write(target, data)
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise RunNotFound(f"{self.url}: no {key}") from None
+
+    def list_runs(self) -> list[str]:
+        try:
+            names = os.listdir(os.path.join(self.root, "runs"))
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if os.path.isfile(os.path.join(self.root, "runs", n, "manifest.toml")))
+
+
+class FsspecRemote(Remote):
+    def __init__(self, url: str, storage_options: dict) -> None:
+        try:
+            import fsspec
+        except ImportError:
+            raise BackendMissing(f"archives at {url} need fsspec: pip install 'casruns[archive]'") from None
+        scheme = url.split("://", 1)[0].lower()
+        try:
+            self.fs, self.base = fsspec.core.url_to_fs(url, **storage_options)
+        except (ImportError, ValueError) as e:
+            extra = EXTRAS.get(scheme, "archive")
+            raise BackendMissing(
+                f"no backend for {scheme}:// archives is installed ({e}); install it with: pip install 'casruns[{extra}]'"
+            ) from None
+        self.url = url
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.renames = protocol in ("file", "local", "sftp", "ssh")  # object stores have no rename
+
+    def _path(self, key: str) -> str:
+        return f"{self.base.rstrip('/')}/{key}"
+
+    def size(self, key: str) -> int | None:
+        try:
+            return int(self.fs.info(self._path(key))["size"])
+        except (FileNotFoundError, OSError):
+            return None
+
+    def _commit(self, upload, key: str, size: int) -> None:
+        target = self._path(key)
+        if self.renames:
+            tmp = self._path(f"tmp/{secrets.token_hex(8)}")
+            self.fs.makedirs(self._path("tmp"), exist_ok=True)
+            upload(tmp)
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.mv(tmp, target)
+        else:
+            upload(target)  # a PUT is atomic: the object appears whole or not at all
+        got = self.size(key)
+        if got != size:
+            raise RegistryError(f"{self.url}: uploaded {key} has {got} bytes, expected {size}")
+
+    def put_file(self, local: str, key: str, size: int) -> None:
+        self._commit(lambda path: self.fs.put_file(local, path), key, size)
+
+    def put_bytes(self, data: bytes, key: str) -> None:
+        self._commit(lambda path: self.fs.pipe_file(path, data), key, len(data))
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return self.fs.open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise RunNotFound(f"{self.url}: no {key}") from None
+
+    def list_runs(self) -> list[str]:
+        try:
+            entries = self.fs.ls(self._path("runs"), detail=False)
+        except FileNotFoundError:
+            return []
+        out = []
+        for e in entries:
+            name = e.rstrip("/").rsplit("/", 1)[-1]
+            try:
+                validate_run_id(name)
+            except CasrunsError:
+                continue
+            if self.size(f"runs/{name}/manifest.toml") is not None:
+                out.append(name)
+        return sorted(out)
+
+
+def open_remote(url: str, registry: "Registry") -> Remote:
+    if "://" not in url or url.startswith("file://"):
+        return LocalRemote(url[len("file://") :] if url.startswith("file://") else url)
+    opts: dict = {}
+    scheme = url.split("://", 1)[0].lower()
+    cfg = (registry.config.raw.get("archive") or {}) if registry._check_format() else {}
+    if scheme in ("s3", "s3a"):
+        endpoint = cfg.get("endpoint_url") or os.environ.get("CASRUNS_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+        if cfg.get("region"):
+            opts["client_kwargs"] = {"region_name": cfg["region"]}
+    return FsspecRemote(url, opts)
+
+
+def _ensure_marker(remote: Remote) -> None:
+    import tomllib
+
+    if remote.size(MARKER) is None:
+        remote.put_bytes(f'format = "{FORMAT}"\nversion = {VERSION}\n'.encode(), MARKER)
+        return
+    doc = tomllib.loads(remote.get_bytes(MARKER).decode())
+    if doc.get("format") != FORMAT or not isinstance(doc.get("version"), int) or doc["version"] > VERSION:
+        from .errors import UnsupportedFormat
+
+        raise UnsupportedFormat(f"{remote.url} is not a casruns archive this version can use ({doc})")
+
+
+def _run_blobs(registry: "Registry", m: dict) -> list[str]:
+    """A run's blobs in push order: artifact files and logs, then the tree (the manifest last)."""
+    from .tree import Tree
+
+    out: list[str] = []
+    tree_ref = (m.get("artifacts") or {}).get("tree")
+    if tree_ref:
+        out.extend(sorted(Tree.from_bytes(registry.store.read_bytes(tree_ref)).addresses()))
+    for ref in (m.get("logs") or {}).values():
+        if isinstance(ref, dict) and ref.get("blake3"):
+            out.append(ref["blake3"])
+    if tree_ref:
+        out.append(tree_ref)
+    return list(dict.fromkeys(out))
+
+
+def _fault(count: int) -> None:
+    limit = os.environ.get("CASRUNS_TEST_ARCHIVE_KILL_AFTER")
+    if limit and count >= int(limit):
+        os.kill(os.getpid(), 9)
+
+
+def push(registry: "Registry", dest: str, run_ids: list[str] | None, *, promoted: bool = False, progress=None) -> dict:
+    if not run_ids and not promoted:
+        raise InvalidInput("name the runs to push, or use --promoted")
+    ids = list(run_ids or [])
+    if promoted:
+        ids += [r["run_id"] for r in registry.list(promoted=True) if r["run_id"] not in ids]
+    manifests = {}
+    for rid in ids:
+        m = registry.run_dir(rid).read_fresh()
+        if m["status"] not in mf.TERMINAL:
+            raise InvalidInput(f"run {rid} is {m['status']}; only finished runs can be archived")
+        manifests[rid] = m
+    remote = open_remote(dest, registry)
+    _ensure_marker(remote)
+    report = {"schema": "casruns/archive-push/v1", "dest": remote.url, "runs": 0, "blobs_sent": 0, "blobs_skipped": 0, "bytes_sent": 0, "bytes_logical": 0}
+    store = registry.store
+    for i, (rid, m) in enumerate(manifests.items()):
+        if progress:
+            progress("pushing runs", i + 1, len(manifests))
+        for address in _run_blobs(registry, m):
+            local = str(store.path_for(address))
+            size = os.stat(local).st_size
+            report["bytes_logical"] += size
+            if remote.size(blob_key(address)) == size:
+                report["blobs_skipped"] += 1
+                continue
+            for _ in store.iter_chunks(address):  # never archive a corrupt blob
+                pass
+            remote.put_file(local, blob_key(address), size)
+            report["blobs_sent"] += 1
+            report["bytes_sent"] += size
+            _fault(report["blobs_sent"])
+        with open(registry.run_dir(rid).manifest_path, "rb") as f:
+            remote.put_bytes(f.read(), manifest_key(rid))  # last: the run's commit point
+        report["runs"] += 1
+    return report
+
+
+def remote_manifest(remote: Remote, run_id: str) -> dict:
+    m = mf.loads(remote.get_bytes(manifest_key(run_id)), f"{remote.url}/{manifest_key(run_id)}")
+    if m["run_id"] != run_id:
+        raise RegistryError(f"{remote.url}: manifest of {run_id} names run {m['run_id']}")
+    return m
+
+
+def list_archive(registry: "Registry", src: str) -> dict:
+    from .record import build
+
+    remote = open_remote(src, registry)
+    runs = []
+    for rid in remote.list_runs():
+        m = remote_manifest(remote, rid)
+        r = build(m, registry.config)
+        runs.append({"run_id": rid, "status": m["status"], "promoted": r["retention"]["promoted"], "created_at": m.get("created_at"), "labels": r["labels"]})
+    return {"schema": "casruns/archive-list/v1", "src": remote.url, "runs": runs}
+
+
+def pull(registry: "Registry", src: str, run_ids: list[str] | None, *, progress=None) -> dict:
+    from . import runs as runs_mod
+    from .tree import Tree
+
+    remote = open_remote(src, registry)
+    ids = list(run_ids) if run_ids else remote.list_runs()
+    registry._ensure()
+    store = registry.store
+    report = {"schema": "casruns/archive-pull/v1", "src": remote.url, "runs": 0, "runs_present": 0, "blobs_received": 0, "blobs_present": 0, "bytes_received": 0}
+    for i, rid in enumerate(ids):
+        if progress:
+            progress("pulling runs", i + 1, len(ids))
+        if registry.run_dir(rid).exists():
+            report["runs_present"] += 1
+            continue
+        m = remote_manifest(remote, rid)
+        if m["status"] not in mf.TERMINAL:
+            raise RegistryError(f"{remote.url}: run {rid} is {m['status']}; an archive holds finished runs only")
+        with store.pin() as pin:
+            with store.batch(pin) as batch:
+                wanted: list[str] = [ref["blake3"] for ref in (m.get("logs") or {}).values() if isinstance(ref, dict) and ref.get("blake3")]
+                tree_ref = (m.get("artifacts") or {}).get("tree")
+                if tree_ref:
+                    _import(remote, store, batch, tree_ref, report)
+                    batch.sync()
+                    wanted += sorted(Tree.from_bytes(store.read_bytes(tree_ref)).addresses())
+                for address in dict.fromkeys(wanted):
+                    _import(remote, store, batch, address, report)
+            # every blob is verified and durable: now the manifest (the commit point)
+            try:
+                run, lock = runs_mod.create(registry.runs_dir, m)
+            except runs_mod.RunExists:
+                report["runs_present"] += 1
+                continue
+            lock.release()
+            run.remove_workspace()
+        report["runs"] += 1
+    return report
+
+
+def _import(remote: Remote, store, batch, address: str, report: dict) -> None:
+    if batch.pending(address) is not None:
+        return
+    if store.contains(address):
+        store.import_frame(address, None, batch)  # pins and refreshes it
+        report["blobs_present"] += 1
+        return
+    with remote.open(blob_key(address)) as f:
+        size = store.import_frame(address, f, batch)
+    report["blobs_received"] += 1
+    report["bytes_received"] += size
+
+
+def compare(registry: "Registry", src: str, run_ids: list[str]) -> list[dict]:
+    """Differences between local runs and their archived copies (verify --against)."""
+    remote = open_remote(src, registry)
+    problems = []
+    for rid in run_ids:
+        local = registry.run_dir(rid).read_fresh()
+        try:
+            other = remote_manifest(remote, rid)
+        except RunNotFound:
+            problems.append({"kind": "archive_missing", "run_id": rid, "message": f"{remote.url} has no copy of run {rid}"})
+            continue
+        for key in ("status", "logs", "artifacts", "exit_code"):
+            if local.get(key) != other.get(key):
+                problems.append({"kind": "archive_differs", "run_id": rid, "message": f"archived copy differs in {key}"})
+        for address in _run_blobs(registry, local):
+            want = os.stat(registry.store.path_for(address)).st_size if registry.store.contains(address) else None
+            got = remote.size(blob_key(address))
+            if got is None:
+                problems.append({"kind": "archive_missing", "run_id": rid, "address": address, "message": f"archive lacks blob {address}"})
+            elif want is not None and got != want:
+                problems.append({"kind": "archive_differs", "run_id": rid, "address": address, "message": f"archived blob {address} has {got} bytes, local {want}"})
+    return problems
+
