@@ -46,6 +46,22 @@ def main() -> int:
     export_dir = os.path.join(root, "..", os.path.basename(root) + "-export")
     sh("export", ok, export_dir)
     shutil.rmtree(export_dir, ignore_errors=True)
+    sh("promote", ok, "--reason", "phpunit green", "--by", "demo")
+    resumed = sh("resume", slow)
+    sh("wait", resumed, "--timeout", "5", check=False)
+    sh("cancel", resumed, "--reason", "demo over")
+    sh("list", "--chain", slow)
+    archive_dir = os.path.join(root, "..", os.path.basename(root) + "-archive")
+    sh("archive", "push", archive_dir, "--promoted")
+    # make the unpromoted runs old news, then collect them
+    with open(os.path.join(root, "config.toml"), "w") as f:  # the demo's own throw-away config
+        f.write('gc_grace = "0s"\n[retention]\nsucceeded = "0s"\nfailed = "0s"\ntimed_out = "0s"\ncancelled = "0s"\n')
+    sh("gc", "--dry-run")
+    sh("gc")
+    sh("list")
+    sh("verify", "--read-data")
+    sh("logs", ok)
+    shutil.rmtree(archive_dir, ignore_errors=True)
     if keep:
         print(f"\nkept the registry at {root}")
     else:
