@@ -844,7 +844,7 @@ class Registry:
         assert entry.blake3 is not None
         return self.store.iter_chunks(entry.blake3)
 
-    def export(self, run_id: str, dest: str) -> dict:
+    def export(self, run_id: str, dest: str, progress=None) -> dict:
         """Materialize artifacts under ``DEST/artifacts`` and logs under ``DEST/logs``."""
         from .tree import materialize
 
@@ -854,7 +854,7 @@ class Registry:
             raise InvalidInput(f"run {run_id} is {m['status']}; export needs a finished run (try wait first)")
         dest = os.path.abspath(dest)
         os.makedirs(dest, exist_ok=True)
-        report = materialize(self.tree(run_id), self.store, os.path.join(dest, "artifacts"))
+        report = materialize(self.tree(run_id), self.store, os.path.join(dest, "artifacts"), progress=progress)
         logs_dir = os.path.join(dest, "logs")
         os.makedirs(logs_dir, exist_ok=True)
         for stream, ref in (m.get("logs") or {}).items():

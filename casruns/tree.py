@@ -276,7 +276,7 @@ def _printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def materialize(tree: Tree, store: "BlobStore", dest: str | os.PathLike) -> dict:
+def materialize(tree: Tree, store: "BlobStore", dest: str | os.PathLike, progress=None) -> dict:
     """Write a tree's files under ``dest``; refuse anything that would land outside it.
 
     Returns ``{"files": n, "symlinks": n, "bytes": n, "refused": [{"path", "reason"}]}``.
@@ -286,7 +286,9 @@ def materialize(tree: Tree, store: "BlobStore", dest: str | os.PathLike) -> dict
     os.makedirs(dest, exist_ok=True)
     report = {"files": 0, "symlinks": 0, "bytes": 0, "refused": []}
     created: list[tuple[str, str]] = []
-    for e in tree.entries:
+    for i, e in enumerate(tree.entries):
+        if progress:
+            progress("exporting", i + 1, len(tree.entries))
         try:
             rel = safe_relpath(e.path)
             parent = _safe_parent(dest, rel)

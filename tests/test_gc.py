@@ -387,3 +387,43 @@ def test_stress_concurrent_ingests_and_gc_loops_lose_nothing(registry, tmp_path)
     registry.gc()
     assert {r["run_id"] for r in registry.list()} == promoted  # the rest were eligible
     assert registry.verify(read_data=True)["ok"]
+
+
+def _on_a_terminal(args, env_home):
+    """Run the CLI with stderr on a pseudo-terminal; return (exit code, what the terminal got)."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, CASRUNS_HOME=str(env_home))
+    proc = subprocess.Popen(casruns_exe() + args, stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    seen = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                data = os.read(master, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            seen += data
+        elif proc.poll() is not None:
+            break
+    proc.wait(timeout=30)
+    os.close(master)
+    return proc.returncode, seen.decode(errors="replace")
+
+
+@pytest.mark.parametrize("command", [["gc"], ["verify"], ["scan"], ["archive", "push", "ARCH", "--promoted"]])
+def test_long_operations_show_progress_only_on_a_terminal(registry, command, tmp_path):
+    rid = finished_run(registry, files={"a": b"a"})
+    registry.promote(rid, reason="x")
+    args = [str(tmp_path / "arch") if a == "ARCH" else a for a in command]
+    code, tty = _on_a_terminal(args, registry.root)
+    assert code == 0 and f"/1" in tty  # "phase: 1/1"
+    code, tty = _on_a_terminal(args[:1] + (["--json"] if args[0] != "archive" else [args[1], "--json"]) + args[1 if args[0] != "archive" else 2 :], registry.root)
+    assert code == 0 and tty == ""
+    proc = cli(*args)  # not a terminal: stderr stays quiet
+    assert proc.returncode == 0 and proc.stderr == ""

@@ -356,7 +356,11 @@ def register(cli: click.Group) -> None:
     @click.pass_obj
     def export(obj, run_id, dest, as_json):
         """Materialize a finished run's artifacts and logs under DEST."""
-        report = obj.registry.export(run_id, dest)
+        from .progress import Progress
+
+        progress = Progress("export", enabled=None if not as_json else False)
+        report = obj.registry.export(run_id, dest, progress=progress)
+        progress.done()
         if as_json:
             render.emit_json(report)
         else:
