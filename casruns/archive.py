@@ -110,14 +110,14 @@ class LocalRemote(Remote):
         try:
             return open(self._path(key), "rb")
         except FileNotFoundError:
-            raise RunNotFound(f"{self.url}: no {key}") from None
+            raise _missing(self.url, key) from None
 
     def list_runs(self) -> list[str]:
         try:
             names = os.listdir(os.path.join(self.root, "runs"))
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if os.path.isfile(os.path.join(self.root, "runs", n, "manifest.toml")))
+        return sorted(n for n in names if _valid_id(n) and os.path.isfile(os.path.join(self.root, "runs", n, "manifest.toml")))
 
 
 class FsspecRemote(Remote):
@@ -171,7 +171,7 @@ class FsspecRemote(Remote):
         try:
             return self.fs.open(self._path(key), "rb")
         except FileNotFoundError:
-            raise RunNotFound(f"{self.url}: no {key}") from None
+            raise _missing(self.url, key) from None
 
     def list_runs(self) -> list[str]:
         try:
@@ -181,13 +181,41 @@ class FsspecRemote(Remote):
         out = []
         for e in entries:
             name = e.rstrip("/").rsplit("/", 1)[-1]
-            try:
-                validate_run_id(name)
-            except CasrunsError:
+            if not _valid_id(name):
                 continue
             if self.size(f"runs/{name}/manifest.toml") is not None:
                 out.append(name)
         return sorted(out)
+
+
+def _valid_id(name: str) -> bool:
+    try:
+        validate_run_id(name)
+        return True
+    except CasrunsError:
+        return False
+
+
+def _missing(url: str, key: str) -> CasrunsError:
+    from .errors import BlobNotFound
+
+    if key.startswith("blobs/"):
+        return BlobNotFound(f"{url}: the archive has no blob {key[6:8]}{key[9:]}")
+    return RunNotFound(f"{url}: no {key}")
+
+
+def _check_marker(remote: Remote) -> None:
+    """Readers refuse what is not a casruns archive of a version they know."""
+    import tomllib
+
+    from .errors import UnsupportedFormat
+
+    if remote.size(MARKER) is None:
+        raise UnsupportedFormat(f"{remote.url} is not a casruns archive (no {MARKER})")
+    doc = tomllib.loads(remote.get_bytes(MARKER).decode())
+    version = doc.get("version")
+    if doc.get("format") != FORMAT or not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= VERSION:
+        raise UnsupportedFormat(f"{remote.url} is not a casruns archive this version can read ({MARKER}: {doc})")
 
 
 def open_remote(url: str, registry: "Registry") -> Remote:
@@ -206,16 +234,10 @@ def open_remote(url: str, registry: "Registry") -> Remote:
 
 
 def _ensure_marker(remote: Remote) -> None:
-    import tomllib
-
     if remote.size(MARKER) is None:
         remote.put_bytes(f'format = "{FORMAT}"\nversion = {VERSION}\n'.encode(), MARKER)
         return
-    doc = tomllib.loads(remote.get_bytes(MARKER).decode())
-    if doc.get("format") != FORMAT or not isinstance(doc.get("version"), int) or doc["version"] > VERSION:
-        from .errors import UnsupportedFormat
-
-        raise UnsupportedFormat(f"{remote.url} is not a casruns archive this version can use ({doc})")
+    _check_marker(remote)
 
 
 def _run_blobs(registry: "Registry", m: dict) -> list[str]:
@@ -289,6 +311,7 @@ def list_archive(registry: "Registry", src: str) -> dict:
     from .record import build
 
     remote = open_remote(src, registry)
+    _check_marker(remote)
     runs = []
     for rid in remote.list_runs():
         m = remote_manifest(remote, rid)
@@ -302,15 +325,20 @@ def pull(registry: "Registry", src: str, run_ids: list[str] | None, *, progress=
     from .tree import Tree
 
     remote = open_remote(src, registry)
+    _check_marker(remote)
     ids = list(run_ids) if run_ids else remote.list_runs()
     registry._ensure()
     store = registry.store
-    report = {"schema": "casruns/archive-pull/v1", "src": remote.url, "runs": 0, "runs_present": 0, "blobs_received": 0, "blobs_present": 0, "bytes_received": 0}
+    report = {
+        "schema": "casruns/archive-pull/v1", "src": remote.url, "runs": 0, "runs_present": 0,
+        "blobs_received": 0, "blobs_present": 0, "bytes_received": 0, "blobs_repaired": 0,
+    }
     for i, rid in enumerate(ids):
         if progress:
             progress("pulling runs", i + 1, len(ids))
         if registry.run_dir(rid).exists():
             report["runs_present"] += 1
+            _repair(registry, remote, rid, report)
             continue
         m = remote_manifest(remote, rid)
         if m["status"] not in mf.TERMINAL:
@@ -337,6 +365,29 @@ def pull(registry: "Registry", src: str, run_ids: list[str] | None, *, progress=
     return report
 
 
+def _repair(registry: "Registry", remote: Remote, run_id: str, report: dict) -> None:
+    """A run that is here already may miss blobs (quarantined by verify): fetch those."""
+    from .tree import Tree
+
+    store = registry.store
+    m = registry.run_dir(run_id).read_fresh()
+    wanted = [ref["blake3"] for ref in (m.get("logs") or {}).values() if isinstance(ref, dict) and ref.get("blake3")]
+    tree_ref = (m.get("artifacts") or {}).get("tree")
+    with store.pin() as pin, store.batch(pin) as batch:
+        if tree_ref and not store.contains(tree_ref):
+            with remote.open(blob_key(tree_ref)) as f:
+                store.import_frame(tree_ref, f, batch)
+            report["blobs_repaired"] += 1
+            batch.sync()
+        if tree_ref:
+            wanted += sorted(Tree.from_bytes(store.read_bytes(tree_ref)).addresses())
+        for address in dict.fromkeys(wanted):
+            if not store.contains(address) and batch.pending(address) is None:
+                with remote.open(blob_key(address)) as f:
+                    report["bytes_received"] += store.import_frame(address, f, batch)
+                report["blobs_repaired"] += 1
+
+
 def _import(remote: Remote, store, batch, address: str, report: dict) -> None:
     if batch.pending(address) is not None:
         return
@@ -353,6 +404,7 @@ def _import(remote: Remote, store, batch, address: str, report: dict) -> None:
 def compare(registry: "Registry", src: str, run_ids: list[str]) -> list[dict]:
     """Differences between local runs and their archived copies (verify --against)."""
     remote = open_remote(src, registry)
+    _check_marker(remote)
     problems = []
     for rid in run_ids:
         local = registry.run_dir(rid).read_fresh()

@@ -65,7 +65,8 @@ def ingest_workspace(
             tree = collect_tree(run.artifacts_dir, batch, exclude=exclude, redactor=redactor, policy=policy)
             tree_address = tree.store(batch)
     except Exception as e:  # an unreadable tree must not wedge the run
-        return refs, {"code": "collect_failed", "message": f"cannot collect artifacts: {type(e).__name__}: {e}"}
+        message = f"cannot collect artifacts: {type(e).__name__}: {e}"
+        return refs, {"code": "collect_failed", "message": redactor.text(message) if redactor else message}
     arts = {"tree": tree_address, "files": tree.files, "bytes": tree.total_size}
     if tree.skipped:
         arts["skipped"] = len(tree.skipped)

@@ -88,8 +88,11 @@ class Config:
             if "plugins" in raw:
                 c.plugins = [str(p) for p in raw["plugins"]]
             for status, value in (raw.get("retention") or {}).items():
-                if isinstance(value, (str, int, float)):
-                    c.retention[status] = parse_duration(value)
+                if status == "keep_last":
+                    continue
+                if status not in DEFAULT_RETENTION and status != "default":
+                    raise InvalidInput(f"retention.{status}: not a terminal status (succeeded, failed, timed_out, cancelled, default)")
+                c.retention[status] = parse_duration(value)
             for label, n in ((raw.get("retention") or {}).get("keep_last") or {}).items():
                 if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                     raise InvalidInput(f"retention.keep_last.{label} must be a whole number")

@@ -145,6 +145,8 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
         shutil.rmtree(target, ignore_errors=True)
     _fault("after_runs_removed")
 
+    stats.runs_kept = len(set(iter_run_ids(runs_dir)) - would_remove)
+
     # 2. snapshot pins (2a: done/dead pins are covered by the mark and removed at the end)
     pins_dir = store.pins_dir
     settled_at_start = [p for p in _pin_files(pins_dir) if p.endswith(".done") or not locking.is_held(p)]
@@ -222,6 +224,13 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
             if not dry_run:
                 path.unlink(missing_ok=True)
             stats.temps_removed += 1
+    for p in _stale_new_pins(pins_dir, now):  # a writer killed while creating its pin
+        if not dry_run:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        stats.pins_removed += 1
     for p in settled_at_start:
         if not dry_run:
             try:
@@ -259,6 +268,22 @@ def _pin_files(pins_dir) -> list[str]:
         return [os.path.join(pins_dir, n) for n in os.listdir(pins_dir) if n.endswith((".pin", ".done"))]
     except FileNotFoundError:
         return []
+
+
+def _stale_new_pins(pins_dir, now: float) -> list[str]:
+    try:
+        names = [n for n in os.listdir(pins_dir) if n.endswith(".pin.new")]
+    except FileNotFoundError:
+        return []
+    out = []
+    for n in names:
+        p = os.path.join(pins_dir, n)
+        try:
+            if now - os.stat(p).st_mtime > 60 and not locking.is_held(p):
+                out.append(p)
+        except OSError:
+            continue
+    return out
 
 
 def _read_pins(pins_dir, skip: set[str]) -> set[str]:

@@ -134,5 +134,6 @@ def casruns_resume(run: dict[str, Any], attempt: int) -> dict[str, Any] | None:
     :param attempt: the number the new attempt will have.
     :return: None; ``{"refuse": "why"}`` to refuse (nothing is created, the CLI shows why);
         or ``{"env": {...}}`` to give the new attempt extra environment variables (for
-        example a snapshot to restore), held in memory only like ``--env`` values.
+        example a snapshot to restore), kept like ``--env`` values: in the supervisor's
+        memory, and while the run is queued in its private ``env.json``.
     """

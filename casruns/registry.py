@@ -443,11 +443,13 @@ class Registry:
                 else:
                     outcome = "requested"
             sup = m.get("supervisor") or {}
-        if outcome in ("cancelled", "requested"):
-            fsutil.touch(run.cancel_path)  # after the commit: the marker never runs ahead of the record
+        if outcome in ("cancelled", "requested", "already_requested"):
+            # after the commit: the marker never runs ahead of the record; touched again on a
+            # repeated cancel, in case the first one died between its commit and this line
+            fsutil.touch(run.cancel_path)
         if outcome == "cancelled":
             scheduler.dequeue(self.root, run_id)
-        if outcome in ("cancelled", "requested") and locking.process_matches(sup.get("pid"), sup.get("start_time"), sup.get("boot_id")):
+        if outcome in ("cancelled", "requested", "already_requested") and locking.process_matches(sup.get("pid"), sup.get("start_time"), sup.get("boot_id")):
             try:
                 os.kill(sup["pid"], __import__("signal").SIGUSR1)  # wake it; it reads the marker
             except OSError:
@@ -728,7 +730,9 @@ class Registry:
         cutoff = time.time() - max(grace, 60.0)
 
         def abandoned(path: str, name: str) -> bool:
-            pid = next((p for p in name.split("-") if p.isdigit() and len(p) < 10), None)
+            # names end in -<pid>-<random>: .new-<run id>-<pid>-<hex>, .tmp-<name>-<pid>-<hex>
+            parts = name.rsplit("-", 2)
+            pid = parts[1] if len(parts) == 3 and parts[1].isdigit() else None
             if pid is not None and os.path.exists(f"/proc/{pid}"):
                 return False
             try:
@@ -739,7 +743,7 @@ class Registry:
         for name in os.listdir(self.runs_dir) if os.path.isdir(self.runs_dir) else []:
             path = os.path.join(self.runs_dir, name)
             if name.startswith((".new-", ".tmp-")):
-                if abandoned(path, name[5:].split("-", 1)[-1] if name.startswith(".new-") else name):
+                if abandoned(path, name):
                     try:
                         shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
                         removed += 1

@@ -203,7 +203,8 @@ class Pin:
 
     On disk: ``blobs/pins/<pid>-<random>.pin``, one address per line, held under an flock
     for the pin's life, so a pin whose writer died is recognised (its lock is free) and
-    ignored. Released (deleted) once the manifest referencing the blobs is committed.
+    ignored. Released (renamed to ``*.done``) once the manifest referencing the blobs is
+    committed; gc deletes settled pins after a mark that covers them.
     """
 
     def __init__(self, path: str | None) -> None:

@@ -172,3 +172,27 @@ def test_push_refuses_active_runs(registry):
     rid = registry.submit(["true"], spawn=False)["run_id"]
     proc, out = cli_json("archive", "push", str(Path(registry.root).parent / "arch"), rid)
     assert proc.returncode == 3 and "finished" in out[0]["error"]["message"]
+
+
+def test_pull_restores_a_quarantined_blob(tmp_path, archive):
+    a = tmp_path / "A"
+    rid = make_run(a, 'seq 1 5000 > "$CASRUNS_ARTIFACTS_DIR/n.txt"')
+    cli("archive", "push", archive["url"], rid, env={"CASRUNS_HOME": str(a)}, check=0)
+    reg = Registry(a)
+    target = reg.tree(rid).get("n.txt").blake3
+    p = reg.store.path_for(target)
+    raw = bytearray(p.read_bytes())
+    raw[-4] ^= 0x55
+    p.write_bytes(bytes(raw))
+    proc, out = cli_json("verify", "--read-data", "--quarantine", env={"CASRUNS_HOME": str(a)})
+    assert proc.returncode == 14 and out[0]["quarantined"] == [target]
+    proc, out = cli_json("archive", "pull", archive["url"], env={"CASRUNS_HOME": str(a)})
+    assert proc.returncode == 0 and out[0]["blobs_repaired"] == 1
+    assert cli("verify", "--read-data", env={"CASRUNS_HOME": str(a)}).returncode == 0
+    assert b"".join(reg.cat(rid, "n.txt")) == "".join(f"{i}\n" for i in range(1, 5001)).encode()
+
+
+def test_readers_refuse_a_directory_that_is_not_an_archive(registry, tmp_path):
+    (tmp_path / "junk" / "runs").mkdir(parents=True)
+    proc, out = cli_json("archive", "list", str(tmp_path / "junk"))
+    assert proc.returncode == 6 and out[0]["error"]["code"] == "unsupported_format"

@@ -174,7 +174,12 @@ def register(cli: click.Group) -> None:
         render.emit_json(r) if as_json else click.echo(r["run_id"])
 
     def promotion_command(name: str, promote: bool):
-        @cli.command(name=name)
+        @cli.command(
+            name=name,
+            help="Mark a finished run as accepted evidence (kept by retention and gc; plugins may veto)."
+            if promote
+            else "Reverse a promotion; the history of both is kept.",
+        )
         @click.argument("run_id")
         @click.option("--reason", required=True, help="Why (recorded in the run's history).")
         @click.option("--by", help="Who (a person or a tool).")
@@ -188,11 +193,6 @@ def register(cli: click.Group) -> None:
             else:
                 click.echo(f"{run_id}: {outcome.replace('_', ' ')}")
 
-        cmd.__doc__ = (
-            "Mark a finished run as accepted evidence (kept by retention and gc; plugins may veto)."
-            if promote
-            else "Reverse a promotion; the history of both is kept."
-        )
         return cmd
 
     promotion_command("promote", True)
