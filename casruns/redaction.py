@@ -73,8 +73,18 @@ TRIGGERS: dict[str, tuple[bytes, ...]] = {
     "stripe_key": (b"_live_", b"_test_"),
     "openai_key": (b"sk-",),
     "jwt": (b"eyj",),
-    "secret_assignment": (b"passw", b"passphrase", b"secret", b"token", b"key", b"credential"),
+    "secret_assignment": (
+        b"passw", b"passphrase", b"secret", b"token", b"credential",
+        b"apikey", b"api_key", b"api-key", b"accesskey", b"access_key", b"access-key",
+        b"privatekey", b"private_key", b"private-key",
+    ),
 }
+# Detectors whose match starts where a trigger word starts: they are tried only there, with
+# an anchored match (one attempt per occurrence instead of a scan of every position).
+ANCHORED = frozenset({
+    "bearer_token", "basic_auth", "github_token", "gitlab_token", "aws_access_key_id",
+    "aws_secret_access_key", "slack_token", "google_api_key", "openai_key", "jwt", "secret_assignment",
+})
 PRIVATE_KEY_BEGIN = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----")
 PRIVATE_KEY_END = re.compile(rb"-----END [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----")
 
@@ -210,6 +220,16 @@ class _PatternStage:
             import ahocorasick_rs
 
             self._triggers = ahocorasick_rs.BytesAhoCorasick(words)
+        # trigger word -> anchored rules it starts; words of the rules that run line-wise
+        self._by_word: dict[bytes, list[tuple[str, re.Pattern]]] = {}
+        self._linewise_words: set[bytes] = set()
+        for name, rx, trig in self._rules:
+            for w in trig or ():
+                if name in ANCHORED:
+                    self._by_word.setdefault(w, []).append((name, rx))
+                else:
+                    self._linewise_words.add(w)
+        self._linewise = bool(self._linewise_words)
 
     def _block(self, block: bytes) -> bytes:
         """Redact a block of complete lines (or a final partial line)."""
@@ -218,15 +238,85 @@ class _PatternStage:
         return self._rules_on(block)
 
     def _rules_on(self, text: bytes) -> bytes:
-        present: set[bytes] = set()
-        if self._triggers is not None:
-            words = self._trigger_words
-            present = {words[i] for i, _, _ in self._triggers.find_matches_as_indexes(text.lower(), overlapping=True)}
+        """Run the rules over a block of complete lines.
+
+        Rules without triggers (plugin and config patterns) scan the block. Detectors run
+        only where one automaton pass over the lower-cased block found a trigger word:
+        anchored ones as one ``match`` at each occurrence, the others on the lines holding
+        one (scanning whole blocks ran at 12 MB/s on 500 MB of ordinary logs).
+        """
         for name, rx, triggers in self._rules:
-            if triggers is not None and not present.intersection(triggers):
-                continue
-            text = self._sub(name, rx, text)
+            if triggers is None:
+                text = self._sub(name, rx, text)
+        if self._triggers is None:
+            return text
+        hits = self._triggers.find_matches_as_indexes(text.lower(), overlapping=True)
+        if not hits:
+            return text
+        text, changed = self._anchored(text, hits)
+        if self._linewise:
+            if changed:  # offsets moved: find the triggers again
+                hits = self._triggers.find_matches_as_indexes(text.lower(), overlapping=True)
+            text = self._rules_on_lines(text, hits)
         return text
+
+    def _anchored(self, text: bytes, hits) -> tuple[bytes, bool]:
+        words = self._trigger_words
+        spans: list[tuple[int, int, str]] = []
+        for i, start, _ in hits:
+            for name, rx in self._by_word.get(words[i], ()):
+                m = rx.match(text, start)
+                if m is None:
+                    continue
+                try:
+                    a, b = m.span("s")
+                except IndexError:
+                    a, b = m.span()
+                if a >= 0 and b > a:
+                    spans.append((a, b, name))
+        if not spans:
+            return text, False
+        spans.sort()
+        out, pos = [], 0
+        for a, b, name in spans:
+            if a < pos:
+                continue  # overlaps a span already masked
+            out.append(text[pos:a])
+            out.append(f"[REDACTED:{name}]".encode())
+            self.count += 1
+            self.hits[name] = self.hits.get(name, 0) + 1
+            pos = b
+        out.append(text[pos:])
+        return b"".join(out), True
+
+    def _rules_on_lines(self, text: bytes, hits) -> bytes:
+        """Line-wise detectors (those whose trigger sits inside the match) on trigger lines."""
+        words = self._trigger_words
+        lines: dict[int, tuple[int, set[bytes]]] = {}  # line start -> (line end, words seen)
+        for i, start, _ in hits:
+            if words[i] not in self._linewise_words:
+                continue
+            ls = text.rfind(b"\n", 0, start) + 1
+            entry = lines.get(ls)
+            if entry is None:
+                le = text.find(b"\n", start)
+                entry = lines[ls] = (len(text) if le < 0 else le, set())
+            entry[1].add(words[i])
+        if not lines:
+            return text
+        out = []
+        pos = 0
+        for ls in sorted(lines):
+            le, seen = lines[ls]
+            line = text[ls:le]
+            for name, rx, triggers in self._rules:
+                if triggers is not None and name not in ANCHORED and not seen.isdisjoint(triggers):
+                    line = self._sub(name, rx, line)
+            out.append(text[pos:ls])
+            out.append(line)
+            pos = le
+        out.append(text[pos:])
+        return b"".join(out)
 
     def _key_line(self, line: bytes) -> bytes:
         body = line.rstrip(b"\r\n")

@@ -523,12 +523,18 @@ class Transcript:
         buf += data
         lines = buf.split(b"\n")
         out = []
+        # One timestamp string per chunk (lines after the first all arrived now): formatting a
+        # time per line capped the transcript at 32 MB/s.
+        stamps = {started: format_ts(started).encode()}
+        stamps.setdefault(now, format_ts(now).encode())
+        prefix = b" " + stream.encode() + b" "
         for line in lines[:-1]:
-            out.append(self._line(started, stream, line))
+            out.append(stamps[started] + prefix + line + b"\n")
             started = now
         rest = lines[-1]
         while len(rest) > TRANSCRIPT_MAX_LINE:
-            out.append(self._line(started, stream, rest[:TRANSCRIPT_MAX_LINE]))
+            out.append(stamps.get(started) or format_ts(started).encode())
+            out.append(prefix + rest[:TRANSCRIPT_MAX_LINE] + b"\n")
             rest = rest[TRANSCRIPT_MAX_LINE:]
         if rest:
             self.partial[stream] = (started, rest)

@@ -46,8 +46,10 @@ What it does
 
 3. **Prints** wall time, runs/s, blobs sent vs skipped, bytes sent vs logical bytes (the
    stored, compressed size of every blob each run references, counted once per run; their
-   ratio shows the dedup), what the destination holds afterwards, and checks each report
-   against what the builder knows (blob counts, bytes). ``--profile`` then repeats each
+   ratio shows the dedup), for S3 the requests the server answered per step (HEAD, GET of an
+   object, LIST, PUT: counted from its request log, which is not printed), what the
+   destination holds afterwards, and checks each report against what the builder knows
+   (blob counts, bytes). ``--profile`` then repeats each
    step (to fresh destinations) under ``python -m cProfile`` and prints the top functions.
 
 Temp dirs are deleted and the server stopped at the end, also on error or Ctrl-C.
@@ -56,12 +58,15 @@ Temp dirs are deleted and the server stopped at the end, also on error or Ctrl-C
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import io
 import json
+import logging
 import os
 import pstats
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -291,13 +296,34 @@ def _manifest(j: int, template: dict, rng: random.Random, now: float, logs: dict
 # -- S3 (moto, loopback only) ---------------------------------------------------------------------
 
 
+class _Count(logging.Handler):
+    """Counts werkzeug's request lines by kind: HEAD, GET (an object), LIST, PUT, ..."""
+
+    REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*([A-Z]+) (\S+)')
+
+    def __init__(self, counter: collections.Counter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def emit(self, record: logging.LogRecord) -> None:
+        m = self.REQUEST.search(record.getMessage())
+        if m:
+            method, path = m.groups()
+            self.counter["LIST" if method == "GET" and "list-type=" in path else method] += 1
+
+
 class S3:
     def __init__(self) -> None:
         import logging
 
         from moto.server import ThreadedMotoServer
 
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request on stderr
+        # Count the server's requests instead of printing a line per request on stderr.
+        self.requests: collections.Counter = collections.Counter()
+        log = logging.getLogger("werkzeug")
+        log.setLevel(logging.INFO)
+        log.addHandler(_Count(self.requests))
+        log.propagate = False
 
         with socket.socket() as s:
             s.bind((LOOPBACK, 0))
@@ -398,11 +424,13 @@ def mib(n: int) -> str:
 # -- the measurements ------------------------------------------------------------------------------
 
 
-def measure(label: str, root: str, url: str, env: dict, holds, base: str, info: dict) -> dict:
+def measure(label: str, root: str, url: str, env: dict, holds, base: str, info: dict, requests: collections.Counter | None = None) -> dict:
     n = info["runs"]
     print(f"== ({label}) {url} ==", flush=True)
     res: dict = {}
     for name in ("push", "push2"):
+        if requests is not None:
+            requests.clear()
         step = res[name] = cli_step(root, ["archive", "push", url, "--promoted", "--json"], env)
         rep = step["report"]
         sent, skipped = rep.get("blobs_sent", 0), rep.get("blobs_skipped", 0)
@@ -411,16 +439,20 @@ def measure(label: str, root: str, url: str, env: dict, holds, base: str, info: 
         print(f"  {what:<22} {step['wall']:7.2f} s  {n / step['wall']:7.1f} runs/s  peak RSS {step['rss']:6.1f} MiB  exit {step['code']}", flush=True)
         print(f"      runs {rep.get('runs')}; blobs sent {sent:,} / skipped {skipped:,} ({(sent + skipped) / step['wall']:,.0f} blob refs/s); "
               f"bytes sent {bs:,} ({mib(bs)}) of logical {bl:,} ({mib(bl)}) -> {bl / bs if bs else float('inf'):,.1f}x dedup", flush=True)
+        show_requests(requests, n, step["wall"])
     objs, size = holds()
     print(f"      destination holds {objs:,} objects, {size:,} bytes ({mib(size)})", flush=True)
     for name in ("pull", "pull2"):
         dest = os.path.join(base, f"pulled-{label}")
+        if requests is not None:
+            requests.clear()
         step = res[name] = cli_step(dest, ["archive", "pull", url, "--json"], env)
         rep = step["report"]
         what = "pull into fresh reg." if name == "pull" else "pull again (no-op)"
         print(f"  {what:<22} {step['wall']:7.2f} s  {n / step['wall']:7.1f} runs/s  peak RSS {step['rss']:6.1f} MiB  exit {step['code']}", flush=True)
         print(f"      runs {rep.get('runs')} (present {rep.get('runs_present')}); blobs received {rep.get('blobs_received', 0):,} / "
               f"present {rep.get('blobs_present', 0):,}; bytes received {rep.get('bytes_received', 0):,} ({mib(rep.get('bytes_received', 0))})", flush=True)
+        show_requests(requests, n, step["wall"])
     # correctness of the reports against what the builder knows
     p, p2, q, q2 = (res[k]["report"] for k in ("push", "push2", "pull", "pull2"))
     pulled = Registry(os.path.join(base, f"pulled-{label}"))
@@ -445,6 +477,14 @@ def measure(label: str, root: str, url: str, env: dict, holds, base: str, info: 
     shutil.rmtree(os.path.join(base, f"pulled-{label}"), ignore_errors=True)
     print(flush=True)
     return res
+
+
+def show_requests(requests: collections.Counter | None, n: int, wall: float) -> None:
+    if requests is None:
+        return
+    total = sum(requests.values())
+    kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(requests.items()))
+    print(f"      S3 requests {total:,} ({total / n:.1f} per run; {wall / total * 1e3 if total else 0:.1f} ms of wall time each): {kinds}", flush=True)
 
 
 def profile_steps(label: str, root: str, url_for, env: dict, base: str) -> None:
@@ -498,7 +538,7 @@ def main() -> int:
         s3 = S3()
         bucket = s3.bucket()
         print(f"moto S3 server on {s3.endpoint} (in this process) up in {time.perf_counter() - t0:.2f} s", flush=True)
-        results["b"] = measure("b", root, f"s3://{bucket}/fleet", s3.env, lambda: s3.holds(bucket), base, info)
+        results["b"] = measure("b", root, f"s3://{bucket}/fleet", s3.env, lambda: s3.holds(bucket), base, info, s3.requests)
 
         print("== summary (wall seconds; runs/s) ==")
         print(f"  {'step':<22} {'(a) directory':>22} {'(b) S3 (moto)':>22}")
