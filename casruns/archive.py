@@ -278,6 +278,7 @@ def push(registry: "Registry", dest: str, run_ids: list[str] | None, *, promoted
     _ensure_marker(remote)
     report = {"schema": "casruns/archive-push/v1", "dest": remote.url, "runs": 0, "blobs_sent": 0, "blobs_skipped": 0, "bytes_sent": 0, "bytes_logical": 0}
     store = registry.store
+    present: set[str] = set()  # blobs known to be in the archive: shared ones are asked about once
     for i, (rid, m) in enumerate(manifests.items()):
         if progress:
             progress("pushing runs", i + 1, len(manifests))
@@ -285,17 +286,22 @@ def push(registry: "Registry", dest: str, run_ids: list[str] | None, *, promoted
             local = str(store.path_for(address))
             size = os.stat(local).st_size
             report["bytes_logical"] += size
-            if remote.size(blob_key(address)) == size:
+            if address in present or remote.size(blob_key(address)) == size:
+                present.add(address)
                 report["blobs_skipped"] += 1
                 continue
             for _ in store.iter_chunks(address):  # never archive a corrupt blob
                 pass
             remote.put_file(local, blob_key(address), size)
+            present.add(address)
             report["blobs_sent"] += 1
             report["bytes_sent"] += size
             _fault(report["blobs_sent"])
         with open(registry.run_dir(rid).manifest_path, "rb") as f:
-            remote.put_bytes(f.read(), manifest_key(rid))  # last: the run's commit point
+            data = f.read()
+        key = manifest_key(rid)
+        if remote.size(key) != len(data) or remote.get_bytes(key) != data:
+            remote.put_bytes(data, key)  # last: the run's commit point
         report["runs"] += 1
     return report
 
@@ -373,13 +379,17 @@ def _repair(registry: "Registry", remote: Remote, run_id: str, report: dict) -> 
     m = registry.run_dir(run_id).read_fresh()
     wanted = [ref["blake3"] for ref in (m.get("logs") or {}).values() if isinstance(ref, dict) and ref.get("blake3")]
     tree_ref = (m.get("artifacts") or {}).get("tree")
+    tree_here = not tree_ref or store.contains(tree_ref)
+    if tree_ref and tree_here:
+        wanted += sorted(Tree.from_bytes(store.read_bytes(tree_ref)).addresses())
+    if tree_here and all(store.contains(a) for a in wanted):
+        return  # nothing missing: no pin, no batch, no request
     with store.pin() as pin, store.batch(pin) as batch:
-        if tree_ref and not store.contains(tree_ref):
+        if not tree_here:
             with remote.open(blob_key(tree_ref)) as f:
                 store.import_frame(tree_ref, f, batch)
             report["blobs_repaired"] += 1
             batch.sync()
-        if tree_ref:
             wanted += sorted(Tree.from_bytes(store.read_bytes(tree_ref)).addresses())
         for address in dict.fromkeys(wanted):
             if not store.contains(address) and batch.pending(address) is None:
