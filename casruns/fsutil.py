@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
-from pathlib import Path
 
 from .errors import RegistryError
 
@@ -56,28 +54,29 @@ def ensure_dir(path: str | os.PathLike, *, sync_parent: bool = True) -> bool:
     The mode is set with chmod after mkdir so that the umask cannot widen or narrow it.
     When a directory is created its parent is fsynced, so the new entry is durable.
     """
-    p = Path(path)
-    if p.is_dir():
+    p = os.path.abspath(os.fspath(path))
+    if os.path.isdir(p):
         return False
-    if not p.parent.is_dir():
-        ensure_dir(p.parent, sync_parent=sync_parent)
+    parent = os.path.dirname(p)
+    if not os.path.isdir(parent):
+        ensure_dir(parent, sync_parent=sync_parent)
     try:
         os.mkdir(p, DIR_MODE)
     except FileExistsError:
-        if p.is_dir():
+        if os.path.isdir(p):
             return False
-        raise RegistryError(f"cannot create directory {p}: a file of that name exists", path=str(p))
+        raise RegistryError(f"cannot create directory {p}: a file of that name exists", path=p)
     except OSError as e:
-        raise RegistryError(f"cannot create directory {p}: {e.strerror}", path=str(p)) from e
+        raise RegistryError(f"cannot create directory {p}: {e.strerror}", path=p) from e
     os.chmod(p, DIR_MODE)
     if sync_parent:
-        fsync_dir(p.parent)
+        fsync_dir(parent)
     return True
 
 
 def temp_name(target_name: str) -> str:
     """A unique temporary name beside a target: ``.tmp-<name>-<pid>-<random>``."""
-    return f".tmp-{target_name[:40]}-{os.getpid()}-{secrets.token_hex(6)}"
+    return f".tmp-{target_name[:40]}-{os.getpid()}-{os.urandom(6).hex()}"
 
 
 def atomic_write(

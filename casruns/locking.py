@@ -22,13 +22,17 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import socket
 import time
 
 from . import fsutil
 from .errors import Busy
 
 _boot_id: str | None = None
+
+
+def hostname() -> str:
+    """This machine's name (what socket.gethostname returns, without importing socket)."""
+    return os.uname().nodename
 
 
 def boot_id() -> str:
@@ -94,7 +98,7 @@ def group_members(pgid: int, started_after: int, boot: str | None) -> list[int]:
 def holder_record() -> dict:
     pid = os.getpid()
     return {
-        "host": socket.gethostname(),
+        "host": hostname(),
         "pid": pid,
         "start_time": process_start_time(pid),
         "boot_id": boot_id(),

@@ -26,7 +26,8 @@ def retention_of(m: dict, config: Config, now: float | None = None, kept_by: str
     """When a run may be cleaned up, and which rule says so.
 
     ``kept_by`` names a keep-last rule that protects this run (``keep_last:suite``); only a
-    caller that sees every run can know it (:func:`keep_last_protected`).
+    caller that sees every run can know it (:func:`keep_last_protected`). It matters only
+    once the run's time is up, so callers compute it only then.
     """
     ret = m.get("retention") or {}
     promoted = bool(ret.get("promoted"))
@@ -65,8 +66,10 @@ def retention_of(m: dict, config: Config, now: float | None = None, kept_by: str
         until = parse_ts(finished) + keep
     now = time.time() if now is None else now
     out["retain_until"] = format_ts(until)
-    if kept_by:
-        out["rule"] = kept_by  # newer runs with the same label value may release it later
+    if kept_by and now >= until:
+        # past its time, but among the newest N of its label value: kept until newer runs
+        # of that value push it out (no fixed time to announce)
+        out["rule"] = kept_by
         return out
     out["cleanup_eligible_at"] = out["retain_until"]
     out["cleanup_eligible"] = now >= until

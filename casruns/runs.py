@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from . import fsutil, locking, manifest
 from .errors import CorruptManifest, RegistryError, RunNotFound, UnsafePath
@@ -140,7 +137,7 @@ class RunDir:
     def remove_workspace(self) -> None:
         """Drop spool and artifact work files once their content is committed to the store."""
         for name in ("spool", "artifacts"):
-            shutil.rmtree(self.file(name), ignore_errors=True)
+            _rmtree(self.file(name))
         for name in ("env.json", "cancel"):
             try:
                 os.unlink(self.file(name))
@@ -159,7 +156,7 @@ def create(runs_dir: str | os.PathLike, m: dict, *, files: dict[str, bytes] | No
     run = RunDir(runs_dir, m["run_id"])
     if os.path.lexists(run.path):
         raise RunExists(run.run_id)
-    tmp = os.path.join(runs_dir, f".new-{run.run_id}-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = os.path.join(runs_dir, f".new-{run.run_id}-{os.getpid()}-{os.urandom(4).hex()}")
     os.mkdir(tmp, fsutil.DIR_MODE)
     os.chmod(tmp, fsutil.DIR_MODE)
     lock = None
@@ -188,8 +185,14 @@ def create(runs_dir: str | os.PathLike, m: dict, *, files: dict[str, bytes] | No
     except BaseException:
         if lock is not None:
             lock.release()
-        shutil.rmtree(tmp, ignore_errors=True)
+        _rmtree(tmp)
         raise
+
+
+def _rmtree(path: str) -> None:
+    import shutil  # only writers pay for it
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def iter_run_ids(runs_dir: str | os.PathLike) -> Iterator[str]:

@@ -152,7 +152,7 @@ class Supervisor:
             return 0
         with self.run.update() as m:
             m["supervisor"] = {
-                "host": socket.gethostname(),
+                "host": locking.hostname(),
                 "pid": os.getpid(),
                 "start_time": locking.process_start_time(os.getpid()),
                 "boot_id": locking.boot_id(),

