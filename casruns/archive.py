@@ -85,21 +85,8 @@ class LocalRemote(Remote):
     def put_file(self, local: str, key: str, size: int) -> None:
         target = self._path(key)
         fsutil.ensure_dir(os.path.dirname(target))
-        tmp = os.path.join(os.path.dirname(target), fsutil.temp_name(os.path.basename(target)))
-        try:
-            with open(local, "rb") as src, os.fdopen(fsutil.open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as dst:
-                while chunk := src.read(CHUNK):
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.rename(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        fsutil.fsync_dir(os.path.dirname(target))
+        with open(local, "rb") as src:
+            fsutil.atomic_write_chunks(target, iter(lambda: src.read(CHUNK), b""))
 
     def put_bytes(self, data: bytes, key: str) -> None:
         target = self._path(key)

@@ -91,24 +91,44 @@ def atomic_write(
 
     Steps: write a temp file in the same directory, fsync it, set its mode, rename it over
     ``path``, fsync the directory. Crash points: before the rename only a ``.tmp-*`` file
-    exists (ignored by readers, removed by gc); after it the new content is complete.
+    exists (ignored by readers, removed by reap and gc); after it the new content is complete.
 
     ``durable=False`` skips both fsyncs (for caches that are checked before use).
     ``dirs`` defers the directory fsync to a batch the caller syncs before it relies on it.
     """
+    atomic_write_chunks(path, (data,), mode=mode, durable=durable, dirs=dirs)
+
+
+def atomic_write_chunks(
+    path: str | os.PathLike,
+    chunks,
+    *,
+    mode: int = FILE_MODE,
+    durable: bool = True,
+    dirs: DirSync | None = None,
+) -> int:
+    """:func:`atomic_write` for content that arrives in pieces (an iterable of bytes).
+
+    If the iterable raises (a blob that fails verification), nothing appears at ``path``.
+    Returns the number of bytes written.
+    """
     path = os.fspath(path)
     directory, name = os.path.split(path)
+    directory = directory or "."
     tmp = os.path.join(directory, temp_name(name))
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     except OSError as e:
         raise RegistryError(f"cannot create {tmp}: {e.strerror}", path=tmp) from e
+    size = 0
     try:
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            for data in chunks:
+                view = memoryview(data)
+                size += len(view)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
             os.fchmod(fd, mode)
             if durable:
                 os.fsync(fd)
@@ -126,6 +146,7 @@ def atomic_write(
             dirs.add(directory)
         else:
             fsync_dir(directory)
+    return size
 
 
 def _unlink_quiet(path: str) -> None:

@@ -224,14 +224,8 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
             if not dry_run:
                 path.unlink(missing_ok=True)
             stats.temps_removed += 1
-    for p in _stale_new_pins(pins_dir, now):  # a writer killed while creating its pin
-        if not dry_run:
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
-        stats.pins_removed += 1
-    for p in settled_at_start:
+    # pins of writers killed while creating them, and pins the mark covered
+    for p in [*_stale_new_pins(pins_dir, now), *settled_at_start]:
         if not dry_run:
             try:
                 os.unlink(p)

@@ -110,27 +110,7 @@ class BlobStore(ABC):
 
         A corrupt blob therefore never appears at ``dest``. Returns the size written.
         """
-        dest = os.fspath(dest)
-        directory, name = os.path.split(dest)
-        tmp = os.path.join(directory or ".", fsutil.temp_name(name))
-        size = 0
-        fd = fsutil.open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                for chunk in self.iter_chunks(address):
-                    out.write(chunk)
-                    size += len(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, dest)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return size
+        return fsutil.atomic_write_chunks(dest, self.iter_chunks(address), mode=mode)
 
     def batch(self, pin: "Pin | None" = None) -> "Batch":
         """A group of puts made durable together (see :class:`Batch`).
