@@ -89,12 +89,14 @@ def spawn(root: str, run_id: str, payload: dict, lock_fd: int | None) -> int:
 
 class Supervisor:
     def __init__(self, root: str, run_id: str, payload: dict) -> None:
-        from .registry import Registry
+        # Built from the layers below, not from the Registry facade above us.
+        from .config import Config
+        from .runs import RunDir
 
-        self.registry = Registry(root)
-        self.root = self.registry.root
-        self.run = self.registry.run_dir(run_id)
-        self.config = self.registry.config
+        self.root = os.path.abspath(root)
+        self.run = RunDir(os.path.join(self.root, "runs"), run_id)
+        self.config = Config.load(self.root)
+        self._store = None
         self.payload = payload
         self.secret_env: dict[str, str] = dict(payload.get("secret_env") or {})
         # what redaction masks: too short or too common values are recorded as ignored at submit
@@ -108,6 +110,14 @@ class Supervisor:
         self.slot: locking.FileLock | None = None
         self.lock_fd: int | None = None
         self._last_beat = 0.0
+
+    @property
+    def store(self):
+        if self._store is None:
+            from .store import DiskStore
+
+            self._store = DiskStore(os.path.join(self.root, "blobs"))
+        return self._store
 
     # -- small helpers -------------------------------------------------------------
     def beat(self, force: bool = False) -> None:
@@ -172,7 +182,7 @@ class Supervisor:
                 _killpg(self.child.pid, signal.SIGKILL)
             try:
                 collect.finish(
-                    self.run, self.registry.store, mf.FAILED, error={"code": "supervisor_error", "message": msg},
+                    self.run, self.store, mf.FAILED, error={"code": "supervisor_error", "message": msg},
                     redactor=self.redactor, policy=self.config.artifact_policy,
                 )
             except Exception as e2:
@@ -202,8 +212,13 @@ class Supervisor:
                 if m["status"] in mf.TERMINAL:
                     scheduler.dequeue(self.root, self.run.run_id)
                     return False
-                if self.stop_reason:
-                    self.registry.cancel(self.run.run_id, reason=self.stop_reason)
+                if self.stop_reason:  # SIGTERM while queued: the run ends cancelled, never started
+                    with self.run.update() as mm:
+                        if mm["status"] == mf.QUEUED:
+                            mm["cancel"] = {"requested_at": now_ts(), "reason": self.stop_reason}
+                            mm["error"] = {"code": "cancelled", "message": self.stop_reason}
+                            mf.transition(mm, mf.CANCELLED, now_ts())
+                    scheduler.dequeue(self.root, self.run.run_id)
                     return False
             self.slot = scheduler.try_claim_slot(self.root, self.run.run_id, self.config.max_running)
             if self.slot is not None:
@@ -411,7 +426,7 @@ class Supervisor:
         if fault == "before_collect":
             os.kill(os.getpid(), signal.SIGKILL)
         final = collect.finish(
-            self.run, self.registry.store, status, extra=extra, exclude=exclude, redactor=self.redactor, policy=self.config.artifact_policy, **kw
+            self.run, self.store, status, extra=extra, exclude=exclude, redactor=self.redactor, policy=self.config.artifact_policy, **kw
         )
         self.notify(mf.COLLECTING, final["status"], final)
         return 0 if final["status"] == mf.SUCCEEDED else 1

@@ -445,3 +445,15 @@ def test_short_secret_values_are_not_masked_and_the_record_says_so(casruns_home)
     assert cli("logs", rid).stdout == "value=1\n"
     m = manifest(casruns_home, rid)
     assert "FLAG" in m["redaction"]["ignored_secrets"]
+
+
+def test_sigterm_to_a_queued_supervisor_cancels_the_run(casruns_home):
+    write_config(casruns_home, "max_running = 1\n")
+    busy = submit("--", "sleep", "3")
+    wait_status(busy, {"running"})
+    queued = submit("--", "echo", "never")
+    poll_until(lambda: manifest(casruns_home, queued).get("supervisor"), what="queued supervisor")
+    os.kill(manifest(casruns_home, queued)["supervisor"]["pid"], signal.SIGTERM)
+    rec = wait_status(queued, {"cancelled"}, timeout=15)
+    assert rec["cancel"]["reason"] == "supervisor received SIGTERM" and rec["started_at"] is None
+    assert not os.listdir(casruns_home / "queue") or all(queued not in n for n in os.listdir(casruns_home / "queue"))
