@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 from . import fsutil, locking
 from . import manifest as mf
 from .errors import Busy, CasrunsError, CorruptManifest
-from .retention import keep_last_protected, retention_of
+from .retention import keep_last_protected, safe_retention_of
 from .runs import iter_run_ids
 
 if TYPE_CHECKING:
@@ -106,6 +106,10 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
             stats.trash_removed += 1
     _fault("after_trash")
 
+    # plugin roots are asked first: a run a plugin names is kept, not removed and then missed
+    plugin_roots = [str(r) for _, roots in registry.plugins.call("casruns_gc_roots", registry_root=registry.root) for r in roots or ()]
+    protected_runs = {r for r in plugin_roots if not _is_address(r)}
+
     # 1. remove eligible runs
     manifests = {}
     for rid in iter_run_ids(runs_dir):
@@ -114,7 +118,10 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
         except CasrunsError:
             continue  # unreadable: never eligible, and verify reports it
     kept = keep_last_protected(manifests.values(), config)
-    eligible = [rid for rid, m in manifests.items() if retention_of(m, config, kept_by=kept.get(rid))["cleanup_eligible"]]
+    eligible = [
+        rid for rid, m in manifests.items()
+        if rid not in protected_runs and (safe_retention_of(m, config, kept_by=kept.get(rid)) or {}).get("cleanup_eligible")
+    ]
     dirs = fsutil.DirSync()
     trash = []
     would_remove: set[str] = set()  # dry run: what the mark must treat as gone
@@ -125,7 +132,7 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
         try:
             with run.locked():
                 m = run.read()  # the cache's tag proves it matches the TOML (a parse costs 0.75 ms)
-                if not retention_of(m, config, kept_by=kept.get(rid))["cleanup_eligible"]:
+                if not (safe_retention_of(m, config, kept_by=kept.get(rid)) or {}).get("cleanup_eligible"):
                     continue  # promoted or retained since we looked
                 if dry_run:
                     stats.runs_removed += 1
@@ -163,19 +170,14 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
         except CasrunsError as e:
             raise CorruptManifest(f"gc stopped before sweeping: run {rid} cannot be read ({e.message}); run casruns verify") from None
         reachable.update(referenced_addresses(registry, m))
-    try:
-        for _, roots in registry.plugins.call("casruns_gc_roots", registry_root=registry.root):
-            for root in roots:
-                root = str(root)
-                if len(root) == 64:
-                    reachable.add(root)
-                else:
-                    try:
-                        reachable.update(referenced_addresses(registry, registry.run_dir(root).read()))
-                    except CasrunsError:
-                        pass
-    except CasrunsError:
-        raise
+    for root in plugin_roots:
+        if _is_address(root):
+            reachable.add(root)
+        else:
+            try:
+                reachable.update(referenced_addresses(registry, registry.run_dir(root).read()))
+            except CasrunsError:
+                pass  # a run that is gone has nothing left to keep
     _fault("after_mark")
 
     # 4. sweep
@@ -234,6 +236,16 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
         stats.pins_removed += 1
     if not dry_run:
         stats.temps_removed += registry._clean_leftovers(grace)
+
+
+def _is_address(value: str) -> bool:
+    from .ids import validate_address
+
+    try:
+        validate_address(value)
+        return True
+    except CasrunsError:
+        return False
 
 
 def referenced_addresses(registry: "Registry", m: dict) -> set[str]:

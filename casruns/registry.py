@@ -381,7 +381,7 @@ class Registry:
             everything.append(m)
             if labels and any((m.get("labels") or {}).get(k) != v for k, v in labels.items()):
                 continue
-            if since_ts is not None and parse_ts(m["created_at"]) < since_ts:
+            if since_ts is not None and parse_ts(m.get("created_at") or "1970-01-01T00:00:00Z") < since_ts:
                 continue
             if promoted is not None and bool((m.get("retention") or {}).get("promoted")) != promoted:
                 continue
@@ -392,7 +392,12 @@ class Registry:
         kept = keep_last_protected(everything, self.config)
         out = []
         for _, _, run, m in found:
-            r = self._record(run, m, reap=reap, kept_by=kept.get(m["run_id"]))
+            try:
+                r = self._record(run, m, reap=reap, kept_by=kept.get(m["run_id"]))
+            except CasrunsError as e:  # a malformed field in one manifest hides only that run
+                if errors is not None:
+                    errors.append({"run_id": m["run_id"], "code": "manifest_corrupt", "message": e.message})
+                continue
             if statuses and r["status"] not in statuses:
                 continue
             out.append(r)
@@ -586,7 +591,7 @@ class Registry:
             "action": "promote" if promoted else "unpromote",
             "at": now_ts(),
             "reason": redactor.text(reason),
-            "by": by,
+            "by": redactor.text(by) if by else None,
             "metadata": redactor.metadata(metadata) or None,
         }
         with self.run_dir(run_id).update() as m:
@@ -753,7 +758,11 @@ class Registry:
                     except OSError:
                         pass
             elif os.path.isdir(path) and not os.path.islink(path):
-                for inner in os.listdir(path):
+                try:
+                    inner_names = os.listdir(path)
+                except OSError:
+                    continue  # renamed away (gc's trash) or removed while we looked
+                for inner in inner_names:
                     ipath = os.path.join(path, inner)
                     if inner.startswith(".tmp-") and abandoned(ipath, inner):
                         try:

@@ -77,6 +77,17 @@ def retention_of(m: dict, config: Config, now: float | None = None, kept_by: str
 
 
 
+def safe_retention_of(m: dict, config: Config, **kw) -> dict | None:
+    """:func:`retention_of`, or None for a manifest whose retention fields do not parse
+    (such a run is never eligible for cleanup; verify reports it)."""
+    from .errors import CasrunsError
+
+    try:
+        return retention_of(m, config, **kw)
+    except (CasrunsError, TypeError, ValueError):
+        return None
+
+
 def keep_last_protected(manifests: Iterable[dict], config: Config) -> dict[str, str]:
     """Run ids that a keep-last rule protects, mapped to the rule's name."""
     if not config.keep_last:

@@ -504,9 +504,16 @@ class DiskStore(BlobStore):
                     while chunk := stream.read(CHUNK):
                         out.write(chunk)
                         received += len(chunk)
-                        hasher.update(dobj.decompress(chunk))
+                        # Fed in small pieces: one piece expands to at most ~16 MiB (RLE
+                        # blocks), so a hostile frame cannot blow up memory.
+                        for i in range(0, len(chunk), 512):
+                            if dobj.eof:
+                                raise IntegrityError(f"blob {address} has data after its zstd frame", address=address)
+                            hasher.update(dobj.decompress(chunk[i : i + 512]))
                     if not dobj.eof:
                         raise IntegrityError(f"blob {address} is truncated (the zstd frame does not end)", address=address)
+                    if dobj.unused_data:
+                        raise IntegrityError(f"blob {address} has data after its zstd frame", address=address)
                 except zstandard.ZstdError as e:
                     raise IntegrityError(f"blob {address} cannot be decoded ({e})", address=address) from None
             if hasher.hexdigest() != address:

@@ -450,10 +450,12 @@ class Supervisor:
         exited_at: float | None = None
         deadline = getattr(self, "deadline", None)
 
+        pending_since: dict[str, float | None] = {"stdout": None, "stderr": None}
+
         def emit(name: str, data: bytes) -> None:
             if data:
                 _write_all(spool[name], data)
-                transcript.feed(name, data)
+                transcript.feed(name, data, pending_since[name])
 
         try:
             while True:
@@ -465,7 +467,10 @@ class Supervisor:
                         open_streams -= 1
                         emit(name, redactors[name].close())
                         continue
+                    if pending_since[name] is None:
+                        pending_since[name] = time.time()  # the oldest byte not yet emitted
                     emit(name, redactors[name].feed(data))
+                    pending_since[name] = None if redactors[name].idle else time.time()
                 self.beat()
                 now = time.time()
                 if outcome is None:
@@ -532,24 +537,29 @@ class Transcript:
         self.fd = fd
         self.partial: dict[str, tuple[float, bytes]] = {}
 
-    def feed(self, stream: str, data: bytes) -> None:
-        now = time.time()
-        started, buf = self.partial.get(stream, (now, b""))
+    def feed(self, stream: str, data: bytes, arrived: float | None = None) -> None:
+        """Add redacted output. ``arrived`` is when the oldest of these bytes was read from
+        the pipe (the redactor may have held them back a while); lines that start in this
+        data are stamped with it."""
+        at = time.time() if arrived is None else arrived
+        started, buf = self.partial.get(stream, (at, b""))
         buf += data
         lines = buf.split(b"\n")
-        out = []
-        # One timestamp string per chunk (lines after the first all arrived now): formatting a
-        # time per line capped the transcript at 32 MB/s.
+        rest = lines.pop()
+        # One timestamp string per chunk, not per line: formatting a time per line capped
+        # the transcript at 32 MB/s.
         stamps = {started: format_ts(started).encode()}
-        stamps.setdefault(now, format_ts(now).encode())
+        stamps.setdefault(at, format_ts(at).encode())
         prefix = b" " + stream.encode() + b" "
-        for line in lines[:-1]:
+        out = []
+        for line in lines:
+            while len(line) > TRANSCRIPT_MAX_LINE:
+                out.append(stamps[started] + prefix + line[:TRANSCRIPT_MAX_LINE] + b"\n")
+                line = line[TRANSCRIPT_MAX_LINE:]
             out.append(stamps[started] + prefix + line + b"\n")
-            started = now
-        rest = lines[-1]
+            started = at
         while len(rest) > TRANSCRIPT_MAX_LINE:
-            out.append(stamps.get(started) or format_ts(started).encode())
-            out.append(prefix + rest[:TRANSCRIPT_MAX_LINE] + b"\n")
+            out.append(stamps[started] + prefix + rest[:TRANSCRIPT_MAX_LINE] + b"\n")
             rest = rest[TRANSCRIPT_MAX_LINE:]
         if rest:
             self.partial[stream] = (started, rest)

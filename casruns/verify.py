@@ -45,6 +45,22 @@ def check_manifest(m: dict) -> list[str]:
             problems.append(f"logs.{stream} has no blake3 address")
     if m.get("status") in mf.TERMINAL and m.get("status") != mf.CANCELLED and not m.get("finished_at"):
         problems.append("terminal run without finished_at")
+    from .timefmt import parse_ts
+
+    for key in ("created_at", "updated_at", "started_at", "finished_at"):
+        if isinstance(m.get(key), str):
+            try:
+                parse_ts(m[key])
+            except CasrunsError:
+                problems.append(f"field {key} is not an RFC 3339 timestamp")
+    ret = m.get("retention") or {}
+    if ret.get("retain_until") is not None:
+        try:
+            parse_ts(ret["retain_until"])
+        except (CasrunsError, TypeError):
+            problems.append("retention.retain_until is not an RFC 3339 timestamp")
+    if ret.get("retain_for") is not None and (isinstance(ret["retain_for"], bool) or not isinstance(ret["retain_for"], (int, float))):
+        problems.append("retention.retain_for is not a number of seconds")
     return problems
 
 
@@ -71,6 +87,9 @@ def verify(registry: "Registry", run_ids: list[str] | None = None, *, read_data:
                 checked[address] = "blob_missing"
             except IntegrityError:
                 checked[address] = "blob_corrupt"
+            except CasrunsError as e:  # not even an address (a damaged manifest)
+                problems.append({"kind": "manifest_invalid", "run_id": run_id, "message": f"{what}: {e.message}"})
+                return False
         kind = checked[address]
         if kind:
             problems.append({"kind": kind, "run_id": run_id, "address": address, "message": f"{what} blob {address} is {kind[5:]}"})
@@ -87,10 +106,10 @@ def verify(registry: "Registry", run_ids: list[str] | None = None, *, read_data:
             continue
         for p in check_manifest(m):
             problems.append({"kind": "manifest_invalid", "run_id": rid, "message": p})
-        for stream, ref in (m.get("logs") or {}).items():
-            if isinstance(ref, dict) and ref.get("blake3"):
-                referenced.add(ref["blake3"])
-                check_blob(ref["blake3"], rid, f"log {stream}")
+        for stream, ref in (m.get("logs") or {}).items() if isinstance(m.get("logs"), dict) else ():
+            if isinstance(ref, dict) and isinstance(ref.get("blake3"), str):
+                if check_blob(ref["blake3"], rid, f"log {stream}") or checked.get(ref["blake3"]):
+                    referenced.add(ref["blake3"])
         tree_ref = (m.get("artifacts") or {}).get("tree")
         if tree_ref:
             referenced.add(tree_ref)

@@ -184,3 +184,137 @@ def test_dedup_hit_in_a_batch_syncs_the_blob_directory(tmp_path, monkeypatch):
     with store.batch() as batch:
         assert batch.put_bytes(b"already here").existed
     assert str(store.path_for(info.address).parent) in synced
+
+
+# -- second review -----------------------------------------------------------------------------
+
+
+def test_overlapping_detector_matches_are_masked_whole():
+    from casruns.redaction import DETECTORS, Redactor
+
+    r = Redactor({}, DETECTORS)
+    assert "TAILSECRET" not in r.text("Authorization: Bearer sk-abcdefghijklmnopqrstuvwxyz0123/TAILSECRET")
+    assert "yz12345TAIL" not in r.text("api_key=sk-abcdefghijklmnopqrstuvwx/yz12345TAIL")
+
+
+def test_line_anchored_config_patterns_apply_to_every_line():
+    from casruns.redaction import Redactor
+
+    assert Redactor({}, {"mine": r"^MYKEY=(?P<s>\S+)"}).text("MYKEY=first\nMYKEY=second\n") == "MYKEY=[REDACTED:mine]\nMYKEY=[REDACTED:mine]\n"
+
+
+def test_text_around_private_key_markers_is_redacted():
+    from casruns.redaction import DETECTORS, Redactor
+
+    out = Redactor({}, DETECTORS).text(
+        "password=hunter2222xx -----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY----- token=abcdefghijkl\n"
+        "key: -----BEGIN PRIVATE KEY-----MIIEvQIBADAN\nabc\n-----END PRIVATE KEY-----\n"
+    )
+    for leak in ("hunter2222xx", "abcdefghijkl", "MIIEvQIBADAN", "MIIE\n"):
+        assert leak not in out
+
+
+def test_secret_values_are_masked_without_surrounding_blanks():
+    from casruns.redaction import Redactor
+
+    assert "s3cr3tvalue123" not in Redactor({"S": "s3cr3tvalue123 "}).text("x=s3cr3tvalue123;")
+
+
+def _frame(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=3).compress(data)
+
+
+def test_import_refuses_data_after_the_frame_and_bombs_stay_bounded(tmp_path):
+    import io
+
+    import blake3
+
+    from casruns.errors import IntegrityError
+
+    store = DiskStore(tmp_path / "blobs")
+    data = b"evidence\n" * 10
+    addr = blake3.blake3(data).hexdigest()
+    for payload in (_frame(data) + _frame(b"more"), _frame(data) + b"garbage"):
+        with pytest.raises(IntegrityError, match="after its zstd frame"):
+            with store.batch() as b:
+                store.import_frame(addr, io.BytesIO(payload), b)
+        assert not store.contains(addr) and list(store.iter_temp_files()) == []
+    with store.batch() as b:
+        store.import_frame(addr, io.BytesIO(_frame(data)), b)
+    assert store.read_bytes(addr) == data
+
+
+def test_import_of_a_decompression_bomb_does_not_hold_it_in_memory(tmp_path):
+    code = (
+        "import io, sys, zstandard, blake3\n"
+        "from casruns.store import DiskStore\n"
+        "bomb = zstandard.ZstdCompressor(level=19).compress(b'\\0' * (1 << 30))\n"
+        "s = DiskStore(sys.argv[1])\n"
+        "with s.batch() as b:\n"
+        "    s.import_frame(blake3.blake3(b'\\0' * (1 << 30)).hexdigest(), io.BytesIO(bomb), b)\n"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+        "print(int(hwm) // 1024)\n"
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "blobs")], capture_output=True, text=True, check=True).stdout
+    assert int(out.strip()) < 1024 + 150  # the 1 GiB test input itself, plus bounded decoding
+
+
+def test_long_complete_lines_are_split_in_the_transcript(tmp_path):
+    from casruns.supervisor import TRANSCRIPT_MAX_LINE, Transcript
+
+    fd = os.open(tmp_path / "t", os.O_WRONLY | os.O_CREAT)
+    t = Transcript(fd)
+    t.feed("stdout", b"a" * (TRANSCRIPT_MAX_LINE + 10) + b"\nshort\n", arrived=1_700_000_000.0)
+    t.close()
+    os.close(fd)
+    lines = (tmp_path / "t").read_bytes().splitlines()
+    assert [len(l.split(b" ", 2)[2]) for l in lines] == [TRANSCRIPT_MAX_LINE, 10, 5]
+    assert all(l.startswith(b"2023-11-14T22:13:20") for l in lines)
+
+
+def test_one_bad_retention_field_hides_only_its_run(registry):
+    good = registry.submit(["true"], spawn=False)["run_id"]
+    bad = registry.submit(["true"], spawn=False)["run_id"]
+    for rid in (good, bad):
+        with registry.run_dir(rid).update() as m:
+            for s in ("booting", "running", "collecting_artifacts", "succeeded"):
+                mf.transition(m, s, "2026-11-24T22:00:00.000000Z")
+    with registry.run_dir(bad).update() as m:
+        m["retention"]["retain_until"] = "soon"
+    proc, out = cli_json("list")
+    assert proc.returncode == 6 and [r["run_id"] for r in out[0]["runs"]] == [good]
+    assert out[0]["errors"][0]["run_id"] == bad
+    assert cli("gc").returncode == 0
+    proc, out = cli_json("verify")
+    assert proc.returncode == 14 and any("retain_until" in p["message"] for p in out[0]["problems"])
+
+
+def test_fast_path_errors_are_json_too(registry):
+    rid = registry.submit(["true"], spawn=False)["run_id"]
+    with registry.run_dir(rid).update() as m:
+        m["labels"] = "not a table"
+    for env in ({}, {"CASRUNS_NO_FASTPATH": "1"}):
+        proc = cli("list", "--json", "--label", "a=b", env=env)
+        assert proc.stdout.startswith("{") and proc.returncode != 0, (env, proc.stdout, proc.stderr)
+
+
+def test_verify_reports_a_malformed_address_instead_of_stopping(registry):
+    rid = registry.submit(["true"], spawn=False)["run_id"]
+    with registry.run_dir(rid).update() as m:
+        m["logs"] = {"stdout": {"blake3": "../../../../etc/passwd", "size": 1}}
+    proc, out = cli_json("verify")
+    assert proc.returncode == 14 and out[0]["problems"][0]["kind"] == "manifest_invalid"
+
+
+def test_promote_by_is_redacted(registry):
+    from test_gc import finished_run
+
+    rid = finished_run(registry)
+    token = "ghp_" + "b" * 36
+    rec, _ = registry.promote(rid, reason="ok", by=f"ci {token}")
+    assert token not in str(rec) and token.encode() not in open(registry.run_dir(rid).manifest_path, "rb").read()

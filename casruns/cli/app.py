@@ -77,7 +77,7 @@ def run_cli(args: list[str]) -> int:
         return e.exit_code
     except BrokenPipeError:
         return 0
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - an unexpected failure is still one line
         # An unexpected failure still gets one line and a documented code, not a traceback.
         from ..errors import CasrunsError as Base
 
