@@ -80,6 +80,9 @@ from casruns.ids import new_run_id
 from casruns.timefmt import format_ts
 from casruns.tree import Tree, TreeEntry
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import timed  # noqa: E402 - shared with the other benchmarks
+
 PY = sys.executable
 CASRUNS = os.path.join(os.path.dirname(PY), "casruns")
 BATCH_RUNS = 100  # runs whose own blobs go into one store batch
@@ -355,37 +358,6 @@ class S3:
 
 
 # -- timing ---------------------------------------------------------------------------------------
-
-
-def timed(argv: list[str], env: dict | None = None) -> tuple[float, float, int, str, str]:
-    """(wall seconds, peak RSS MiB, exit code, stdout, stderr) of one fresh process."""
-    full = dict(os.environ)
-    full.update(env or {})
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full)
-    out, err = _communicate(proc)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    return wall, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status), out, err
-
-
-def _communicate(proc: subprocess.Popen) -> tuple[str, str]:
-    """Read both pipes to EOF without reaping the child (wait4 reaps it, for its rusage)."""
-    import selectors
-
-    bufs = {proc.stdout: [], proc.stderr: []}
-    sel = selectors.DefaultSelector()
-    for f in bufs:
-        sel.register(f, selectors.EVENT_READ)
-    while sel.get_map():
-        for key, _ in sel.select():
-            data = os.read(key.fileobj.fileno(), 1 << 16)
-            if not data:
-                sel.unregister(key.fileobj)
-                key.fileobj.close()
-            else:
-                bufs[key.fileobj].append(data)
-    return b"".join(bufs[proc.stdout]).decode(), b"".join(bufs[proc.stderr]).decode()
 
 
 def cli_step(root: str, args: list[str], env: dict | None = None, prefix: list[str] | None = None) -> dict:

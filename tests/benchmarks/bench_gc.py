@@ -78,6 +78,9 @@ from casruns.ids import new_run_id
 from casruns.timefmt import format_ts
 from casruns.tree import Tree, TreeEntry
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import timed  # noqa: E402 - shared with the other benchmarks
+
 PY = sys.executable
 CASRUNS = os.path.join(os.path.dirname(PY), "casruns")
 
@@ -301,36 +304,6 @@ def _manifest(j: int, template: dict, rng: random.Random, now: float, cat: str, 
 
 
 # -- timing ---------------------------------------------------------------------------------------
-
-
-def timed(argv: list[str]) -> tuple[float, float, int, str, str]:
-    """(wall seconds, peak RSS MiB, exit code, stdout, stderr) of one fresh process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = _communicate(proc)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, usage.ru_maxrss / 1024, proc.returncode, out, err
-
-
-def _communicate(proc: subprocess.Popen) -> tuple[str, str]:
-    """Read both pipes to EOF without reaping the child (wait4 reaps it, for its rusage)."""
-    import selectors
-
-    bufs = {proc.stdout: [], proc.stderr: []}
-    sel = selectors.DefaultSelector()
-    for f in bufs:
-        sel.register(f, selectors.EVENT_READ)
-    while sel.get_map():
-        for key, _ in sel.select():
-            data = os.read(key.fileobj.fileno(), 1 << 16)
-            if not data:
-                sel.unregister(key.fileobj)
-                key.fileobj.close()
-            else:
-                bufs[key.fileobj].append(data)
-    return b"".join(bufs[proc.stdout]).decode(), b"".join(bufs[proc.stderr]).decode()
 
 
 def cli_step(root: str, *args: str) -> dict:
