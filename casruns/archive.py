@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from . import fsutil
 from . import manifest as mf
-from .errors import BackendMissing, CasrunsError, InvalidInput, RegistryError, RunNotFound
+from .errors import BackendMissing, BlobNotFound, CasrunsError, InvalidInput, RegistryError, RunNotFound
 from .ids import validate_address, validate_run_id
 
 if TYPE_CHECKING:
@@ -271,7 +271,10 @@ def push(registry: "Registry", dest: str, run_ids: list[str] | None, *, promoted
             progress("pushing runs", i + 1, len(manifests))
         for address in _run_blobs(registry, m):
             local = str(store.path_for(address))
-            size = os.stat(local).st_size
+            try:
+                size = os.stat(local).st_size
+            except FileNotFoundError:
+                raise BlobNotFound(f"run {rid} references blob {address}, which is not in this registry; run casruns verify") from None
             report["bytes_logical"] += size
             if address in present or remote.size(blob_key(address)) == size:
                 present.add(address)
@@ -389,9 +392,12 @@ def _import(remote: Remote, store, batch, address: str, report: dict) -> None:
     if batch.pending(address) is not None:
         return
     if store.contains(address):
-        store.import_frame(address, None, batch)  # pins and refreshes it
-        report["blobs_present"] += 1
-        return
+        try:
+            store.import_frame(address, None, batch)  # pins and refreshes it
+            report["blobs_present"] += 1
+            return
+        except BlobNotFound:
+            pass  # a gc removed it between the look and the pin: fetch it like any other
     with remote.open(blob_key(address)) as f:
         size = store.import_frame(address, f, batch)
     report["blobs_received"] += 1

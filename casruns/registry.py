@@ -685,7 +685,7 @@ class Registry:
                 "message": f"the supervisor (pid {sup.get('pid', '?')} on {sup.get('host', '?')}) is gone; "
                 "output captured until then was salvaged",
             }
-        declared = bool((m.get("request") or {}).get("secret_env"))
+        declared = bool((m.get("request") or {}).get("secret_env")) or bool((m.get("redaction") or {}).get("plugin_values"))
         return collect.finish(run, self.store, status, error=error, artifacts=not declared)
 
     def reap(self) -> dict:

@@ -104,7 +104,16 @@ class RunDir:
         self._check_not_link()
         if not os.path.isdir(self.path):
             raise RunNotFound(f"no run {self.run_id} in this registry", run_id=self.run_id)
-        with locking.FileLock(self.lock_path):
+        with locking.FileLock(self.lock_path) as lock:
+            # While we waited, gc may have renamed this run to its trash and a pull or a
+            # submit may have created the id anew: then we hold the old run's lock, not this one.
+            held = os.fstat(lock.fd)  # type: ignore[arg-type]
+            try:
+                now = os.stat(self.lock_path)
+            except FileNotFoundError:
+                now = None
+            if now is None or (now.st_ino, now.st_dev) != (held.st_ino, held.st_dev):
+                raise RunNotFound(f"run {self.run_id} was removed while waiting for its lock", run_id=self.run_id)
             yield
 
     @contextmanager

@@ -327,9 +327,16 @@ class Supervisor:
             values = dict(self.secrets)
             switches = (self.config.raw.get("redaction") or {}).get("detectors") or {}
             patterns = {k: v for k, v in (self.config.raw.get("redaction") or {}).get("patterns", {}).items()}
+            plugin_values = False
             for _, contrib in self.plugins.call("casruns_redaction", run=self.ctx):
-                values.update(split_secrets(contrib.get("values") or {})[0])
+                contributed = split_secrets(contrib.get("values") or {})[0]
+                plugin_values = plugin_values or bool(contributed)
+                values.update(contributed)
                 patterns.update(contrib.get("patterns") or {})
+            if plugin_values:
+                # a reaper salvaging this run must know there were secrets it cannot rescan for
+                with self.run.update() as mm:
+                    mm.setdefault("redaction", {})["plugin_values"] = True
             patterns = {k: v for k, v in patterns.items() if switches.get(k, True)}
             self.redactor = Redactor(values, patterns)
         except PluginError as e:

@@ -318,3 +318,41 @@ def test_promote_by_is_redacted(registry):
     token = "ghp_" + "b" * 36
     rec, _ = registry.promote(rid, reason="ok", by=f"ci {token}")
     assert token not in str(rec) and token.encode() not in open(registry.run_dir(rid).manifest_path, "rb").read()
+
+
+def test_an_update_never_lands_on_a_run_recreated_under_the_same_id(registry):
+    """A writer holding the lock of a run that gc renamed away must not write the new run."""
+    from casruns.errors import RunNotFound
+    from casruns.locking import FileLock
+
+    rid = registry.submit(["true"], spawn=False, run_id="same-id")["run_id"]
+    run = registry.run_dir(rid)
+    old_lock = FileLock(run.lock_path)
+    old_lock.acquire()  # as if a writer got this lock just before gc's rename
+    os.rename(run.path, os.path.join(registry.runs_dir, ".trash-same-id-0000"))
+    registry.submit(["echo", "new"], spawn=False, run_id="same-id")
+    fresh = registry.run_dir(rid)
+    real_lock = FileLock.acquire
+
+    def stale_lock(self, **kw):  # hand the writer the old run's lock file, as a race would
+        self.path = os.path.join(registry.runs_dir, ".trash-same-id-0000", "lock")
+        return real_lock(self, **kw)
+
+    old_lock.release()
+    FileLock.acquire = stale_lock
+    try:
+        with pytest.raises(RunNotFound):
+            with fresh.update() as m:
+                m["labels"] = {"written": "by the wrong writer"}
+    finally:
+        FileLock.acquire = real_lock
+    assert fresh.read_fresh()["labels"] == {}
+
+
+def test_push_of_a_run_with_a_missing_blob_says_so(registry, tmp_path):
+    from test_gc import finished_run
+
+    rid = finished_run(registry, files={"a.txt": b"aaaa"})
+    os.unlink(registry.store.path_for(registry.tree(rid).get("a.txt").blake3))
+    proc, out = cli_json("archive", "push", str(tmp_path / "arch"), rid)
+    assert proc.returncode == 4 and out[0]["error"]["code"] == "blob_not_found"
