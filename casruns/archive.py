@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from . import fsutil
 from . import manifest as mf
 from .errors import BackendMissing, BlobNotFound, CasrunsError, InvalidInput, RegistryError, RunNotFound
-from .ids import validate_address, validate_run_id
+from .ids import is_run_id, validate_address, validate_run_id
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -104,7 +104,7 @@ class LocalRemote(Remote):
             names = os.listdir(os.path.join(self.root, "runs"))
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if _valid_id(n) and os.path.isfile(os.path.join(self.root, "runs", n, "manifest.toml")))
+        return sorted(n for n in names if is_run_id(n) and os.path.isfile(os.path.join(self.root, "runs", n, "manifest.toml")))
 
 
 class FsspecRemote(Remote):
@@ -168,19 +168,11 @@ class FsspecRemote(Remote):
         out = []
         for e in entries:
             name = e.rstrip("/").rsplit("/", 1)[-1]
-            if not _valid_id(name):
+            if not is_run_id(name):
                 continue
             if self.size(f"runs/{name}/manifest.toml") is not None:
                 out.append(name)
         return sorted(out)
-
-
-def _valid_id(name: str) -> bool:
-    try:
-        validate_run_id(name)
-        return True
-    except CasrunsError:
-        return False
 
 
 def _missing(url: str, key: str) -> CasrunsError:

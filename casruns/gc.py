@@ -39,6 +39,7 @@ from . import fsutil, locking
 from . import manifest as mf
 from .errors import Busy, CasrunsError, CorruptManifest
 from .retention import keep_last_protected, safe_retention_of
+from .ids import is_address
 from .runs import iter_run_ids
 
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
 
     # plugin roots are asked first: a run a plugin names is kept, not removed and then missed
     plugin_roots = [str(r) for _, roots in registry.plugins.call("casruns_gc_roots", registry_root=registry.root) for r in roots or ()]
-    protected_runs = {r for r in plugin_roots if not _is_address(r)}
+    protected_runs = {r for r in plugin_roots if not is_address(r)}
 
     # 1. remove eligible runs
     manifests = {}
@@ -171,7 +172,7 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
             raise CorruptManifest(f"gc stopped before sweeping: run {rid} cannot be read ({e.message}); run casruns verify") from None
         reachable.update(referenced_addresses(registry, m))
     for root in plugin_roots:
-        if _is_address(root):
+        if is_address(root):
             reachable.add(root)
         else:
             try:
@@ -236,16 +237,6 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
         stats.pins_removed += 1
     if not dry_run:
         stats.temps_removed += registry._clean_leftovers(grace)
-
-
-def _is_address(value: str) -> bool:
-    from .ids import validate_address
-
-    try:
-        validate_address(value)
-        return True
-    except CasrunsError:
-        return False
 
 
 def referenced_addresses(registry: "Registry", m: dict) -> set[str]:

@@ -57,6 +57,16 @@ def validate_address(address: object) -> str:
     return address
 
 
+def is_run_id(value: object) -> bool:
+    """True if ``value`` would pass :func:`validate_run_id` (for listings that skip strays)."""
+    return isinstance(value, str) and bool(_RUN_ID_RE.fullmatch(value)) and ".." not in value
+
+
+def is_address(value: object) -> bool:
+    """True if ``value`` is a 64-character lowercase hex blake3 digest."""
+    return isinstance(value, str) and bool(_ADDRESS_RE.fullmatch(value))
+
+
 def safe_relpath(path: object) -> str:
     """Normalize a relative POSIX path that must stay inside its base directory.
 

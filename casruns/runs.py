@@ -27,7 +27,7 @@ from contextlib import contextmanager
 
 from . import fsutil, locking, manifest
 from .errors import CorruptManifest, RegistryError, RunNotFound, UnsafePath
-from .ids import validate_run_id
+from .ids import is_run_id, validate_run_id
 
 SPOOL_STREAMS = ("stdout", "stderr", "transcript")
 
@@ -211,9 +211,5 @@ def iter_run_ids(runs_dir: str | os.PathLike) -> Iterator[str]:
     except FileNotFoundError:
         return
     for name in names:
-        if name.startswith("."):
-            continue
-        try:
-            yield validate_run_id(name)
-        except Exception:
-            continue
+        if not name.startswith(".") and is_run_id(name):
+            yield name

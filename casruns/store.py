@@ -38,7 +38,7 @@ import zstandard
 
 from . import fsutil
 from .errors import BlobNotFound, IntegrityError, RegistryError
-from .ids import validate_address
+from .ids import is_address, validate_address
 
 CHUNK = 1 << 20
 SMALL = 1 << 20  # content up to this size is hashed before it is compressed (cheap dedup)
@@ -348,12 +348,8 @@ class DiskStore(BlobStore):
             except (FileNotFoundError, NotADirectoryError):
                 continue
             for name in names:
-                if len(name) == 62:
-                    address = shard + name
-                    try:
-                        yield validate_address(address)
-                    except Exception:
-                        continue
+                if len(name) == 62 and is_address(shard + name):
+                    yield shard + name
 
     def iter_temp_files(self) -> Iterator[Path]:
         try:
