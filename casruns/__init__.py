@@ -8,4 +8,4 @@ from .errors import CasrunsError
 from .registry import Registry, default_root
 
 __all__ = ["Registry", "CasrunsError", "default_root"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -262,10 +262,9 @@ def push(registry: "Registry", dest: str, run_ids: list[str] | None, *, promoted
         if progress:
             progress("pushing runs", i + 1, len(manifests))
         for address in _run_blobs(registry, m):
-            local = str(store.path_for(address))
             try:
-                size = os.stat(local).st_size
-            except FileNotFoundError:
+                local, frame, size = store.frame_source(address)  # a loose file, or a frame from a pack
+            except BlobNotFound:
                 raise BlobNotFound(f"run {rid} references blob {address}, which is not in this registry; run casruns verify") from None
             report["bytes_logical"] += size
             if address in present or remote.size(blob_key(address)) == size:
@@ -274,7 +273,10 @@ def push(registry: "Registry", dest: str, run_ids: list[str] | None, *, promoted
                 continue
             for _ in store.iter_chunks(address):  # never archive a corrupt blob
                 pass
-            remote.put_file(local, blob_key(address), size)
+            if frame is not None:
+                remote.put_bytes(frame, blob_key(address))
+            else:
+                remote.put_file(local, blob_key(address), size)
             present.add(address)
             report["blobs_sent"] += 1
             report["bytes_sent"] += size
@@ -412,7 +414,10 @@ def compare(registry: "Registry", src: str, run_ids: list[str]) -> list[dict]:
             if local.get(key) != other.get(key):
                 problems.append({"kind": "archive_differs", "run_id": rid, "message": f"archived copy differs in {key}"})
         for address in _run_blobs(registry, local):
-            want = os.stat(registry.store.path_for(address)).st_size if registry.store.contains(address) else None
+            try:
+                want = registry.store.frame_source(address)[2]
+            except BlobNotFound:
+                want = None
             got = remote.size(blob_key(address))
             if got is None:
                 problems.append({"kind": "archive_missing", "run_id": rid, "address": address, "message": f"archive lacks blob {address}"})

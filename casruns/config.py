@@ -37,7 +37,8 @@ from .timefmt import parse_duration
 
 FORMAT_FILE = "casruns-registry.toml"
 FORMAT_NAME = "casruns-registry"
-FORMAT_VERSION = 1  # major: a reader refuses a newer major version
+FORMAT_VERSION = 2  # major: a reader refuses a newer major version
+PACKS_SINCE = 2  # registries of format 1 hold loose blobs only; `casruns migrate` moves them to 2
 
 DEFAULT_RETENTION = {"succeeded": "14d", "failed": "7d", "timed_out": "7d", "cancelled": "3d"}
 
@@ -129,6 +130,12 @@ def _simple_toml(data: bytes) -> dict | None:
         else:
             return None
     return out
+
+
+def packs_allowed(root: str | os.PathLike) -> bool:
+    """Whether the registry's format lets writers store blobs in packs (format 2 and later)."""
+    doc = read_format(root)
+    return doc is None or doc["version"] >= PACKS_SINCE
 
 
 def read_format(root: str | os.PathLike) -> dict | None:

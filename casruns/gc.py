@@ -16,6 +16,9 @@ the whole run (a second gc waits with ``wait=True`` or fails with ``busy``):
    at the snapshot (live ones, and any that settled or died since: a reference added after
    the mark),
    then delete each unreachable, unpinned blob whose mtime is older than the grace period.
+   Packs: one whose unreachable blobs make up enough of it is rewritten without them (the
+   new pack durable first), then the old one deleted under the exclusive lock unless one of
+   its garbage blobs was pinned or it was touched meanwhile.
    Writers pin an address, then check for the blob, under the shared sweep lock; so either
    gc sees the pin or the writer sees the blob gone and writes it again.
 5. **Temp files** in ``blobs/tmp`` older than the grace period whose writer's pid is not
@@ -62,6 +65,11 @@ class GCStats:
     temps_removed: int = 0
     pins_removed: int = 0
     trash_removed: int = 0
+    packs_removed: int = 0
+    packs_rewritten: int = 0
+    pack_blobs_unused: int = 0
+    pack_bytes_unused: int = 0
+    packs_unreadable: int = 0
     duration_s: float = 0.0
 
     def to_json(self) -> dict:
@@ -181,8 +189,8 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
                 pass  # a run that is gone has nothing left to keep
     _fault("after_mark")
 
-    # 4. sweep
-    candidates = [a for a in store.iter_addresses() if a not in reachable]
+    # 4. sweep: loose blobs, then packs
+    candidates = [a for a in store.iter_loose_addresses() if a not in reachable]
     stats.blobs_kept = len(reachable)
     now = time.time()
     for start in range(0, len(candidates), CHUNK):
@@ -204,15 +212,13 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
                 if age < grace or age < 0:
                     stats.blobs_in_grace += 1
                     continue
-                if not dry_run:
-                    try:
-                        os.unlink(path)
-                    except FileNotFoundError:
-                        continue
+                if not _remove(path, dry_run):
+                    continue
                 stats.blobs_removed += 1
                 stats.bytes_freed += st.st_size
                 if stats.blobs_removed == 1:
                     _fault("after_first_delete")
+    _sweep_packs(store, reachable, settled, grace, now, stats, dry_run, progress)
     stats.blobs_kept += stats.blobs_pinned + stats.blobs_in_grace
 
     # 5. temp files, settled pins, leftovers
@@ -237,6 +243,78 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
         stats.pins_removed += 1
     if not dry_run:
         stats.temps_removed += registry._clean_leftovers(grace)
+
+
+def _remove(path, dry_run: bool) -> bool:
+    """Delete a swept file (unless dry run); False if it was already gone."""
+    if dry_run:
+        return True
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+REWRITE_FRACTION = 0.2  # a pack is rewritten once this share of its stored bytes is garbage
+
+
+def _sweep_packs(store, reachable: set[str], settled: set[str], grace: float, now: float, stats: GCStats, dry_run: bool, progress) -> None:
+    """Delete packs whose blobs are all garbage; rewrite packs with enough garbage.
+
+    A rewrite copies the live frames into a new pack that is durable before the old one is
+    deleted. The old pack is deleted under the exclusive sweep lock, and only if no garbage
+    blob of it was pinned and its mtime did not move since we looked (a dedup hit touches
+    the pack); otherwise it stays, and the rewritten copy is a harmless duplicate.
+    """
+    names = store.pack_names()
+    stats.packs_unreadable = len(store.bad_packs)  # never deleted: gc cannot prove them garbage
+    for i, name in enumerate(names):
+        if progress:
+            progress("sweeping packs", i + 1, len(names))
+        index = store.pack_index(name)
+        dead = [a for a in index if a not in reachable]
+        if not dead:
+            continue
+        path = store.pack_path(name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        age = now - st.st_mtime
+        if age < grace or age < 0:
+            stats.blobs_in_grace += len(dead)
+            continue
+        dead_bytes = sum(index[a].length for a in dead)
+        live = set(index).difference(dead)
+        if live and dead_bytes < REWRITE_FRACTION * sum(e.length for e in index.values()):
+            stats.pack_blobs_unused += len(dead)
+            stats.pack_bytes_unused += dead_bytes
+            continue
+        new_size = 0
+        if live and not dry_run:
+            new = store.rewrite_pack(name, live)
+            new_size = os.stat(store.pack_path(new)).st_size
+            _fault("after_pack_rewrite")
+        with _sweep_exclusive(store):
+            pinned = _read_pins(store.pins_dir, skip=settled)
+            in_use = [a for a in dead if a in pinned]
+            try:
+                touched = os.stat(path).st_mtime_ns != st.st_mtime_ns
+            except FileNotFoundError:
+                continue
+            if in_use or touched:
+                stats.blobs_pinned += len(in_use)
+                stats.blobs_in_grace += len(dead) - len(in_use)
+                continue
+            if not _remove(path, dry_run):
+                continue
+        stats.blobs_removed += len(dead)
+        stats.bytes_freed += max(st.st_size - new_size, 0)
+        stats.packs_removed += 1
+        stats.packs_rewritten += 1 if live else 0
+    if not dry_run:
+        store.pack_names()  # forget the packs deleted here
 
 
 def referenced_addresses(registry: "Registry", m: dict) -> set[str]:

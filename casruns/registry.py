@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from . import fsutil, locking, scheduler
 from . import manifest as mf
 from . import record as rec
-from .config import FORMAT_FILE, FORMAT_NAME, FORMAT_VERSION, Config, read_format
+from .config import FORMAT_FILE, FORMAT_NAME, FORMAT_VERSION, PACKS_SINCE, Config, read_format
 from .errors import (
     ArtifactNotFound,
     CasrunsError,
@@ -59,6 +59,7 @@ class Registry:
         self._config: Config | None = None
         self._store: DiskStore | None = None
         self._checked = False
+        self._version = FORMAT_VERSION
 
     # -- opening -----------------------------------------------------------------------
     @property
@@ -73,7 +74,7 @@ class Registry:
         if self._store is None:
             from .store import DiskStore
 
-            self._store = DiskStore(os.path.join(self.root, "blobs"))
+            self._store = DiskStore(os.path.join(self.root, "blobs"), packing=self.format_version >= PACKS_SINCE)
         return self._store
 
     @property
@@ -93,10 +94,35 @@ class Registry:
         """True if the registry exists; raises on a newer major format."""
         if self._checked:
             return True
-        if read_format(self.root) is None:
+        doc = read_format(self.root)
+        if doc is None:
             return False
+        self._version = doc["version"]
         self._checked = True
         return True
+
+    @property
+    def format_version(self) -> int:
+        """The registry's format version (the current one for a registry not created yet)."""
+        return self._version if self._check_format() else FORMAT_VERSION
+
+    def migrate(self) -> dict:
+        """Move an older registry to the current format, explicitly (spec/format.md, "Changes
+        between versions"). Format 1 to 2 changes no file but the format record: format 2 adds
+        packs, which a format-1 reader would not see, so only the record tells it to stop."""
+        if not self._check_format():
+            from .errors import RegistryError
+
+            raise RegistryError(f"no registry at {self.root}; nothing to migrate (casruns init creates one)", path=self.root)
+        old = self._version
+        if old < FORMAT_VERSION:
+            doc = read_format(self.root) or {}
+            created = doc.get("created_at") or now_ts()
+            text = f'format = "{FORMAT_NAME}"\nversion = {FORMAT_VERSION}\ncreated_at = "{created}"\nmigrated_at = "{now_ts()}"\n'
+            fsutil.atomic_write(os.path.join(self.root, FORMAT_FILE), text.encode())
+            self._version = FORMAT_VERSION
+            self._store = None  # a store opened under format 1 must not keep writing loose-only
+        return {"schema": "casruns/migrate/v1", "root": self.root, "from_version": old, "to_version": FORMAT_VERSION, "migrated": old < FORMAT_VERSION}
 
     def init(self) -> bool:
         """Create the registry (idempotent). Returns True if it was created now."""
@@ -112,7 +138,7 @@ class Registry:
             )
         fsutil.ensure_dir(self.root)
         os.chmod(self.root, fsutil.DIR_MODE)
-        for sub in ("blobs", "blobs/tmp", "runs", "queue", "locks", "slots"):
+        for sub in ("blobs", "blobs/tmp", "blobs/packs", "runs", "queue", "locks", "slots"):
             fsutil.ensure_dir(os.path.join(self.root, sub))
         # All 256 shard directories now, with one directory sync, so that no blob write
         # ever pays for creating (and syncing) its shard.
@@ -123,6 +149,7 @@ class Registry:
         doc = f'format = "{FORMAT_NAME}"\nversion = {FORMAT_VERSION}\ncreated_at = "{now_ts()}"\n'
         fsutil.atomic_write(os.path.join(self.root, FORMAT_FILE), doc.encode())
         self._checked = True
+        self._version = FORMAT_VERSION
         return True
 
     def _ensure(self) -> None:

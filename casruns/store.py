@@ -21,10 +21,16 @@ Batches: :meth:`DiskStore.batch` writes temps without fsync and, at :meth:`Batch
 makes them all durable with one ``syncfs`` (or per-file fsync for a few), renames them and
 syncs the directories. The rule the callers keep: a manifest that references a blob is
 committed only after the batch holding that blob was synced.
+
+Packs: a batch with many small blobs writes them into pack files (``blobs/packs/``, see
+:mod:`casruns.packs`) instead of one file each. Readers look for a loose file first, then in
+the packs' indexes, which each process loads lazily and refreshes on a miss (a pack that gc
+rewrote has vanished; its live blobs are in a newer pack).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import threading
@@ -36,14 +42,15 @@ from typing import BinaryIO, NamedTuple
 import blake3
 import zstandard
 
-from . import fsutil
-from .errors import BlobNotFound, IntegrityError, RegistryError
+from . import fsutil, packs
+from .errors import BlobNotFound, IntegrityError, InvalidAddress, RegistryError
 from .ids import is_address, validate_address
 
 CHUNK = 1 << 20
 SMALL = 1 << 20  # content up to this size is hashed before it is compressed (cheap dedup)
 LEVEL = 3  # zstd level 3: compresses log text ~4x; on random data zstd stores raw blocks (<0.1% overhead)
 FEW = 8  # a batch with at most this many new blobs fsyncs them one by one instead of syncfs
+PACK_TARGET = 16 << 20  # a pack is closed once its frames reach this size (a gc rewrite copies at most this)
 
 
 class BlobInfo(NamedTuple):
@@ -86,8 +93,14 @@ class BlobStore(ABC):
                 return self._put_bytes(f.read(), batch)
             return self._put_stream(f, size, batch)
 
-    def _commit_batch(self, pending: list[tuple[str, BlobInfo]]) -> None:
+    def _commit_batch(self, temps: list[tuple[str, BlobInfo]], packs: list[tuple[str, str, dict]]) -> None:
         """Make a batch's pending blobs durable and visible (stores without temps: nothing)."""
+
+    def _write_temp(self, payload: bytes, durable: bool) -> str:
+        raise NotImplementedError
+
+    def _new_pack(self):
+        raise NotImplementedError
 
     @abstractmethod
     def iter_chunks(self, address: str) -> Iterator[bytes]:
@@ -130,12 +143,20 @@ class Batch:
 
     Usable as a context manager: leaving the block normally syncs; leaving it with an
     exception discards the batch's temp files (nothing references them yet).
+
+    On a store that packs, small new blobs are held in memory until the batch has more than
+    ``FEW`` of them; from then on they go into pack files (spec/format.md, "Packs"). A batch
+    with few small blobs writes them as loose files at :meth:`sync`.
     """
 
     def __init__(self, store: BlobStore, pin: "Pin | None" = None) -> None:
         self.store = store
         self.pin = pin
-        self._pending: dict[str, tuple[str, BlobInfo]] = {}  # address -> (temp path, info)
+        self._pending: dict[str, BlobInfo] = {}  # every address this batch stores anew
+        self._temps: list[tuple[str, BlobInfo]] = []  # loose blob temps, written, not synced
+        self._small: list[tuple[str, bytes, BlobInfo]] = []  # packable frames held back
+        self._pack = None  # the open packs.PackWriter
+        self._packs: list[tuple[str, str, dict]] = []  # finished packs: (temp, name, entries)
         self.dirs = fsutil.DirSync()  # shards of dedup hits: their names must be durable too
 
     def __enter__(self) -> "Batch":
@@ -157,24 +178,50 @@ class Batch:
         return self.store._put_file(path, self)
 
     def pending(self, address: str) -> BlobInfo | None:
-        entry = self._pending.get(address)
-        return entry[1] if entry else None
+        return self._pending.get(address)
 
     def _add(self, address: str, tmp: str, info: BlobInfo) -> None:
-        self._pending[address] = (tmp, info)
+        self._pending[address] = info
+        self._temps.append((tmp, info))
+
+    def _add_small(self, address: str, frame: bytes, info: BlobInfo) -> None:
+        self._pending[address] = info
+        if self._pack is None and not self._packs and len(self._small) < FEW:
+            self._small.append((address, frame, info))
+            return
+        if self._pack is None:
+            self._pack = self.store._new_pack()
+            for held in self._small:
+                self._pack.add(held[0], held[1], held[2].size)
+            self._small.clear()
+        self._pack.add(address, frame, info.size)
+        if self._pack.offset >= PACK_TARGET:
+            self._finish_pack()
+
+    def _finish_pack(self) -> None:
+        pack, self._pack = self._pack, None
+        name = pack.finish()
+        self._packs.append((pack.path, name, pack.index()))
 
     def sync(self) -> None:
-        if self._pending:
-            self.store._commit_batch(list(self._pending.values()))
-            self._pending.clear()
+        if self._pack is not None:
+            self._finish_pack()
+        for address, frame, info in self._small:
+            self._temps.append((self.store._write_temp(frame, durable=False), info))
+        self._small.clear()
+        if self._temps or self._packs:
+            self.store._commit_batch(self._temps, self._packs)
+        self._temps, self._packs = [], []
+        self._pending.clear()
         self.dirs.sync()
 
     def discard(self) -> None:
-        for tmp, _ in self._pending.values():
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        for tmp in [t for t, _ in self._temps] + [t for t, _, _ in self._packs]:
+            _unlink(tmp)
+        if self._pack is not None:
+            self._pack.abandon()
+            self._pack = None
+        self._temps, self._packs, self._small = [], [], []
         self._pending.clear()
 
 
@@ -247,10 +294,21 @@ class _HashingReader:
 class DiskStore(BlobStore):
     """Blobs as zstd files under a directory (normally ``<registry>/blobs``)."""
 
-    def __init__(self, path: str | os.PathLike, *, level: int = LEVEL, threads: int | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, *, level: int = LEVEL, threads: int | None = None, packing: bool = True
+    ) -> None:
         self.path = Path(path)
         self.tmp_dir = self.path / "tmp"
+        self.packs_dir = self.path / "packs"
+        self._root = str(self.path)
         self.level = level
+        # Registry format 1 has no packs: a store of such a registry writes loose blobs only.
+        self.packing = packing
+        self._packs: dict[str, dict[str, packs.PackEntry]] = {}  # pack name -> its index
+        self._where: dict[str, str] = {}  # address -> a pack holding it
+        self.bad_packs: dict[str, str] = {}  # pack name -> why its index cannot be read
+        self._index_lock = threading.Lock()
+        self._packs_seen: tuple[int, int] | None = None  # (inode, mtime_ns) of packs/ at the last look
         # Large inputs compress on worker threads while this thread reads and hashes.
         self.threads = threads if threads is not None else min(os.cpu_count() or 1, 4)
         self._local = threading.local()
@@ -265,30 +323,24 @@ class DiskStore(BlobStore):
     def sweep_lock_path(self) -> Path:
         return self.path / "sweep.lock"
 
-    def _sweep_shared(self):
+    def _sweep_shared(self) -> "_SharedSweep":
         """Shared hold of the sweep lock around "pin, then check": gc deletes under the
         exclusive hold, so it either sees our pin or we see the blob gone (and rewrite it)."""
-        import fcntl
-        from contextlib import contextmanager
-
-        @contextmanager
-        def held():
-            if self._sweep_fd is None:
-                if not self.path.is_dir():
-                    fsutil.ensure_dir(self.path)
-                self._sweep_fd = fsutil.open_private(self.sweep_lock_path(), os.O_RDWR | os.O_CREAT)
-            fcntl.flock(self._sweep_fd, fcntl.LOCK_SH)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._sweep_fd, fcntl.LOCK_UN)
-
-        return held()
+        if self._sweep_fd is None:
+            if not self.path.is_dir():
+                fsutil.ensure_dir(self.path)
+            self._sweep_fd = fsutil.open_private(self.sweep_lock_path(), os.O_RDWR | os.O_CREAT)
+        return _SharedSweep(self._sweep_fd)
 
     # -- paths -------------------------------------------------------------------------
     def path_for(self, address: str) -> Path:
         validate_address(address)
         return self.path / address[:2] / address[2:]
+
+    def _loose(self, address: str) -> str:
+        """``path_for`` as a string (pathlib costs ~15 µs a call on the ingest path)."""
+        validate_address(address)
+        return f"{self._root}/{address[:2]}/{address[2:]}"
 
     def _ensure_dirs(self, address: str) -> Path:
         final = self.path_for(address)
@@ -317,7 +369,7 @@ class DiskStore(BlobStore):
 
     # -- queries -----------------------------------------------------------------------
     def contains(self, address: str) -> bool:
-        return self.path_for(address).is_file()
+        return self.path_for(address).is_file() or self._locate(address) is not None
 
     def stat(self, address: str) -> BlobInfo:
         p = self.path_for(address)
@@ -326,7 +378,10 @@ class DiskStore(BlobStore):
                 stored = os.fstat(f.fileno()).st_size
                 header = f.read(18)
         except FileNotFoundError:
-            raise BlobNotFound(f"blob {address} not found in {self.path}", address=address) from None
+            loc = self._locate(address)
+            if loc is None:
+                raise BlobNotFound(f"blob {address} not found in {self.path}", address=address) from None
+            return BlobInfo(address, loc[1].size, loc[1].length)
         try:
             size = zstandard.frame_content_size(header)
         except zstandard.ZstdError:
@@ -336,6 +391,14 @@ class DiskStore(BlobStore):
         return BlobInfo(address, size, stored)
 
     def iter_addresses(self) -> Iterator[str]:
+        """Every stored address, loose or packed, sorted, each once."""
+        loose = list(self.iter_loose_addresses())
+        self._refresh_packs()
+        with self._index_lock:
+            packed = set(self._where)
+        yield from sorted(packed.union(loose))
+
+    def iter_loose_addresses(self) -> Iterator[str]:
         try:
             shards = sorted(os.listdir(self.path))
         except FileNotFoundError:
@@ -363,7 +426,10 @@ class DiskStore(BlobStore):
         try:
             f = open(p, "rb")
         except FileNotFoundError:
-            raise BlobNotFound(f"blob {address} not found in {self.path}", address=address) from None
+            data = self._read_packed(address)  # whole and verified: packed blobs are small
+            for i in range(0, len(data), CHUNK):
+                yield data[i : i + CHUNK]
+            return
         hasher = blake3.blake3()
         held: bytes | None = None
         with f:
@@ -391,7 +457,7 @@ class DiskStore(BlobStore):
             info = batch.pending(address)
             if info is not None:
                 return info._replace(existed=True)
-        final = self.path_for(address)
+        final = self._loose(address)
         pin = batch.pin if batch is not None else None
         with self._sweep_shared():
             # Pin first, then check (a gc sweeping right now sees the pin, or has already
@@ -402,16 +468,20 @@ class DiskStore(BlobStore):
                 # Why touch as well: gc also keeps blobs whose mtime is within its grace
                 # period, which protects puts made without a pin.
                 os.utime(final)
-                st = final.stat()
+                stored = os.stat(final).st_size
+                directory = os.path.dirname(final)
             except FileNotFoundError:
-                return None
+                stored = self._touch_packed(address)  # a pack's mtime stands for its blobs'
+                if stored is None:
+                    return None
+                directory = self.packs_dir
         # The blob may have been renamed in a moment ago by a writer that has not yet synced
         # its directory: make the name durable before anyone commits a reference to it.
         if batch is not None:
-            batch.dirs.add(final.parent)
+            batch.dirs.add(directory)
         else:
-            fsutil.fsync_dir(final.parent)
-        return BlobInfo(address, -1, st.st_size, True)
+            fsutil.fsync_dir(directory)
+        return BlobInfo(address, -1, stored, True)
 
     def _put_bytes(self, data: bytes, batch: Batch | None) -> BlobInfo:
         data = bytes(data)
@@ -421,17 +491,29 @@ class DiskStore(BlobStore):
             return found._replace(size=len(data))
         threads = self.threads if len(data) >= 8 * CHUNK else 0
         payload = self._cctx(threads).compress(data)
+        info = BlobInfo(address, len(data), len(payload))
+        if batch is not None and self.packing and len(data) <= packs.MAX_BLOB:
+            batch._add_small(address, payload, info)
+            return info
+        tmp = self._write_temp(payload, durable=batch is None)
+        return self._finish(address, tmp, info, batch)
+
+    def _write_temp(self, payload: bytes, durable: bool) -> str:
         tmp, fd = self._new_temp()
         try:
             with os.fdopen(fd, "wb") as out:
                 out.write(payload)
-                if batch is None:
+                if durable:
                     out.flush()
                     os.fsync(out.fileno())
         except BaseException:
             _unlink(tmp)
             raise
-        return self._finish(address, tmp, BlobInfo(address, len(data), len(payload)), batch)
+        return tmp
+
+    def _new_pack(self) -> packs.PackWriter:
+        tmp, fd = self._new_temp()
+        return packs.PackWriter(fd, tmp)
 
     def _put_stream(self, stream: BinaryIO, size: int | None, batch: Batch | None) -> BlobInfo:
         hasher = blake3.blake3()
@@ -478,9 +560,10 @@ class DiskStore(BlobStore):
     def import_frame(self, address: str, stream: BinaryIO | None, batch: Batch) -> int:
         """Take a stored blob (a zstd frame) from elsewhere, verified before it is accepted.
 
-        The frame is written to a temp file while it is decompressed and re-hashed; only if
-        its content hashes to ``address`` does it join ``batch``. A tampered or truncated
-        frame raises IntegrityError and leaves nothing behind. With ``stream=None`` the blob
+        The frame is decompressed and re-hashed as it arrives (a small one in memory, where
+        it may join the batch's pack; a large one into a temp file); only if its content
+        hashes to ``address`` does it join ``batch``. A tampered or truncated frame raises
+        IntegrityError and leaves nothing behind. With ``stream=None`` the blob
         must already be here: it is pinned and refreshed. Returns the bytes received.
         """
         if stream is None:
@@ -490,48 +573,38 @@ class DiskStore(BlobStore):
         validate_address(address)
         if self._existing(address, batch) is not None:
             return 0
-        hasher = blake3.blake3()
-        dobj = zstandard.ZstdDecompressor().decompressobj()
+        check = _FrameCheck(address)
+        limit = packs.MAX_BLOB + 4096  # a frame this small is held in memory (and may join a pack)
+        head = _read_up_to(stream, limit + 1)
+        if len(head) <= limit:
+            check.feed(head)
+            size = check.finish()
+            if self.packing and size <= packs.MAX_BLOB and _content_size(head) == size:
+                batch._add_small(address, head, BlobInfo(address, size, len(head)))
+            else:  # no content size in its header (a streamed put): loose
+                self._finish(address, self._write_temp(head, durable=False), BlobInfo(address, size, len(head)), batch)
+            return len(head)
         received = 0
         tmp, fd = self._new_temp()
         try:
             with os.fdopen(fd, "wb") as out:
-                try:
-                    while chunk := stream.read(CHUNK):
-                        out.write(chunk)
-                        received += len(chunk)
-                        # Fed in small pieces: one piece expands to at most ~16 MiB (RLE
-                        # blocks), so a hostile frame cannot blow up memory.
-                        for i in range(0, len(chunk), 512):
-                            if dobj.eof:
-                                raise IntegrityError(f"blob {address} has data after its zstd frame", address=address)
-                            hasher.update(dobj.decompress(chunk[i : i + 512]))
-                    if not dobj.eof:
-                        raise IntegrityError(f"blob {address} is truncated (the zstd frame does not end)", address=address)
-                    if dobj.unused_data:
-                        raise IntegrityError(f"blob {address} has data after its zstd frame", address=address)
-                except zstandard.ZstdError as e:
-                    raise IntegrityError(f"blob {address} cannot be decoded ({e})", address=address) from None
-            if hasher.hexdigest() != address:
-                raise IntegrityError(f"blob {address} is corrupt: its content hashes to {hasher.hexdigest()}", address=address)
+                chunk = head
+                while chunk:
+                    out.write(chunk)
+                    received += len(chunk)
+                    check.feed(chunk)
+                    chunk = stream.read(CHUNK)
+            size = check.finish()
         except BaseException:
             _unlink(tmp)
             raise
-        size = self.stat_frame_size(tmp)
         self._finish(address, tmp, BlobInfo(address, size, received), batch)
         return received
 
-    @staticmethod
-    def stat_frame_size(path: str) -> int:
-        with open(path, "rb") as f:
-            try:
-                return max(zstandard.frame_content_size(f.read(18)), -1)
-            except zstandard.ZstdError:
-                return -1
-
-    def _commit_batch(self, pending: list[tuple[str, BlobInfo]]) -> None:
+    def _commit_batch(self, temps: list[tuple[str, BlobInfo]], packs_: list[tuple[str, str, dict]]) -> None:
         """Make a batch durable: data first, then names, then the directories."""
-        many = len(pending) > FEW
+        files = [t for t, _ in temps] + [t for t, _, _ in packs_]
+        many = len(files) > FEW
         # 1. data: every temp file's content reaches stable storage before any rename.
         if many:
             try:
@@ -539,7 +612,7 @@ class DiskStore(BlobStore):
             except OSError:
                 many = False
         if not many:
-            for tmp, _ in pending:
+            for tmp in files:
                 fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
                 try:
                     os.fsync(fd)
@@ -547,22 +620,311 @@ class DiskStore(BlobStore):
                     os.close(fd)
         # 2. names.
         dirs = fsutil.DirSync()
-        for tmp, info in pending:
+        for tmp, info in temps:
             final = self._ensure_dirs(info.address)
             os.rename(tmp, final)
             dirs.add(final.parent)
+        if packs_:
+            if not self.packs_dir.is_dir():
+                fsutil.ensure_dir(self.packs_dir)
+            for tmp, name, index in packs_:
+                os.rename(tmp, self.packs_dir / name)
+                self._add_pack(name, index)
+            dirs.add(self.packs_dir)
         # 3. directories: one syncfs covers them all when there are many.
         if many:
             fsutil.syncfs(self.path)
         else:
             dirs.sync()
 
+    # -- packs -------------------------------------------------------------------------
+    def pack_path(self, name: str) -> Path:
+        if not packs.is_pack_name(name):
+            raise InvalidAddress(f"invalid pack name {name!r}")
+        return self.packs_dir / name
+
+    def pack_names(self) -> list[str]:
+        """The readable packs, after a fresh look at ``blobs/packs/`` (see :attr:`bad_packs`)."""
+        self._refresh_packs()
+        with self._index_lock:
+            return sorted(self._packs)
+
+    def pack_index(self, name: str) -> dict[str, packs.PackEntry]:
+        with self._index_lock:
+            return dict(self._packs[name])
+
+    def _add_pack(self, name: str, index: dict) -> None:
+        with self._index_lock:
+            self._packs[name] = index
+            for address in index:
+                self._where.setdefault(address, name)
+
+    def _refresh_packs(self, cheap: bool = False) -> None:
+        """Bring the in-memory index in line with ``blobs/packs/``: load new packs, drop gone ones.
+
+        ``cheap``: skip the listing when the directory's mtime has not moved since the last
+        look. Timestamps are coarse (a rename in the same tick goes unseen), so only dedup
+        checks use it, where a miss costs a duplicate copy, never a wrong answer.
+        """
+        try:
+            st = os.stat(self.packs_dir)
+            seen = (st.st_ino, st.st_mtime_ns)
+        except (FileNotFoundError, NotADirectoryError):
+            seen = (0, 0)
+        if cheap and seen == self._packs_seen:
+            return
+        self._packs_seen = seen
+        try:
+            names = {n for n in os.listdir(self.packs_dir) if packs.is_pack_name(n)}
+        except (FileNotFoundError, NotADirectoryError):
+            names = set()
+        with self._index_lock:
+            gone = [n for n in self._packs if n not in names]
+            for n in gone:
+                del self._packs[n]
+            for n in [n for n in self.bad_packs if n not in names]:
+                del self.bad_packs[n]
+            new = sorted(names - self._packs.keys() - self.bad_packs.keys())
+        loaded = {}
+        for name in new:
+            try:
+                fd = os.open(self.packs_dir / name, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                loaded[name] = packs.read_index(fd, f"pack {name}")
+            except packs.PackCorrupt as e:
+                with self._index_lock:
+                    self.bad_packs[name] = e.message
+            finally:
+                os.close(fd)
+        with self._index_lock:
+            self._packs.update(loaded)
+            if gone:  # an address of a vanished pack may live on in another one
+                self._where = {}
+                for name in sorted(self._packs):
+                    for address in self._packs[name]:
+                        self._where.setdefault(address, name)
+            else:
+                for name, index in loaded.items():
+                    for address in index:
+                        self._where.setdefault(address, name)
+
+    def _locate(self, address: str, cheap: bool = False) -> tuple[str, packs.PackEntry] | None:
+        validate_address(address)
+        for attempt in range(2):
+            with self._index_lock:
+                name = self._where.get(address)
+                if name is not None:
+                    return name, self._packs[name][address]
+            if attempt:
+                return None
+            self._refresh_packs(cheap)
+        return None
+
+    def _touch_packed(self, address: str) -> int | None:
+        """Refresh the mtime of a pack holding ``address``; its frame's size, or None."""
+        for _ in range(3):
+            loc = self._locate(address, cheap=True)
+            if loc is None:
+                return None
+            try:
+                os.utime(self.packs_dir / loc[0])
+                return loc[1].length
+            except FileNotFoundError:
+                self._refresh_packs()  # rewritten by gc a moment ago: look again
+        return None
+
+    def read_frame(self, address: str) -> tuple[str, packs.PackEntry, bytes] | None:
+        """The raw frame of a packed blob: (pack name, entry, frame); None if not packed."""
+        for _ in range(3):
+            loc = self._locate(address)
+            if loc is None:
+                return None
+            name, entry = loc
+            try:
+                fd = os.open(self.packs_dir / name, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                self._refresh_packs()
+                continue
+            try:
+                return name, entry, packs.read_frame(fd, entry)
+            except IntegrityError as e:
+                raise IntegrityError(f"blob {address}: {e.message} in pack {name}", address=address) from None
+            finally:
+                os.close(fd)
+        return None
+
+    def _read_packed(self, address: str) -> bytes:
+        got = self.read_frame(address)
+        if got is None:
+            raise BlobNotFound(f"blob {address} not found in {self.path}", address=address)
+        name, entry, frame = got
+        where = f"pack {self.packs_dir / name}"
+        try:
+            if zstandard.frame_content_size(frame) != entry.size:
+                raise IntegrityError(f"blob {address} is corrupt: its frame header disagrees with the index of {where}", address=address)
+            data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=max(entry.size, 1))
+        except zstandard.ZstdError as e:
+            raise IntegrityError(f"blob {address} cannot be decoded ({e}): {where}", address=address) from None
+        digest = blake3.blake3(data).hexdigest()
+        if digest != address:
+            raise IntegrityError(f"blob {address} is corrupt: its content hashes to {digest}: {where}", address=address)
+        return data
+
+    def frame_source(self, address: str) -> tuple[str | None, bytes | None, int]:
+        """Where a blob's stored frame is: (loose path, None, size) or (None, frame, size)."""
+        p = self.path_for(address)
+        try:
+            return str(p), None, os.stat(p).st_size
+        except FileNotFoundError:
+            got = self.read_frame(address)
+            if got is None:
+                raise BlobNotFound(f"blob {address} not found in {self.path}", address=address) from None
+            return None, got[2], len(got[2])
+
+    def write_pack(self, frames: Iterator[tuple[str, bytes, int]]) -> str | None:
+        """A new durable pack of (address, frame, size); its name, or None if there were none."""
+        writer = self._new_pack()
+        try:
+            for address, frame, size in frames:
+                writer.add(address, frame, size)
+            if not len(writer):
+                writer.abandon()
+                return None
+            name = writer.finish()
+            fd = os.open(writer.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if not self.packs_dir.is_dir():
+                fsutil.ensure_dir(self.packs_dir)
+            os.rename(writer.path, self.packs_dir / name)
+        except BaseException:
+            writer.abandon()
+            raise
+        fsutil.fsync_dir(self.packs_dir)
+        self._add_pack(name, writer.index())
+        return name
+
+    def rewrite_pack(self, name: str, keep: set[str]) -> str | None:
+        """Copy the frames of ``keep`` from pack ``name`` into a new durable pack (not verified:
+        a corrupt frame stays corrupt, and verify finds it). The old pack is left in place."""
+        index = self.pack_index(name)
+        fd = os.open(self.pack_path(name), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            frames = ((a, packs.read_frame(fd, index[a]), index[a].size) for a in sorted(keep) if a in index)
+            return self.write_pack(frames)
+        finally:
+            os.close(fd)
+
+    def delete_pack(self, name: str) -> bool:
+        try:
+            os.unlink(self.pack_path(name))
+        except FileNotFoundError:
+            return False
+        self._refresh_packs()
+        return True
+
+    def quarantine(self, address: str, qdir: str) -> bool:
+        """Move a (corrupt) blob to ``qdir/<address>``: a loose file is renamed; a packed
+        frame is copied out and its pack rewritten without it."""
+        try:
+            os.rename(self.path_for(address), os.path.join(qdir, address))
+            return True
+        except FileNotFoundError:
+            pass
+        got = self.read_frame(address)
+        if got is None:
+            return False
+        name, _, frame = got
+        fsutil.atomic_write(os.path.join(qdir, address), frame)
+        self.rewrite_pack(name, set(self.pack_index(name)) - {address})
+        self.delete_pack(name)
+        return True
+
     def delete(self, address: str) -> bool:
+        """Remove a blob (tests and tools; gc deletes under its own protocol)."""
         try:
             os.unlink(self.path_for(address))
             return True
         except FileNotFoundError:
+            pass
+        loc = self._locate(address)
+        if loc is None:
             return False
+        self.rewrite_pack(loc[0], set(self.pack_index(loc[0])) - {address})
+        self.delete_pack(loc[0])
+        return True
+
+
+class _FrameCheck:
+    """Decode and re-hash a frame from elsewhere as it arrives: exactly one frame, nothing
+    after it, content hashing to the address. Fed in pieces of 512 input bytes, each of which
+    expands to at most ~16 MiB (RLE blocks), so a hostile frame cannot blow up memory."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.hasher = blake3.blake3()
+        self.dobj = zstandard.ZstdDecompressor().decompressobj()
+        self.size = 0
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            for i in range(0, len(chunk), 512):
+                if self.dobj.eof:
+                    raise IntegrityError(f"blob {self.address} has data after its zstd frame", address=self.address)
+                out = self.dobj.decompress(chunk[i : i + 512])
+                self.hasher.update(out)
+                self.size += len(out)
+        except zstandard.ZstdError as e:
+            raise IntegrityError(f"blob {self.address} cannot be decoded ({e})", address=self.address) from None
+
+    def finish(self) -> int:
+        """The content size, once the frame is known to be whole and to match its address."""
+        if not self.dobj.eof:
+            raise IntegrityError(f"blob {self.address} is truncated (the zstd frame does not end)", address=self.address)
+        if self.dobj.unused_data:
+            raise IntegrityError(f"blob {self.address} has data after its zstd frame", address=self.address)
+        digest = self.hasher.hexdigest()
+        if digest != self.address:
+            raise IntegrityError(f"blob {self.address} is corrupt: its content hashes to {digest}", address=self.address)
+        return self.size
+
+
+def _read_up_to(stream: BinaryIO, n: int) -> bytes:
+    """Up to ``n`` bytes: fewer only at the end of the stream (a socket may return short reads)."""
+    parts, got = [], 0
+    while got < n:
+        chunk = stream.read(min(CHUNK, n - got))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _content_size(frame: bytes) -> int:
+    try:
+        return zstandard.frame_content_size(frame)
+    except zstandard.ZstdError:
+        return -1
+
+
+class _SharedSweep:
+    """``with``: the sweep lock held shared (a class, not a generator: it runs once per put)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
 def _unlink(path: str) -> None:

@@ -114,9 +114,10 @@ class Supervisor:
     @property
     def store(self):
         if self._store is None:
+            from .config import packs_allowed
             from .store import DiskStore
 
-            self._store = DiskStore(os.path.join(self.root, "blobs"))
+            self._store = DiskStore(os.path.join(self.root, "blobs"), packing=packs_allowed(self.root))
         return self._store
 
     # -- small helpers -------------------------------------------------------------

@@ -7,7 +7,9 @@ registry also reports orphaned blobs (unreferenced: gc's business, not an error)
 ``read_data``, re-hashes every blob in the store.
 
 ``quarantine`` moves corrupt blobs to ``<root>/quarantine/<address>`` so nothing reads them
-and a later ``archive pull`` can put a good copy back.
+and a later ``archive pull`` can put a good copy back. A corrupt blob in a pack is copied out
+and its pack rewritten without it; a pack whose index cannot be read (``pack_corrupt``) is
+moved to ``quarantine/<name>.pack`` whole, since none of its blobs can be located.
 """
 
 from __future__ import annotations
@@ -142,18 +144,28 @@ def verify(registry: "Registry", run_ids: list[str] | None = None, *, read_data:
                 if read_data and address not in checked:
                     check_blob(address, "", "unreferenced")
 
-    quarantined = []
+    store.pack_names()  # a fresh look: packs whose index cannot be read
+    bad_packs = dict(store.bad_packs)
+    for name, why in sorted(bad_packs.items()):
+        problems.append({"kind": "pack_corrupt", "run_id": "", "pack": name, "message": why})
+
+    quarantined: list[str] = []
+    quarantined_packs: list[str] = []
     if quarantine:
         qdir = os.path.join(registry.root, "quarantine")
         for address, kind in sorted(checked.items()):
             if kind == "blob_corrupt":
                 fsutil.ensure_dir(qdir)
-                try:
-                    os.rename(store.path_for(address), os.path.join(qdir, address))
+                if store.quarantine(address, qdir):  # a loose file moves; a packed frame is copied out
                     quarantined.append(address)
-                except FileNotFoundError:
-                    pass
-        if quarantined:
+        for name in sorted(bad_packs):
+            fsutil.ensure_dir(qdir)
+            try:
+                os.rename(store.pack_path(name), os.path.join(qdir, name))
+                quarantined_packs.append(name)
+            except FileNotFoundError:
+                pass
+        if quarantined or quarantined_packs:
             fsutil.fsync_dir(qdir)
     return {
         "schema": SCHEMA,
@@ -163,5 +175,6 @@ def verify(registry: "Registry", run_ids: list[str] | None = None, *, read_data:
         "orphans": orphans,
         "problems": problems,
         "quarantined": quarantined,
+        "quarantined_packs": quarantined_packs,
         "ok": not problems,
     }

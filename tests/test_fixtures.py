@@ -1,4 +1,5 @@
-"""The registry checked in under fixtures/ was written by casruns 0.1 (format 1, manifest v1).
+"""The registries checked in under fixtures/: registry-v1 written by casruns 0.1 (format 1, manifest v1),
+registry-v2 by casruns 0.2 (format 2: a pack).
 
 It must keep loading: a change to the format that breaks old registries fails here.
 """
@@ -15,11 +16,15 @@ from casruns import Registry
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "registry-v1"
 
 
+def copy_of(fixture: Path, dest: Path) -> Registry:
+    """A writable copy: tests may write, the checked-in fixture never changes."""
+    shutil.copytree(fixture, dest)
+    return Registry(dest)
+
+
 @pytest.fixture
 def old_registry(tmp_path):
-    root = tmp_path / "old"
-    shutil.copytree(FIXTURE, root)
-    return Registry(root)
+    return copy_of(FIXTURE, tmp_path / "old")
 
 
 def test_old_registry_lists_and_reports_every_run(old_registry, validate):
@@ -56,3 +61,39 @@ def test_unknown_fields_in_an_old_manifest_survive_an_update(old_registry):
     assert again["future_scalar"] == "kept by older readers"
     assert again["future_table"] == {"note": "a field a newer casruns wrote"}
     assert again["retention"]["retain_for"] == 86400.0
+
+
+FIXTURE_V2 = Path(__file__).resolve().parent.parent / "fixtures" / "registry-v2"
+
+
+@pytest.fixture
+def v2_registry(tmp_path):
+    return copy_of(FIXTURE_V2, tmp_path / "v2")
+
+
+def test_format_2_registry_with_a_pack_reads_back_verified(v2_registry, validate):
+    """Written by casruns 0.2: a run whose 20 artifacts and tree are in one pack, logs loose."""
+    assert v2_registry.format_version == 2
+    [rec] = v2_registry.list()
+    validate(rec, "run.schema.json")
+    assert rec["run_id"] == "fixture-packed" and rec["status"] == "succeeded" and rec["retention"]["promoted"]
+    assert b"".join(v2_registry.log_chunks("fixture-packed", "stdout")) == b"packed stdout\n"
+    store = v2_registry.store
+    [pack] = store.pack_names()
+    tree = v2_registry.tree("fixture-packed")
+    assert len(tree.entries) == 20
+    assert set(tree.addresses()) | {v2_registry.run_dir("fixture-packed").read()["artifacts"]["tree"]} == set(store.pack_index(pack))
+    for i in range(1, 21):
+        assert b"".join(v2_registry.cat("fixture-packed", f"reports/r{i}.txt")) == f"report {i} ok\n".encode()
+    report = v2_registry.verify(read_data=True)
+    assert report["ok"] and report["orphans"] == 0, report
+
+
+def test_format_2_registry_is_refused_by_the_format_1_rule(v2_registry, monkeypatch):
+    """What casruns 0.1 does with it: version 2 is above what it reads, so it stops."""
+    from casruns import config
+    from casruns.errors import UnsupportedFormat
+
+    monkeypatch.setattr(config, "FORMAT_VERSION", 1)
+    with pytest.raises(UnsupportedFormat):
+        config.read_format(v2_registry.root)

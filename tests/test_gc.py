@@ -47,8 +47,10 @@ def config(reg: Registry, text: str) -> None:
 
 def make_old(reg: Registry) -> None:
     old = time.time() - 10 * 86400
-    for a in reg.store.iter_addresses():
+    for a in reg.store.iter_loose_addresses():
         os.utime(reg.store.path_for(a), (old, old))
+    for name in reg.store.pack_names():
+        os.utime(reg.store.pack_path(name), (old, old))
 
 
 def evidence(reg: Registry, rid: str) -> dict:

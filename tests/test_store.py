@@ -208,7 +208,7 @@ class TestDisk:
         calls = []
         real = fsutil.syncfs
         monkeypatch.setattr(fsutil, "syncfs", lambda p: (calls.append(p), real(p)))
-        store = DiskStore(tmp_path / "blobs")
+        store = DiskStore(tmp_path / "blobs", packing=False)  # registry format 1: loose blobs only
         with store.batch() as batch:
             for i in range(200):
                 batch.put_bytes(f"small file {i}".encode())

@@ -50,6 +50,19 @@ def register(cli: click.Group) -> None:
         else:
             click.echo(f"{'created' if created else 'exists'}: {obj.registry.root}")
 
+    @cli.command()
+    @JSON_OPT
+    @click.pass_obj
+    def migrate(obj, as_json):
+        """Move an older registry to this casruns' format (older casruns then refuse it)."""
+        report = obj.registry.migrate()
+        if as_json:
+            render.emit_json(report)
+        elif report["migrated"]:
+            click.echo(f"migrated {report['root']} from format {report['from_version']} to {report['to_version']}")
+        else:
+            click.echo(f"{report['root']} is already at format {report['to_version']}")
+
     @cli.command(context_settings={"ignore_unknown_options": False})
     @submit_options
     @JSON_OPT
@@ -239,6 +252,12 @@ def register(cli: click.Group) -> None:
                 f"({report['bytes_freed']} bytes); kept {report['blobs_kept']} blobs; "
                 f"{report['temps_removed']} temp files; {report['duration_s']:.2f}s"
             )
+            if report["packs_removed"] or report["pack_blobs_unused"] or report["packs_unreadable"]:
+                click.echo(
+                    f"packs: {report['packs_removed']} removed ({report['packs_rewritten']} rewritten without their garbage); "
+                    f"{report['pack_blobs_unused']} garbage blobs ({report['pack_bytes_unused']} bytes) left in packs too live to rewrite"
+                    + (f"; {report['packs_unreadable']} unreadable packs kept (run casruns verify)" if report["packs_unreadable"] else "")
+                )
 
     @cli.command()
     @click.argument("run_ids", nargs=-1)

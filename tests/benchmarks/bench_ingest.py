@@ -26,7 +26,9 @@ What it does
    exit, so every tool pays its own start-up; casruns' in-process time is shown as well):
    * ``casruns``: a fresh ``DiskStore`` each time. A large file is one durable
      ``store.put_file``; the small files are one ``tree.collect`` into one batch plus the
-     tree blob, synced when the batch ends (how a run's artifacts are ingested).
+     tree blob, synced when the batch ends (how a run's artifacts are ingested). In a
+     format-2 store that batch writes one pack file (spec/format.md, "Packs"); ``--loose``
+     measures the format-1 layout instead (one file per blob), for comparison.
    * ``b3sum`` and ``zstd -3 -T2``, run one after the other, and their sum: the cost of
      hashing plus compressing with the reference tools. Large file: ``b3sum FILE`` and
      ``zstd -3 -T2 -c FILE > out``. Small files: one ``b3sum`` with all 5,000 paths as
@@ -300,7 +302,7 @@ from casruns.store import DiskStore
 from casruns.tree import collect
 mode, src, dest = sys.argv[1:4]
 t0 = time.perf_counter()
-store = DiskStore(dest)
+store = DiskStore(dest, packing=mode != "tree-loose")
 if mode == "file":
     store.put_file(src)
 else:
@@ -384,6 +386,8 @@ class Bench:
                 self.results.append(Result(ds, tool, None, note="unavailable"))
                 continue
             measures.append(getattr(self, "_" + tool.split()[0])(ds))
+            if tool == "casruns" and ds.path.is_dir():
+                measures.append(self._casruns(ds, loose=True))
         runs: dict[str, list[tuple[Run, int]]] = {m.tool: [] for m in measures}
         errors: dict[str, str] = {}
         for _ in range(self.repeat):
@@ -418,15 +422,18 @@ class Bench:
         return fresh(self.work / "out" / name)
 
     # -- one Measure per tool ----------------------------------------------------------
-    def _casruns(self, ds: Dataset) -> Measure:
-        mode = "tree" if ds.path.is_dir() else "file"
+    def _casruns(self, ds: Dataset, loose: bool = False) -> Measure:
+        """casruns as it stores now; with ``loose``, as format 1 did (a file per blob, no pack)."""
+        mode = ("tree-loose" if loose else "tree") if ds.path.is_dir() else "file"
 
         def once():
             out = self.out("casruns")
             run = timed([PYTHON, "-c", CASRUNS_CHILD, mode, str(ds.path), str(out / "blobs")], cwd=REPO_ROOT)
             return run, tree_size(out)
 
-        return Measure("casruns", "collect+batch" if mode == "tree" else "put_file", once)
+        if loose:
+            return Measure("casruns (loose, fmt 1)", "collect+batch, a file per blob", once)
+        return Measure("casruns", "collect+batch into a pack" if mode == "tree" else "put_file", once)
 
     def _b3sum(self, ds: Dataset) -> Measure:
         if ds.path.is_dir():

@@ -1,0 +1,430 @@
+"""Packs: the small blobs of a batch stored in one file (spec/format.md, "Packs").
+
+Covers the format (read back by an independent reader written from the spec), what goes into a
+pack and what stays loose, dedup against packed blobs, corruption, crashes, concurrent writers,
+readers that outlive a pack gc rewrote, gc, verify, archives and the format-1 rule.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import blake3
+import pytest
+import zstandard
+
+from casruns import Registry, gc as gcmod, packs
+from casruns import store as storemod
+from casruns.errors import BlobNotFound, CorruptManifest, IntegrityError
+from casruns.store import DiskStore
+from conftest import cli_json
+from test_gc import config, evidence, finished_run, make_old
+
+FIXTURE_V1 = Path(__file__).resolve().parent.parent / "fixtures" / "registry-v1"
+
+
+def b3(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+def contents(n: int, tag: str = "x") -> list[bytes]:
+    return [f"{tag} small blob {i}\n".encode() * (1 + i % 50) for i in range(n)]
+
+
+def put_batch(store: DiskStore, datas: list[bytes]):
+    with store.batch() as batch:
+        return [batch.put_bytes(d) for d in datas]
+
+
+def pack_files(store: DiskStore) -> list[Path]:
+    return sorted(store.packs_dir.glob("*.pack")) if store.packs_dir.is_dir() else []
+
+
+def loose_files(store: DiskStore) -> list[str]:
+    return list(store.iter_loose_addresses())
+
+
+def spec_reader(path: Path) -> dict[str, bytes]:
+    """A reader written from spec/format.md alone: trailer, index, frames."""
+    raw = path.read_bytes()
+    assert raw[-8:] == b"casrpak1"
+    index_hash, count = raw[-48:-16], struct.unpack("<Q", raw[-16:-8])[0]
+    index = raw[-48 - 56 * count : -48]
+    assert blake3.blake3(index).digest() == index_hash
+    assert path.name == blake3.blake3(raw).hexdigest() + ".pack"
+    out = {}
+    for i in range(count):
+        addr, offset, length, size = struct.unpack("<32sQQQ", index[56 * i : 56 * (i + 1)])
+        content = zstandard.ZstdDecompressor().decompress(raw[offset : offset + length])
+        assert len(content) == size
+        out[addr.hex()] = content
+    assert list(out) == sorted(out)
+    return out
+
+
+# -- format and layout ----------------------------------------------------------------------------
+
+
+def test_a_batch_of_many_small_blobs_is_one_pack_an_independent_reader_can_read(tmp_path):
+    store = DiskStore(tmp_path / "blobs")
+    datas = contents(50) + [b""]
+    infos = put_batch(store, datas)
+    assert loose_files(store) == [] and list((tmp_path / "blobs" / "tmp").iterdir()) == []
+    [pack] = pack_files(store)
+    assert oct(pack.stat().st_mode & 0o777) == "0o600"
+    assert spec_reader(pack) == {b3(d): d for d in datas}
+    fresh = DiskStore(tmp_path / "blobs")  # another process' view: loads the index from disk
+    for d, info in zip(datas, infos):
+        assert info.address == b3(d) and not info.existed
+        assert fresh.contains(info.address)
+        assert fresh.read_bytes(info.address) == d
+        st = fresh.stat(info.address)
+        assert st.size == len(d) and st.stored_size == info.stored_size
+    assert list(fresh.iter_addresses()) == sorted({b3(d) for d in datas})
+
+
+def test_a_batch_with_few_blobs_and_large_blobs_stay_loose(tmp_path):
+    store = DiskStore(tmp_path / "blobs")
+    few = contents(storemod.FEW)
+    big = os.urandom(packs.MAX_BLOB + 1)
+    put_batch(store, few + [big])
+    assert pack_files(store) == []
+    assert sorted(loose_files(store)) == sorted(b3(d) for d in few + [big])
+
+
+def test_a_pack_is_closed_at_its_target_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(storemod, "PACK_TARGET", 20_000)
+    store = DiskStore(tmp_path / "blobs")
+    datas = [os.urandom(3000) for _ in range(40)]
+    put_batch(store, datas)
+    found = pack_files(store)
+    assert len(found) >= 5 and loose_files(store) == []
+    merged = {}
+    for p in found:
+        merged.update(spec_reader(p))
+    assert merged == {b3(d): d for d in datas}
+
+
+def test_format_1_store_never_packs(tmp_path):
+    store = DiskStore(tmp_path / "blobs", packing=False)
+    put_batch(store, contents(30))
+    assert pack_files(store) == [] and len(loose_files(store)) == 30
+
+
+# -- dedup ----------------------------------------------------------------------------------------
+
+
+def test_packed_content_is_a_dedup_hit_that_refreshes_the_pack(tmp_path):
+    store = DiskStore(tmp_path / "blobs")
+    datas = contents(20)
+    put_batch(store, datas)
+    [pack] = pack_files(store)
+    os.utime(pack, (1000, 1000))
+    other = DiskStore(tmp_path / "blobs")
+    again = put_batch(other, datas[:5] + contents(3, "new"))
+    assert [i.existed for i in again] == [True] * 5 + [False] * 3
+    assert pack.stat().st_mtime > time.time() - 60
+    assert other.put_bytes(datas[7]).existed  # a single put finds it in the pack too
+    assert pack_files(store) == [pack]
+    assert len(loose_files(store)) == 3  # the new ones: few, so loose
+
+
+def test_same_content_twice_in_one_batch_is_stored_once(tmp_path):
+    store = DiskStore(tmp_path / "blobs")
+    datas = contents(12)
+    infos = put_batch(store, datas + datas[:4])
+    assert [i.existed for i in infos[12:]] == [True] * 4
+    [pack] = pack_files(store)
+    assert len(spec_reader(pack)) == 12
+
+
+# -- corruption -----------------------------------------------------------------------------------
+
+
+def test_a_flipped_byte_in_a_packed_frame_is_an_integrity_error(tmp_path):
+    store = DiskStore(tmp_path / "blobs")
+    datas = contents(20)
+    put_batch(store, datas)
+    [pack] = pack_files(store)
+    entry = store.pack_index(pack.name)[b3(datas[3])]
+    raw = bytearray(pack.read_bytes())
+    raw[entry.offset + entry.length // 2] ^= 0x01
+    pack.write_bytes(bytes(raw))
+    fresh = DiskStore(tmp_path / "blobs")
+    with pytest.raises(IntegrityError):
+        fresh.read_bytes(b3(datas[3]))
+    assert fresh.read_bytes(b3(datas[4])) == datas[4]
+
+
+@pytest.mark.parametrize("where", ["index", "trailer", "truncated"])
+def test_a_damaged_index_makes_the_pack_unreadable_not_wrong(tmp_path, where):
+    store = DiskStore(tmp_path / "blobs")
+    datas = contents(20)
+    put_batch(store, datas)
+    [pack] = pack_files(store)
+    raw = bytearray(pack.read_bytes())
+    if where == "index":
+        raw[-48 - 56 * 3] ^= 0x01
+    elif where == "trailer":
+        raw[-1] ^= 0x01
+    else:
+        raw = raw[: len(raw) // 2]
+    pack.write_bytes(bytes(raw))
+    fresh = DiskStore(tmp_path / "blobs")
+    with pytest.raises(BlobNotFound):
+        fresh.read_bytes(b3(datas[0]))
+    assert fresh.pack_names() == [] and list(fresh.bad_packs) == [pack.name]
+
+
+# -- crashes and concurrency ----------------------------------------------------------------------
+
+
+def test_failed_batch_leaves_no_pack_and_no_temp(tmp_path):
+    store = DiskStore(tmp_path / "blobs")
+    with pytest.raises(RuntimeError):
+        with store.batch() as batch:
+            for d in contents(40):
+                batch.put_bytes(d)
+            raise RuntimeError("collector failed")
+    assert pack_files(store) == [] and loose_files(store) == []
+    assert list(store.iter_temp_files()) == []
+
+
+def test_writer_killed_before_its_batch_syncs_leaves_no_visible_pack(tmp_path):
+    script = (
+        "import sys, os, time\n"
+        "from casruns.store import DiskStore\n"
+        "s = DiskStore(sys.argv[1])\n"
+        "b = s.batch()\n"
+        "for i in range(2000):\n"
+        "    b.put_bytes(os.urandom(2000))\n"
+        "print('written', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "blobs")], stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"written\n"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    store = DiskStore(tmp_path / "blobs")
+    assert pack_files(store) == [] and list(store.iter_addresses()) == []
+    assert len(list(store.iter_temp_files())) == 1  # the pack temp, gc's to remove
+
+
+def _writer(root: str, seed: int, out) -> None:
+    store = DiskStore(root)
+    shared = [f"shared blob {i}\n".encode() * 20 for i in range(30)]
+    mine = [f"writer {seed} blob {i}\n".encode() * 20 for i in range(30)]
+    for _ in range(3):
+        with store.batch() as batch:
+            for d in shared + mine:
+                batch.put_bytes(d)
+    out.put(seed)
+
+
+def test_concurrent_batches_of_shared_and_private_blobs(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path / "blobs"), s, q)) for s in range(5)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    store = DiskStore(tmp_path / "blobs")
+    want = [f"shared blob {i}\n".encode() * 20 for i in range(30)]
+    want += [f"writer {s} blob {i}\n".encode() * 20 for s in range(5) for i in range(30)]
+    for d in want:
+        assert store.read_bytes(b3(d)) == d
+    assert set(store.iter_addresses()) == {b3(d) for d in want}
+    assert list(store.iter_temp_files()) == []
+
+
+def test_a_reader_finds_a_blob_after_its_pack_was_rewritten(tmp_path):
+    store = DiskStore(tmp_path / "blobs")
+    datas = contents(20)
+    put_batch(store, datas)
+    reader = DiskStore(tmp_path / "blobs")
+    assert reader.read_bytes(b3(datas[0])) == datas[0]  # the reader has the old index now
+    [old] = store.pack_names()
+    keep = {b3(d) for d in datas[:10]}
+    new = store.rewrite_pack(old, keep)
+    store.delete_pack(old)
+    assert store.pack_names() == [new]
+    assert reader.read_bytes(b3(datas[5])) == datas[5]
+    with pytest.raises(BlobNotFound):
+        reader.read_bytes(b3(datas[15]))
+
+
+# -- registry: gc, verify, archive, format --------------------------------------------------------
+
+
+def many_files(tag: str, n: int = 30) -> dict:
+    return {f"out/{tag}-{i}.txt": f"{tag} artifact {i}\n".encode() * 10 for i in range(n)}
+
+
+def test_runs_with_many_artifacts_store_them_in_a_pack(registry):
+    rid = finished_run(registry, files=many_files("a"))
+    assert len(pack_files(registry.store)) == 1
+    ev = evidence(registry, rid)
+    assert ev["out/a-7.txt"] == b"a artifact 7\n" * 10
+    proc, out = cli_json("verify", "--read-data")
+    assert proc.returncode == 0 and out[0]["ok"], out
+
+
+def test_gc_deletes_dead_packs_rewrites_mixed_ones_and_keeps_every_live_blob(registry, validate):
+    config(registry, 'gc_grace = "0s"\n[retention]\nsucceeded = "1s"\n')
+    shared = {f"shared/{i}.txt": f"shared artifact {i}\n".encode() * 10 for i in range(20)}
+    gone = finished_run(registry, files={**shared, **many_files("gone")})  # its pack holds the shared blobs
+    kept = finished_run(registry, files={**shared, **many_files("kept")}, retain_for=10 * 86400)
+    alone = finished_run(registry, files=many_files("alone"))
+    registry.promote(kept, reason="evidence")
+    before = evidence(registry, kept)
+    assert len(pack_files(registry.store)) == 3
+    make_old(registry)
+    time.sleep(1.1)
+    report = registry.gc()
+    validate(report, "reports.schema.json#/$defs/gc")
+    assert report["runs_removed"] == 2
+    assert report["packs_removed"] == 2 and report["packs_rewritten"] == 1
+    assert report["blobs_removed"] >= 2 * 30
+    assert evidence(registry, kept) == before
+    assert {r["run_id"] for r in registry.list()} == {kept}
+    addresses = set(registry.store.iter_addresses())
+    assert b3(b"gone artifact 1\n" * 10) not in addresses and b3(b"alone artifact 1\n" * 10) not in addresses
+    v = registry.verify(read_data=True)
+    assert v["ok"] and v["orphans"] == 0, v
+
+
+def test_gc_keeps_a_pack_whose_garbage_is_pinned(registry):
+    config(registry, 'gc_grace = "0s"\n[retention]\nsucceeded = "1s"\n')
+    rid = finished_run(registry, files=many_files("p"))
+    make_old(registry)
+    time.sleep(1.1)
+    target = b3(b"p artifact 3\n" * 10)
+    store = DiskStore(registry.store.path)
+    with store.pin() as pin, store.batch(pin) as batch:
+        assert batch.put_bytes(b"p artifact 3\n" * 10).existed  # pinned and found in the pack
+        report = registry.gc()
+        assert report["runs_removed"] == 1 and report["packs_removed"] == 0
+        assert report["blobs_pinned"] >= 1
+        assert registry.store.read_bytes(target) == b"p artifact 3\n" * 10
+    assert rid not in {r["run_id"] for r in registry.list()}
+
+
+def test_gc_leaves_a_little_garbage_in_a_big_live_pack(registry):
+    config(registry, 'gc_grace = "0s"\n')
+    store = registry.store
+    live = [os.urandom(4000) for _ in range(40)]
+    dead = [os.urandom(1000)]
+    with store.batch() as batch:
+        for d in live + dead:
+            batch.put_bytes(d)
+    keep = finished_run(registry, files={f"f{i}": d for i, d in enumerate(live)})
+    make_old(registry)
+    report = registry.gc()
+    assert report["pack_blobs_unused"] == 1 and report["pack_bytes_unused"] > 0 and report["packs_removed"] == 0
+    assert store.read_bytes(b3(dead[0])) == dead[0]
+    assert registry.verify(read_data=True)["ok"]
+    assert evidence(registry, keep)["f3"] == live[3]
+
+
+def test_gc_killed_after_a_pack_rewrite_loses_nothing(registry):
+    config(registry, 'gc_grace = "0s"\n[retention]\nsucceeded = "1s"\n')
+    shared = {f"s/{i}": f"shared {i}\n".encode() * 30 for i in range(20)}
+    finished_run(registry, files={**shared, **many_files("dead")})
+    kept = finished_run(registry, files=shared, retain_for=86400 * 30)
+    before = evidence(registry, kept)
+    make_old(registry)
+    time.sleep(1.1)
+    env = {**os.environ, "CASRUNS_TEST_GC_KILL": "after_pack_rewrite"}
+    proc = subprocess.run([sys.executable, "-m", "casruns", "--root", registry.root, "gc"], env=env, capture_output=True)
+    assert proc.returncode == -9
+    reg = Registry(registry.root)
+    assert evidence(reg, kept) == before and reg.verify(read_data=True)["ok"]
+    report = reg.gc()
+    assert report["packs_removed"] >= 1
+    assert evidence(Registry(registry.root), kept) == before
+
+
+def test_verify_finds_and_quarantines_a_corrupt_packed_blob(registry, validate):
+    rid = finished_run(registry, files=many_files("q"))
+    store = registry.store
+    [pack] = pack_files(store)
+    bad = b3(b"q artifact 4\n" * 10)
+    entry = store.pack_index(pack.name)[bad]
+    raw = bytearray(pack.read_bytes())
+    raw[entry.offset + entry.length - 5] ^= 0xFF
+    pack.write_bytes(bytes(raw))
+    proc, out = cli_json("verify", "--read-data", "--quarantine")
+    assert proc.returncode != 0
+    validate(out[0], "reports.schema.json#/$defs/verify")
+    assert [(p["kind"], p.get("address")) for p in out[0]["problems"]] == [("blob_corrupt", bad)]
+    assert out[0]["quarantined"] == [bad]
+    assert (Path(registry.root) / "quarantine" / bad).is_file()
+    reg = Registry(registry.root)
+    assert not reg.store.contains(bad)
+    assert b"".join(reg.cat(rid, "out/q-5.txt")) == b"q artifact 5\n" * 10
+    again = reg.verify(read_data=True)
+    assert [p["kind"] for p in again["problems"]] == ["blob_missing"]
+
+
+def test_verify_reports_and_quarantines_a_pack_with_a_broken_index(registry, validate):
+    finished_run(registry, files=many_files("i"))
+    [pack] = pack_files(registry.store)
+    raw = bytearray(pack.read_bytes())
+    raw[-30] ^= 0x01
+    pack.write_bytes(bytes(raw))
+    proc, out = cli_json("verify", "--quarantine")
+    validate(out[0], "reports.schema.json#/$defs/verify")
+    kinds = {p["kind"] for p in out[0]["problems"]}
+    assert "pack_corrupt" in kinds and "blob_missing" in kinds
+    assert out[0]["quarantined_packs"] == [pack.name]
+    assert (Path(registry.root) / "quarantine" / pack.name).is_file() and not pack.exists()
+    with pytest.raises(CorruptManifest):  # the run's tree is gone with the pack: gc stops before sweeping
+        Registry(registry.root).gc()
+
+
+def test_archive_round_trip_of_packed_blobs_keeps_the_archive_loose(registry, tmp_path):
+    rid = finished_run(registry, files=many_files("arc"))
+    before = evidence(registry, rid)
+    dest = tmp_path / "archive"
+    push = registry.archive_push(str(dest), [rid])
+    assert push["blobs_sent"] >= 31
+    archived = sorted(p for p in (dest / "blobs").rglob("*") if p.is_file())
+    assert not list(dest.rglob("*.pack")) and len(archived) == push["blobs_sent"]
+    for p in archived:  # byte for byte the frames a loose blob would hold
+        assert b3(zstandard.ZstdDecompressor().decompress(p.read_bytes())) == p.parent.name + p.name
+    other = Registry(tmp_path / "other")
+    other.archive_pull(str(dest), [rid])
+    assert evidence(other, rid) == before
+    assert len(pack_files(other.store)) == 1  # the pull's batch packed the small frames too
+    assert other.verify(read_data=True)["ok"]
+    assert registry.verify(against=str(dest))["ok"]
+
+
+def test_a_format_1_registry_writes_loose_blobs_until_migrated(tmp_path):
+    root = tmp_path / "old"
+    shutil.copytree(FIXTURE_V1, root)
+    reg = Registry(root)
+    assert reg.format_version == 1
+    a = finished_run(reg, files=many_files("v1"))
+    assert pack_files(reg.store) == []
+    proc, out = cli_json("migrate", env={"CASRUNS_HOME": str(root)})
+    assert proc.returncode == 0 and out[0]["from_version"] == 1 and out[0]["migrated"]
+    reg = Registry(root)
+    assert reg.format_version == 2
+    b = finished_run(reg, files=many_files("v2"))
+    assert len(pack_files(reg.store)) == 1
+    assert evidence(reg, a)["out/v1-3.txt"] == b"v1 artifact 3\n" * 10
+    assert evidence(reg, b)["out/v2-3.txt"] == b"v2 artifact 3\n" * 10
+    proc, out = cli_json("migrate", env={"CASRUNS_HOME": str(root)})
+    assert proc.returncode == 0 and not out[0]["migrated"]
