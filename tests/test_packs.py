@@ -411,7 +411,7 @@ def test_archive_round_trip_of_packed_blobs_keeps_the_archive_loose(registry, tm
     assert registry.verify(against=str(dest))["ok"]
 
 
-def test_a_format_1_registry_writes_loose_blobs_until_migrated(tmp_path):
+def test_a_format_1_registry_writes_loose_blobs_until_migrated(tmp_path, validate):
     root = tmp_path / "old"
     shutil.copytree(FIXTURE_V1, root)
     reg = Registry(root)
@@ -420,6 +420,7 @@ def test_a_format_1_registry_writes_loose_blobs_until_migrated(tmp_path):
     assert pack_files(reg.store) == []
     proc, out = cli_json("migrate", env={"CASRUNS_HOME": str(root)})
     assert proc.returncode == 0 and out[0]["from_version"] == 1 and out[0]["migrated"]
+    validate(out[0], "reports.schema.json#/$defs/migrate")
     reg = Registry(root)
     assert reg.format_version == 2
     b = finished_run(reg, files=many_files("v2"))
@@ -428,3 +429,6 @@ def test_a_format_1_registry_writes_loose_blobs_until_migrated(tmp_path):
     assert evidence(reg, b)["out/v2-3.txt"] == b"v2 artifact 3\n" * 10
     proc, out = cli_json("migrate", env={"CASRUNS_HOME": str(root)})
     assert proc.returncode == 0 and not out[0]["migrated"]
+    proc, out = cli_json("migrate", env={"CASRUNS_HOME": str(tmp_path / "none")})
+    assert proc.returncode == 6 and out[0]["error"]["code"] == "registry_error"
+    validate(out[0], "error.schema.json")
