@@ -271,11 +271,13 @@ def push(registry: "Registry", dest: str, run_ids: list[str] | None, *, promoted
                 present.add(address)
                 report["blobs_skipped"] += 1
                 continue
-            for _ in store.iter_chunks(address):  # never archive a corrupt blob
-                pass
+            # never archive a corrupt blob: a packed frame is checked as the very bytes sent
             if frame is not None:
+                store.check_frame(address, frame)
                 remote.put_bytes(frame, blob_key(address))
             else:
+                for _ in store.iter_chunks(address):
+                    pass
                 remote.put_file(local, blob_key(address), size)
             present.add(address)
             report["blobs_sent"] += 1

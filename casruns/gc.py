@@ -264,8 +264,10 @@ def _sweep_packs(store, reachable: set[str], settled: set[str], grace: float, no
 
     A rewrite copies the live frames into a new pack that is durable before the old one is
     deleted. The old pack is deleted under the exclusive sweep lock, and only if no garbage
-    blob of it was pinned and its mtime did not move since we looked (a dedup hit touches
-    the pack); otherwise it stays, and the rewritten copy is a harmless duplicate.
+    blob of it was pinned (a writer relies on a packed copy only after pinning it) and the
+    file was not replaced since we looked; otherwise it stays, and the rewritten copy is a
+    harmless duplicate. A pack's mtime is its creation time (dedup hits do not touch it), so
+    ``gc_grace`` protects new packs and never keeps garbage alive because a blob is popular.
     """
     names = store.pack_names()
     stats.packs_unreadable = len(store.bad_packs)  # never deleted: gc cannot prove them garbage
@@ -293,7 +295,10 @@ def _sweep_packs(store, reachable: set[str], settled: set[str], grace: float, no
             continue
         new_size = 0
         if live and not dry_run:
-            new = store.rewrite_pack(name, live)
+            try:
+                new = store.rewrite_pack(name, live)
+            except FileNotFoundError:
+                continue  # gone meanwhile (a quarantine rewrote it): the next gc looks again
             new_size = os.stat(store.pack_path(new)).st_size
             _fault("after_pack_rewrite")
         with _sweep_exclusive(store):

@@ -28,6 +28,7 @@ MAGIC = b"casrpak1"
 RECORD = struct.Struct("<32sQQQ")
 TRAILER = struct.Struct("<32sQ8s")
 MAX_BLOB = 1 << 20  # content size limit of a packed blob: readers refuse larger entries
+MAX_ENTRIES = 1 << 16  # entries per pack: writers close a pack at this count, readers refuse more
 SUFFIX = ".pack"
 
 
@@ -112,8 +113,8 @@ def read_index(fd: int, name: str = "pack") -> dict[str, PackEntry]:
     if magic != MAGIC:
         raise PackCorrupt(f"{name} has no pack trailer (magic {magic!r})")
     index_len = count * RECORD.size
-    if index_len > size - TRAILER.size:
-        raise PackCorrupt(f"{name} claims {count} entries, more than its size allows")
+    if count > MAX_ENTRIES or index_len > size - TRAILER.size:
+        raise PackCorrupt(f"{name} claims {count} entries, more than a pack may hold or its size allows")
     start = size - TRAILER.size - index_len
     index = os.pread(fd, index_len, start)
     if len(index) != index_len or blake3.blake3(index).digest() != digest:

@@ -116,10 +116,11 @@ class Registry:
             raise RegistryError(f"no registry at {self.root}; nothing to migrate (casruns init creates one)", path=self.root)
         old = self._version
         if old < FORMAT_VERSION:
-            doc = read_format(self.root) or {}
-            created = doc.get("created_at") or now_ts()
-            text = f'format = "{FORMAT_NAME}"\nversion = {FORMAT_VERSION}\ncreated_at = "{created}"\nmigrated_at = "{now_ts()}"\n'
-            fsutil.atomic_write(os.path.join(self.root, FORMAT_FILE), text.encode())
+            import tomli_w
+
+            doc = read_format(self.root) or {}  # fields we do not know are kept, like in manifests
+            doc.update(format=FORMAT_NAME, version=FORMAT_VERSION, migrated_at=now_ts())
+            fsutil.atomic_write(os.path.join(self.root, FORMAT_FILE), tomli_w.dumps(doc).encode())
             self._version = FORMAT_VERSION
             self._store = None  # a store opened under format 1 must not keep writing loose-only
         return {"schema": "casruns/migrate/v1", "root": self.root, "from_version": old, "to_version": FORMAT_VERSION, "migrated": old < FORMAT_VERSION}

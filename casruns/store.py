@@ -195,13 +195,13 @@ class Batch:
                 self._pack.add(held[0], held[1], held[2].size)
             self._small.clear()
         self._pack.add(address, frame, info.size)
-        if self._pack.offset >= PACK_TARGET:
+        if self._pack.offset >= PACK_TARGET or len(self._pack) >= packs.MAX_ENTRIES:
             self._finish_pack()
 
     def _finish_pack(self) -> None:
-        pack, self._pack = self._pack, None
-        name = pack.finish()
-        self._packs.append((pack.path, name, pack.index()))
+        name = self._pack.finish()  # on failure the writer stays ours, for discard() to remove
+        self._packs.append((self._pack.path, name, self._pack.index()))
+        self._pack = None
 
     def sync(self) -> None:
         if self._pack is not None:
@@ -307,7 +307,8 @@ class DiskStore(BlobStore):
         self._packs: dict[str, dict[str, packs.PackEntry]] = {}  # pack name -> its index
         self._where: dict[str, str] = {}  # address -> a pack holding it
         self.bad_packs: dict[str, str] = {}  # pack name -> why its index cannot be read
-        self._index_lock = threading.Lock()
+        self._index_lock = threading.Lock()  # guards reading and swapping the three fields above
+        self._refresh_lock = threading.RLock()  # one refresh at a time
         self._packs_seen: tuple[int, int] | None = None  # (inode, mtime_ns) of packs/ at the last look
         # Large inputs compress on worker threads while this thread reads and hashes.
         self.threads = threads if threads is not None else min(os.cpu_count() or 1, 4)
@@ -471,7 +472,12 @@ class DiskStore(BlobStore):
                 stored = os.stat(final).st_size
                 directory = os.path.dirname(final)
             except FileNotFoundError:
-                stored = self._touch_packed(address)  # a pack's mtime stands for its blobs'
+                # Only a pinned writer may rely on a packed copy: gc keeps a pack whose garbage
+                # is pinned, but pack mtimes are never refreshed, so nothing protects an
+                # unpinned one. A writer without a pin stores its own copy instead.
+                if pin is None or pin.path is None:
+                    return None
+                stored = self._find_packed(address)
                 if stored is None:
                     return None
                 directory = self.packs_dir
@@ -649,87 +655,116 @@ class DiskStore(BlobStore):
         with self._index_lock:
             return sorted(self._packs)
 
+    def pack_readable(self, name: str) -> bool:
+        """Whether the pack's index reads now (a fresh look at the file, not the cache)."""
+        try:
+            fd = os.open(self.pack_path(name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            packs.read_index(fd, name)
+            return True
+        except packs.PackCorrupt:
+            return False
+        finally:
+            os.close(fd)
+
     def pack_index(self, name: str) -> dict[str, packs.PackEntry]:
+        """A pack's entries by address ({} for a pack not, or no longer, known)."""
         with self._index_lock:
-            return dict(self._packs[name])
+            return dict(self._packs.get(name) or {})
 
     def _add_pack(self, name: str, index: dict) -> None:
-        with self._index_lock:
-            self._packs[name] = index
+        with self._refresh_lock, self._index_lock:
+            self._packs = {**self._packs, name: index}
+            where = dict(self._where)
             for address in index:
-                self._where.setdefault(address, name)
+                where.setdefault(address, name)
+            self._where = where
 
     def _refresh_packs(self, cheap: bool = False) -> None:
         """Bring the in-memory index in line with ``blobs/packs/``: load new packs, drop gone ones.
+
+        The new index is built aside and swapped in whole, so a lookup in another thread sees
+        the old one or the new one, never a mix. A pack listed but gone before it could be
+        opened was deleted by a gc or quarantine that renamed its replacement in first: the
+        directory is listed again, so a live blob is never reported missing for that.
 
         ``cheap``: skip the listing when the directory's mtime has not moved since the last
         look. Timestamps are coarse (a rename in the same tick goes unseen), so only dedup
         checks use it, where a miss costs a duplicate copy, never a wrong answer.
         """
-        try:
-            st = os.stat(self.packs_dir)
-            seen = (st.st_ino, st.st_mtime_ns)
-        except (FileNotFoundError, NotADirectoryError):
-            seen = (0, 0)
-        if cheap and seen == self._packs_seen:
-            return
-        self._packs_seen = seen
-        try:
-            names = {n for n in os.listdir(self.packs_dir) if packs.is_pack_name(n)}
-        except (FileNotFoundError, NotADirectoryError):
-            names = set()
-        with self._index_lock:
-            gone = [n for n in self._packs if n not in names]
-            for n in gone:
-                del self._packs[n]
-            for n in [n for n in self.bad_packs if n not in names]:
-                del self.bad_packs[n]
-            new = sorted(names - self._packs.keys() - self.bad_packs.keys())
-        loaded = {}
-        for name in new:
-            try:
-                fd = os.open(self.packs_dir / name, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue
-            try:
-                loaded[name] = packs.read_index(fd, f"pack {name}")
-            except packs.PackCorrupt as e:
+        with self._refresh_lock:
+            for _ in range(100):
+                try:
+                    st = os.stat(self.packs_dir)
+                    seen = (st.st_ino, st.st_mtime_ns)
+                except (FileNotFoundError, NotADirectoryError):
+                    seen = (0, 0)
+                if cheap and seen == self._packs_seen:
+                    return
+                try:
+                    names = {n for n in os.listdir(self.packs_dir) if packs.is_pack_name(n)}
+                except (FileNotFoundError, NotADirectoryError):
+                    names = set()
                 with self._index_lock:
-                    self.bad_packs[name] = e.message
-            finally:
-                os.close(fd)
-        with self._index_lock:
-            self._packs.update(loaded)
-            if gone:  # an address of a vanished pack may live on in another one
-                self._where = {}
-                for name in sorted(self._packs):
-                    for address in self._packs[name]:
-                        self._where.setdefault(address, name)
-            else:
-                for name, index in loaded.items():
-                    for address in index:
-                        self._where.setdefault(address, name)
+                    old_packs, old_bad = self._packs, self.bad_packs
+                if names == old_packs.keys() | old_bad.keys():
+                    self._packs_seen = seen
+                    return
+                new_packs = {n: old_packs[n] for n in names if n in old_packs}
+                new_bad = {n: old_bad[n] for n in names if n in old_bad}
+                vanished = False
+                for name in sorted(names - new_packs.keys() - new_bad.keys()):
+                    try:
+                        fd = os.open(self.packs_dir / name, os.O_RDONLY | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        vanished = True
+                        continue
+                    try:
+                        new_packs[name] = packs.read_index(fd, f"pack {name}")
+                    except packs.PackCorrupt as e:
+                        new_bad[name] = e.message
+                    except OSError as e:  # EIO and the like: nothing is swapped in, retry later
+                        raise RegistryError(f"cannot read pack {self.packs_dir / name}: {e.strerror}") from e
+                    finally:
+                        os.close(fd)
+                where: dict[str, str] = {}
+                for name in sorted(new_packs):
+                    for address in new_packs[name]:
+                        where.setdefault(address, name)
+                with self._index_lock:
+                    self._packs, self._where, self.bad_packs = new_packs, where, new_bad
+                self._packs_seen = seen
+                if not vanished:
+                    return
 
     def _locate(self, address: str, cheap: bool = False) -> tuple[str, packs.PackEntry] | None:
         validate_address(address)
         for attempt in range(2):
             with self._index_lock:
                 name = self._where.get(address)
-                if name is not None:
-                    return name, self._packs[name][address]
+                index = self._packs.get(name) if name is not None else None
+                if index is not None and address in index:
+                    return name, index[address]
             if attempt:
                 return None
             self._refresh_packs(cheap)
         return None
 
-    def _touch_packed(self, address: str) -> int | None:
-        """Refresh the mtime of a pack holding ``address``; its frame's size, or None."""
+    def _find_packed(self, address: str) -> int | None:
+        """The frame size of ``address`` in a pack that exists right now, or None.
+
+        Called holding the sweep lock shared, after pinning: a pack that exists now cannot be
+        deleted before gc has read our pin. Its mtime is not touched (a pack's mtime stays its
+        creation time), so a hot blob does not keep a pack's garbage alive.
+        """
         for _ in range(3):
             loc = self._locate(address, cheap=True)
             if loc is None:
                 return None
             try:
-                os.utime(self.packs_dir / loc[0])
+                os.stat(self.packs_dir / loc[0])
                 return loc[1].length
             except FileNotFoundError:
                 self._refresh_packs()  # rewritten by gc a moment ago: look again
@@ -772,6 +807,13 @@ class DiskStore(BlobStore):
             raise IntegrityError(f"blob {address} is corrupt: its content hashes to {digest}: {where}", address=address)
         return data
 
+    @staticmethod
+    def check_frame(address: str, frame: bytes) -> int:
+        """Verify a frame in memory (one whole frame, content hashing to ``address``); its size."""
+        check = _FrameCheck(address)
+        check.feed(frame)
+        return check.finish()
+
     def frame_source(self, address: str) -> tuple[str | None, bytes | None, int]:
         """Where a blob's stored frame is: (loose path, None, size) or (None, frame, size)."""
         p = self.path_for(address)
@@ -810,7 +852,8 @@ class DiskStore(BlobStore):
 
     def rewrite_pack(self, name: str, keep: set[str]) -> str | None:
         """Copy the frames of ``keep`` from pack ``name`` into a new durable pack (not verified:
-        a corrupt frame stays corrupt, and verify finds it). The old pack is left in place."""
+        a corrupt frame stays corrupt, and verify finds it). The old pack is left in place.
+        Raises FileNotFoundError if the pack is gone (another process rewrote it)."""
         index = self.pack_index(name)
         fd = os.open(self.pack_path(name), os.O_RDONLY | os.O_CLOEXEC)
         try:

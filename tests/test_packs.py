@@ -121,19 +121,30 @@ def test_format_1_store_never_packs(tmp_path):
 # -- dedup ----------------------------------------------------------------------------------------
 
 
-def test_packed_content_is_a_dedup_hit_that_refreshes_the_pack(tmp_path):
+def test_a_pinned_writer_dedups_against_a_pack_without_touching_it(tmp_path):
     store = DiskStore(tmp_path / "blobs")
     datas = contents(20)
     put_batch(store, datas)
     [pack] = pack_files(store)
     os.utime(pack, (1000, 1000))
     other = DiskStore(tmp_path / "blobs")
-    again = put_batch(other, datas[:5] + contents(3, "new"))
+    with other.pin() as pin, other.batch(pin) as batch:
+        again = [batch.put_bytes(d) for d in datas[:5] + contents(3, "new")]
     assert [i.existed for i in again] == [True] * 5 + [False] * 3
-    assert pack.stat().st_mtime > time.time() - 60
-    assert other.put_bytes(datas[7]).existed  # a single put finds it in the pack too
-    assert pack_files(store) == [pack]
-    assert len(loose_files(store)) == 3  # the new ones: few, so loose
+    assert pin.addresses >= {b3(d) for d in datas[:5]}  # what protects the packed copies from gc
+    assert pack.stat().st_mtime == 1000  # a pack's mtime stays its creation time
+    assert pack_files(store) == [pack] and len(loose_files(store)) == 3  # the new ones: few, so loose
+
+
+def test_an_unpinned_writer_stores_its_own_copy_of_packed_content(tmp_path):
+    """Nothing would keep gc from deleting the pack under a writer that did not pin."""
+    store = DiskStore(tmp_path / "blobs")
+    datas = contents(20)
+    put_batch(store, datas)
+    info = DiskStore(tmp_path / "blobs").put_bytes(datas[7])
+    assert not info.existed
+    assert loose_files(store) == [b3(datas[7])]
+    assert store.read_bytes(b3(datas[7])) == datas[7]
 
 
 def test_same_content_twice_in_one_batch_is_stored_once(tmp_path):
@@ -264,6 +275,52 @@ def test_a_reader_finds_a_blob_after_its_pack_was_rewritten(tmp_path):
         reader.read_bytes(b3(datas[15]))
 
 
+def test_a_reader_listing_packs_while_gc_rewrites_one_still_finds_live_blobs(tmp_path, monkeypatch):
+    """gc renames the rewritten pack in, then deletes the old one, between a fresh reader's
+    listing of blobs/packs/ and its open of the old pack: the reader must look again."""
+    writer = DiskStore(tmp_path / "blobs")
+    datas = contents(20)
+    put_batch(writer, datas)
+    [old] = writer.pack_names()
+    live = {b3(d) for d in datas[:5]}
+    reader = DiskStore(tmp_path / "blobs")
+    real = os.listdir
+    done = []
+
+    def listdir_then_gc(path):
+        names = real(path)
+        if str(path).endswith("packs") and not done:
+            done.append(writer.rewrite_pack(old, live))
+            writer.delete_pack(old)
+        return names
+
+    monkeypatch.setattr(storemod.os, "listdir", listdir_then_gc)
+    assert reader.read_bytes(b3(datas[0])) == datas[0]
+    assert done and reader.pack_names() == [done[0]]
+
+
+def test_a_failed_index_load_leaves_the_reader_consistent(tmp_path, monkeypatch):
+    """An I/O error while loading a new index must not leave lookups pointing at nothing."""
+    from casruns.errors import RegistryError
+
+    writer = DiskStore(tmp_path / "blobs")
+    datas = contents(20)
+    put_batch(writer, datas)
+    reader = DiskStore(tmp_path / "blobs")
+    assert reader.read_bytes(b3(datas[0])) == datas[0]
+    [old] = writer.pack_names()
+    writer.rewrite_pack(old, {b3(d) for d in datas[:5]})
+    writer.delete_pack(old)
+    real = packs.read_index
+    monkeypatch.setattr(packs, "read_index", lambda fd, name="pack": (_ for _ in ()).throw(OSError(5, "Input/output error")))
+    with pytest.raises(RegistryError, match="Input/output error"):
+        reader.read_bytes(b3(datas[1]))
+    monkeypatch.setattr(packs, "read_index", real)
+    assert reader.read_bytes(b3(datas[1])) == datas[1]  # no KeyError from a half-swapped index
+    with pytest.raises(BlobNotFound):
+        reader.read_bytes(b3(datas[10]))
+
+
 # -- registry: gc, verify, archive, format --------------------------------------------------------
 
 
@@ -318,6 +375,22 @@ def test_gc_keeps_a_pack_whose_garbage_is_pinned(registry):
         assert report["blobs_pinned"] >= 1
         assert registry.store.read_bytes(target) == b"p artifact 3\n" * 10
     assert rid not in {r["run_id"] for r in registry.list()}
+
+
+def test_a_popular_blob_does_not_keep_its_packs_garbage_alive(registry):
+    """Dedup hits do not refresh a pack: with a long grace, gc still frees an expired run's
+    blobs from the pack a newer run shares one blob of (LICENSE)."""
+    config(registry, 'gc_grace = "1h"\n[retention]\nsucceeded = "1s"\n')
+    license_text = b"MIT License\n" * 40
+    finished_run(registry, files={"LICENSE": license_text, **many_files("old")})
+    make_old(registry)
+    time.sleep(1.1)
+    newer = finished_run(registry, files={"LICENSE": license_text}, retain_for=86400 * 30)
+    report = registry.gc()
+    assert report["runs_removed"] == 1 and report["packs_removed"] == 1 and report["packs_rewritten"] == 1
+    assert report["blobs_removed"] >= 30
+    assert evidence(registry, newer)["LICENSE"] == license_text
+    assert registry.verify(read_data=True)["ok"]
 
 
 def test_gc_leaves_a_little_garbage_in_a_big_live_pack(registry):
