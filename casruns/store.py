@@ -862,6 +862,30 @@ class DiskStore(BlobStore):
         finally:
             os.close(fd)
 
+    def merge_packs(self, names: list[str]) -> str | None:
+        """Copy every entry of the packs ``names`` (each address once) into one new durable pack.
+
+        Nothing is dropped, so deleting the merged packs afterwards loses no blob, pinned or
+        not. Raises FileNotFoundError if one of them is gone (another process rewrote it).
+        """
+        fds = []
+        try:
+            for name in names:
+                fds.append((os.open(self.pack_path(name), os.O_RDONLY | os.O_CLOEXEC), self.pack_index(name)))
+            seen: set[str] = set()
+
+            def frames():
+                for fd, index in fds:
+                    for address in sorted(index):
+                        if address not in seen:
+                            seen.add(address)
+                            yield address, packs.read_frame(fd, index[address]), index[address].size
+
+            return self.write_pack(frames())
+        finally:
+            for fd, _ in fds:
+                os.close(fd)
+
     def delete_pack(self, name: str) -> bool:
         try:
             os.unlink(self.pack_path(name))
@@ -883,9 +907,14 @@ class DiskStore(BlobStore):
             return False
         name, _, frame = got
         fsutil.atomic_write(os.path.join(qdir, address), frame)
-        self.rewrite_pack(name, set(self.pack_index(name)) - {address})
-        self.delete_pack(name)
+        self._replace_pack(name, set(self.pack_index(name)) - {address})
         return True
+
+    def _replace_pack(self, name: str, keep: set[str]) -> None:
+        """Rewrite pack ``name`` with ``keep`` only, then delete it (never the new pack: names
+        are content hashes, so a rewrite keeping everything in order has the same name)."""
+        if self.rewrite_pack(name, keep) != name:
+            self.delete_pack(name)
 
     def delete(self, address: str) -> bool:
         """Remove a blob (tests and tools; gc deletes under its own protocol)."""
@@ -897,8 +926,7 @@ class DiskStore(BlobStore):
         loc = self._locate(address)
         if loc is None:
             return False
-        self.rewrite_pack(loc[0], set(self.pack_index(loc[0])) - {address})
-        self.delete_pack(loc[0])
+        self._replace_pack(loc[0], set(self.pack_index(loc[0])) - {address})
         return True
 
 

@@ -329,14 +329,31 @@ def test_verify_reports_a_broken_manifest(registry):
     assert proc.returncode == 14 and out[0]["problems"][0]["kind"] == "manifest_invalid"
 
 
+def test_gc_reads_a_pin_settled_between_its_listing_and_its_read(tmp_path, monkeypatch):
+    """Found by the stress test: a writer settles its pin (rename *.pin -> *.done) without the
+    sweep lock, so gc may list it as *.pin and find only *.done when it opens it. Skipping it
+    let gc delete the blobs of a manifest committed after the mark."""
+    pins = tmp_path / "pins"
+    pins.mkdir()
+    (pins / "42-abcd.done").write_text("a" * 64 + "\n" + "b" * 64 + "\n")
+    monkeypatch.setattr(gcmod, "_pin_files", lambda d: [str(pins / "42-abcd.pin")])  # the listing
+    assert gcmod._read_pins(pins, skip=set()) == {"a" * 64, "b" * 64}
+
+
 # -- the stress test ------------------------------------------------------------------------------
 
 
-def _ingest_loop(root, n, seed, q):
+def _ingest_loop(root, n, seed, q, packed=False):
     reg = Registry(root)
     made = []
     for i in range(n):
         shared = {"shared.bin": b"S" * 5000, f"pair{i % 3}.txt": f"pair {i % 3}".encode(), f"own-{seed}-{i}": os.urandom(64)}
+        if packed:
+            # A pack per run. lib/ changes every 4th run, so the first run of a group packs it and
+            # the next ones (of any writer) dedup against that pack, which gc deletes, rewrites or
+            # merges meanwhile once its run is gone.
+            shared.update({f"lib/{k}.txt": f"library file {k} v{i // 4}\n".encode() * 30 for k in range(10)})
+            shared.update({f"own/{k}": os.urandom(200) for k in range(10)})
         # even runs are kept (retained, then promoted); odd ones are gc fodder at once
         keep = i % 2 == 0
         rid = finished_run(reg, files=shared, stdout=f"stress {seed} {i}\n".encode(), retain_for="1h" if keep else None)
@@ -356,13 +373,14 @@ def _gc_loop(root, stop_file, q):
     q.put(rounds)
 
 
-def test_stress_concurrent_ingests_and_gc_loops_lose_nothing(registry, tmp_path):
+@pytest.mark.parametrize("layout", ["loose", "packed"])
+def test_stress_concurrent_ingests_and_gc_loops_lose_nothing(registry, tmp_path, layout):
     config(registry, 'gc_grace = "0s"\n[retention]\nsucceeded = "0s"\nfailed = "0s"\n')
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
     stop = str(tmp_path / "stop")
     gcs = [ctx.Process(target=_gc_loop, args=(registry.root, stop, q)) for _ in range(2)]
-    writers = [ctx.Process(target=_ingest_loop, args=(registry.root, 20, s, q)) for s in range(3)]
+    writers = [ctx.Process(target=_ingest_loop, args=(registry.root, 20, s, q, layout == "packed")) for s in range(3)]
     for p in gcs + writers:
         p.start()
     results = []
@@ -384,6 +402,8 @@ def test_stress_concurrent_ingests_and_gc_loops_lose_nothing(registry, tmp_path)
     for rid in survivors:
         ev = evidence(registry, rid)
         assert ev["shared.bin"] == b"S" * 5000 and ev["stdout"].startswith(b"stress ")
+        if layout == "packed":
+            assert ev["lib/7.txt"].startswith(b"library file 7 v") and len(ev["own/9"]) == 200
     promoted = {r["run_id"] for r in registry.list(promoted=True)}
     assert len(promoted) == 30 and promoted <= survivors
     registry.gc()

@@ -410,6 +410,58 @@ def test_gc_leaves_a_little_garbage_in_a_big_live_pack(registry):
     assert evidence(registry, keep)["f3"] == live[3]
 
 
+def test_gc_merges_many_small_packs_and_readers_follow(registry, validate):
+    runs = [finished_run(registry, files=many_files(f"m{k}", 12)) for k in range(gcmod.MERGE_MIN + 2)]
+    before = {rid: evidence(registry, rid) for rid in runs}
+    reader = Registry(registry.root)
+    assert evidence(reader, runs[0]) == before[runs[0]]  # this reader holds the old indexes
+    assert len(pack_files(registry.store)) == gcmod.MERGE_MIN + 2
+    report = registry.gc()
+    validate(report, "reports.schema.json#/$defs/gc")
+    assert report["packs_merged"] == gcmod.MERGE_MIN + 2 and report["blobs_removed"] == 0
+    assert len(pack_files(registry.store)) == 1
+    for rid in runs:
+        assert evidence(reader, rid) == before[rid]
+    assert registry.verify(read_data=True)["ok"]
+    assert registry.gc()["packs_merged"] == 0  # one big pack is left alone
+
+
+def test_a_merge_that_reproduces_one_of_its_packs_does_not_delete_it(tmp_path, monkeypatch):
+    """Found by the packed stress test: packs are named by content, so merging a sorted pack A
+    with a pack B holding A's lowest addresses writes A again, byte for byte; deleting the
+    group's packs then deleted A, the only copy."""
+    store = DiskStore(tmp_path / "blobs")
+    datas = contents(20)
+    put_batch(store, datas)
+    [first] = store.pack_names()
+    a = store.rewrite_pack(first, {b3(d) for d in datas})  # sorted by address
+    store.delete_pack(first)
+    b = store.rewrite_pack(a, set(sorted(b3(d) for d in datas)[:5]))
+    assert store.merge_packs([a, b]) == a
+    monkeypatch.setattr(gcmod, "MERGE_MIN", 2)
+    stats = gcmod.GCStats()
+    gcmod._merge_small_packs(store, stats, None)
+    assert stats.packs_merged == 1 and DiskStore(tmp_path / "blobs").pack_names() == [a]
+    fresh = DiskStore(tmp_path / "blobs")
+    for d in datas:
+        assert fresh.read_bytes(b3(d)) == d
+
+
+def test_gc_killed_after_a_pack_merge_loses_nothing_and_the_next_gc_converges(registry):
+    runs = [finished_run(registry, files=many_files(f"k{k}", 12)) for k in range(gcmod.MERGE_MIN)]
+    before = {rid: evidence(registry, rid) for rid in runs}
+    env = {**os.environ, "CASRUNS_TEST_GC_KILL": "after_pack_merge"}
+    proc = subprocess.run([sys.executable, "-m", "casruns", "--root", registry.root, "gc"], env=env, capture_output=True)
+    assert proc.returncode == -9
+    reg = Registry(registry.root)
+    assert len(pack_files(reg.store)) == gcmod.MERGE_MIN + 1  # the merged copy beside the originals
+    assert {rid: evidence(reg, rid) for rid in runs} == before
+    reg.gc()
+    assert len(pack_files(reg.store)) == 1
+    assert {rid: evidence(Registry(registry.root), rid) for rid in runs} == before
+    assert reg.verify(read_data=True)["ok"]
+
+
 def test_gc_killed_after_a_pack_rewrite_loses_nothing(registry):
     config(registry, 'gc_grace = "0s"\n[retention]\nsucceeded = "1s"\n')
     shared = {f"s/{i}": f"shared {i}\n".encode() * 30 for i in range(20)}
