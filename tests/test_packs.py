@@ -90,6 +90,19 @@ def test_a_batch_of_many_small_blobs_is_one_pack_an_independent_reader_can_read(
     assert list(fresh.iter_addresses()) == sorted({b3(d) for d in datas})
 
 
+def test_a_packed_batch_costs_two_fsyncs_whatever_its_size(tmp_path, monkeypatch):
+    """The durability rule with packs: the pack's data, then blobs/packs/ after the rename."""
+    store = DiskStore(tmp_path / "blobs")
+    put_batch(store, contents(20, "warm-up"))  # creates tmp/ and packs/ (their own syncs)
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
+    put_batch(store, contents(5000))
+    assert len(synced) == 2, synced
+    assert synced[0].startswith(str(tmp_path / "blobs" / "tmp")) and synced[1] == str(tmp_path / "blobs" / "packs")
+    assert len(pack_files(store)) == 2 and loose_files(store) == []
+
+
 def test_a_batch_with_few_blobs_and_large_blobs_stay_loose(tmp_path):
     store = DiskStore(tmp_path / "blobs")
     few = contents(storemod.FEW)
