@@ -671,10 +671,10 @@ class Registry:
         return report
 
     # -- archives ------------------------------------------------------------------------
-    def archive_push(self, dest: str, run_ids: list[str] | None = None, *, promoted: bool = False, progress=None) -> dict:
-        from .archive import push
+    def archive_push(self, dest: str, run_ids: list[str] | None = None, *, promoted: bool = False, progress=None, jobs: int | None = None) -> dict:
+        from .archive import JOBS, push
 
-        return push(self, dest, run_ids, promoted=promoted, progress=progress)
+        return push(self, dest, run_ids, promoted=promoted, progress=progress, jobs=JOBS if jobs is None else jobs)
 
     def archive_pull(self, src: str, run_ids: list[str] | None = None, *, progress=None) -> dict:
         from .archive import pull

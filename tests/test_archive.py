@@ -196,3 +196,48 @@ def test_readers_refuse_a_directory_that_is_not_an_archive(registry, tmp_path):
     (tmp_path / "junk" / "runs").mkdir(parents=True)
     proc, out = cli_json("archive", "list", str(tmp_path / "junk"))
     assert proc.returncode == 6 and out[0]["error"]["code"] == "unsupported_format"
+
+
+def test_push_sends_blobs_concurrently_and_each_manifest_after_its_blobs(tmp_path, monkeypatch):
+    """Uploads overlap (an object store is latency-bound), yet no manifest is written before
+    every blob of its run is in the archive."""
+    import threading
+    import time
+
+    from casruns import archive as archmod
+    from test_gc import finished_run
+
+    reg = Registry(tmp_path / "reg")
+    runs = [finished_run(reg, files={f"f{i}.txt": f"run {k} file {i}\n".encode() * 20 for i in range(12)}) for k in range(3)]
+    events, lock, flight = [], threading.Lock(), {"now": 0, "max": 0}
+    real_bytes, real_file = archmod.LocalRemote.put_bytes, archmod.LocalRemote.put_file
+
+    def traced(real):
+        def put(self, *args):
+            key = args[-1] if real is real_bytes else args[1]
+            with lock:
+                flight["now"] += 1
+                flight["max"] = max(flight["max"], flight["now"])
+            time.sleep(0.01)  # a request's latency
+            try:
+                return real(self, *args)
+            finally:
+                with lock:
+                    flight["now"] -= 1
+                    events.append(key)
+        return put
+
+    monkeypatch.setattr(archmod.LocalRemote, "put_bytes", traced(real_bytes))
+    monkeypatch.setattr(archmod.LocalRemote, "put_file", traced(real_file))
+    report = reg.archive_push(str(tmp_path / "archive"), runs, jobs=4)
+    assert report["runs"] == 3 and flight["max"] > 1
+    for rid in runs:
+        done = events.index(f"runs/{rid}/manifest.toml")
+        m = reg.run_dir(rid).read()
+        wanted = {f"blobs/{a[:2]}/{a[2:]}" for a in archmod._run_blobs(reg, m)}
+        assert wanted <= set(events[:done])  # sent before (by this or an earlier run), never after
+    other = Registry(tmp_path / "other")
+    other.archive_pull(str(tmp_path / "archive"), runs)
+    assert other.verify(read_data=True)["ok"]
+    proc, out = cli_json("archive", "push", str(tmp_path / "archive"), runs[0], "--jobs", "0", env={"CASRUNS_HOME": str(tmp_path / "reg")})
+    assert proc.returncode == 3 and out[0]["error"]["code"] == "invalid_input"

@@ -18,12 +18,13 @@ def register(cli: click.Group) -> None:
     @click.argument("dest")
     @click.argument("run_ids", nargs=-1)
     @click.option("--promoted", is_flag=True, help="Push every promoted run.")
+    @click.option("--jobs", type=int, default=None, help="Concurrent requests to the archive (default 8).")
     @JSON_OPT
     @click.pass_obj
-    def push(obj, dest, run_ids, promoted, as_json):
+    def push(obj, dest, run_ids, promoted, jobs, as_json):
         """Copy runs to DEST: blobs first, the manifest last; blobs already there are skipped."""
         progress = Progress("archive push", enabled=None if not as_json else False)
-        report = obj.registry.archive_push(dest, list(run_ids) or None, promoted=promoted, progress=progress)
+        report = obj.registry.archive_push(dest, list(run_ids) or None, promoted=promoted, progress=progress, jobs=jobs)
         progress.done()
         if as_json:
             render.emit_json(report)
