@@ -22,7 +22,8 @@ the whole run (a second gc waits with ``wait=True`` or fails with ``busy``):
    Writers pin an address, then check for the blob, under the shared sweep lock; so either
    gc sees the pin or the writer sees the blob gone and writes it again.
 5. **Temp files** in ``blobs/tmp`` older than the grace period whose writer's pid is not
-   alive, and the leftovers ``reap`` cleans.
+   alive, the pins settled at the snapshot, and the leftovers ``reap`` cleans. Before that,
+   small packs are merged (every entry copied, the new pack durable and read back first).
 
 Clock jumps: correctness rests on pins and locks, not time. The grace period is a second
 line (puts made without a pin); a blob or temp file with an mtime in the future is kept.
@@ -198,7 +199,7 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
         chunk = candidates[start : start + CHUNK]
         if progress:
             progress("sweeping", min(start + CHUNK, len(candidates)), len(candidates))
-        with _sweep_exclusive(store):
+        with store.exclusive():
             pinned = _read_pins(pins_dir, skip=settled)
             for address in chunk:
                 if address in pinned:
@@ -298,11 +299,11 @@ def _sweep_packs(store, reachable: set[str], settled: set[str], grace: float, no
         if live and not dry_run:
             try:
                 new = store.rewrite_pack(name, live)
-            except FileNotFoundError:
-                continue  # gone meanwhile (a quarantine rewrote it): the next gc looks again
+            except OSError:
+                continue  # gone meanwhile (a quarantine rewrote it), or a full disk: the next gc looks again
             new_size = os.stat(store.pack_path(new)).st_size
             _fault("after_pack_rewrite")
-        with _sweep_exclusive(store):
+        with store.exclusive():
             pinned = _read_pins(store.pins_dir, skip=settled)
             in_use = [a for a in dead if a in pinned]
             try:
@@ -325,6 +326,7 @@ def _sweep_packs(store, reachable: set[str], settled: set[str], grace: float, no
 
 MERGE_BELOW = 4 << 20  # packs smaller than this are merged, so readers have few indexes to load
 MERGE_MIN = 8  # ... once there are at least this many of them
+MERGE_GROUP = 256  # source packs per merged pack
 
 
 def _merge_small_packs(store, stats: GCStats, progress) -> None:
@@ -332,6 +334,7 @@ def _merge_small_packs(store, stats: GCStats, progress) -> None:
     artifacts leaves one small pack; thousands of them would make every reader's first
     lookup load thousands of indexes). Every entry is copied, garbage included, so deleting
     the merged packs afterwards needs no pin check; the new pack is durable first."""
+    from .packs import MAX_ENTRIES
     from .store import PACK_TARGET
 
     small = []
@@ -341,17 +344,20 @@ def _merge_small_packs(store, stats: GCStats, progress) -> None:
         except FileNotFoundError:
             continue
         if size < MERGE_BELOW:
-            small.append((name, size))
+            small.append((name, size, len(store.pack_index(name))))
     if len(small) < MERGE_MIN:
         return
+    # A group fits one pack: its bytes, its entries (readers refuse a pack of more than
+    # MAX_ENTRIES) and a bounded number of source files.
     groups: list[list[str]] = [[]]
-    total = 0
-    for name, size in small:
-        if groups[-1] and total + size > PACK_TARGET:
+    total = entries = 0
+    for name, size, count in small:
+        if groups[-1] and (total + size > PACK_TARGET or entries + count > MAX_ENTRIES or len(groups[-1]) >= MERGE_GROUP):
             groups.append([])
-            total = 0
+            total = entries = 0
         groups[-1].append(name)
         total += size
+        entries += count
     for i, group in enumerate(groups):
         if progress:
             progress("merging small packs", i + 1, len(groups))
@@ -359,10 +365,12 @@ def _merge_small_packs(store, stats: GCStats, progress) -> None:
             continue
         try:
             merged = store.merge_packs(group)
-        except FileNotFoundError:
-            continue  # one of them was rewritten meanwhile: the next gc merges again
+        except (OSError, ValueError):
+            continue  # one of them vanished (quarantine), or a full disk: the next gc merges again
+        if merged is None or not store.pack_readable(merged):
+            continue  # never delete the sources of a pack no reader would accept
         _fault("after_pack_merge")
-        with _sweep_exclusive(store):  # not needed for pins (nothing was dropped); keeps deletions in one place
+        with store.exclusive():  # not for pins (nothing was dropped): so that no listing of packs/ overlaps
             for name in group:
                 # Names are content hashes: when one pack of the group holds all the others'
                 # entries in address order, the merge reproduces it byte for byte, under its name.
@@ -436,16 +444,3 @@ def _read_pins(pins_dir, skip: set[str]) -> set[str]:
             except OSError as e:
                 raise RegistryError(f"gc stopped: cannot read pin {name}: {e.strerror}") from None
     return out
-
-
-class _sweep_exclusive:
-    def __init__(self, store) -> None:
-        self.lock = locking.FileLock(store.sweep_lock_path())
-
-    def __enter__(self):
-        fsutil.ensure_dir(self.lock.path.rsplit("/", 1)[0])
-        self.lock.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.lock.release()

@@ -77,6 +77,8 @@ class PackWriter:
         key = bytes.fromhex(address)
         if key in self.entries:
             return
+        if len(self.entries) >= MAX_ENTRIES:
+            raise ValueError(f"a pack holds at most {MAX_ENTRIES} entries")
         if size > MAX_BLOB:
             raise ValueError(f"blob {address} is too large for a pack ({size} bytes)")
         self.entries[key] = PackEntry(self.offset, len(frame), size)

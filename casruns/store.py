@@ -33,6 +33,7 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import time
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -230,8 +231,8 @@ class Pin:
 
     On disk: ``blobs/pins/<pid>-<random>.pin``, one address per line, held under an flock
     for the pin's life, so a pin whose writer died is recognised (its lock is free) and
-    ignored. Released (renamed to ``*.done``) once the manifest referencing the blobs is
-    committed; gc deletes settled pins after a mark that covers them.
+    ignored. Released (its flock freed, the file left as it is) once the manifest referencing
+    the blobs is committed; gc deletes settled pins after a mark that covers them.
     """
 
     def __init__(self, path: str | None) -> None:
@@ -257,14 +258,14 @@ class Pin:
             os.write(self.fd, (address + "\n").encode())  # O_APPEND is not needed: one writer
 
     def release(self) -> None:
-        """Settle the pin: renamed to ``*.done``, not deleted. A gc that marked before our
+        """Settle the pin: its flock is freed; the file stays. A gc that marked before our
         manifest commit still finds these addresses among its roots when it sweeps; the next
-        gc, whose mark sees the manifest, deletes the file."""
+        gc, whose mark sees the manifest, deletes the file.
+
+        Not renamed (casruns 0.2.0 renamed it to ``*.done``): a directory listing that runs
+        while an entry is renamed can return neither name (ext4 lists in hash order), and a
+        gc that missed a settling pin deleted blobs a just-committed manifest references."""
         if self.path is not None and self.fd is not None:
-            try:
-                os.rename(self.path, self.path[: -len(".pin")] + ".done")
-            except OSError:
-                pass
             self._lock.release()
             self.fd = None
 
@@ -310,11 +311,12 @@ class DiskStore(BlobStore):
         self._index_lock = threading.Lock()  # guards reading and swapping the three fields above
         self._refresh_lock = threading.RLock()  # one refresh at a time
         self._packs_seen: tuple[int, int] | None = None  # (inode, mtime_ns) of packs/ at the last look
+        self._packs_seen_settled = False  # ... and that look came well after that mtime
         # Large inputs compress on worker threads while this thread reads and hashes.
         self.threads = threads if threads is not None else min(os.cpu_count() or 1, 4)
         self._local = threading.local()
         self.pins_dir = self.path / "pins"
-        self._sweep_fd: int | None = None
+        self._share: _SharedSweep | None = None
 
     def pin(self) -> Pin:
         if not self.pins_dir.is_dir():
@@ -325,13 +327,24 @@ class DiskStore(BlobStore):
         return self.path / "sweep.lock"
 
     def _sweep_shared(self) -> "_SharedSweep":
-        """Shared hold of the sweep lock around "pin, then check": gc deletes under the
-        exclusive hold, so it either sees our pin or we see the blob gone (and rewrite it)."""
-        if self._sweep_fd is None:
+        """Shared hold of the sweep lock around "pin, then check" and around listings of
+        ``blobs/packs/``: gc deletes under the exclusive hold, so it either sees our pin or we
+        see the blob gone (and rewrite it), and a listing never overlaps a pack's deletion.
+        Re-entrant and shared by the process' threads (one descriptor, counted holders)."""
+        if self._share is None:
             if not self.path.is_dir():
                 fsutil.ensure_dir(self.path)
-            self._sweep_fd = fsutil.open_private(self.sweep_lock_path(), os.O_RDWR | os.O_CREAT)
-        return _SharedSweep(self._sweep_fd)
+            self._share = _SharedSweep(fsutil.open_private(self.sweep_lock_path(), os.O_RDWR | os.O_CREAT))
+        return self._share
+
+    def exclusive(self):
+        """The sweep lock held exclusively (gc's deletions, pack replacement). Never taken by a
+        thread that holds it shared: flock would wait for ourselves."""
+        from . import locking
+
+        if not self.path.is_dir():
+            fsutil.ensure_dir(self.path)
+        return locking.FileLock(str(self.sweep_lock_path()))
 
     # -- paths -------------------------------------------------------------------------
     def path_for(self, address: str) -> Path:
@@ -675,12 +688,11 @@ class DiskStore(BlobStore):
             return dict(self._packs.get(name) or {})
 
     def _add_pack(self, name: str, index: dict) -> None:
+        # in place: a refresh (which builds aside from these dicts) cannot run meanwhile
         with self._refresh_lock, self._index_lock:
-            self._packs = {**self._packs, name: index}
-            where = dict(self._where)
+            self._packs[name] = index
             for address in index:
-                where.setdefault(address, name)
-            self._where = where
+                self._where.setdefault(address, name)
 
     def _refresh_packs(self, cheap: bool = False) -> None:
         """Bring the in-memory index in line with ``blobs/packs/``: load new packs, drop gone ones.
@@ -696,21 +708,26 @@ class DiskStore(BlobStore):
         """
         with self._refresh_lock:
             for _ in range(100):
-                try:
-                    st = os.stat(self.packs_dir)
-                    seen = (st.st_ino, st.st_mtime_ns)
-                except (FileNotFoundError, NotADirectoryError):
-                    seen = (0, 0)
-                if cheap and seen == self._packs_seen:
-                    return
-                try:
-                    names = {n for n in os.listdir(self.packs_dir) if packs.is_pack_name(n)}
-                except (FileNotFoundError, NotADirectoryError):
-                    names = set()
+                with self._sweep_shared():  # no pack is deleted while we list (gc deletes under the exclusive hold)
+                    listed_at = time.time()
+                    try:
+                        st = os.stat(self.packs_dir)
+                        seen = (st.st_ino, st.st_mtime_ns)
+                    except (FileNotFoundError, NotADirectoryError):
+                        seen = (0, 0)
+                    if seen == self._packs_seen and (cheap or self._packs_seen_settled):
+                        return
+                    try:
+                        names = {n for n in os.listdir(self.packs_dir) if packs.is_pack_name(n)}
+                    except (FileNotFoundError, NotADirectoryError):
+                        names = set()
+                # An unchanged mtime proves an unchanged directory only if our listing came
+                # after the tick of that mtime (timestamps are coarse): allow a second.
+                settled = listed_at - st.st_mtime > 1.0 if seen != (0, 0) else True
                 with self._index_lock:
                     old_packs, old_bad = self._packs, self.bad_packs
                 if names == old_packs.keys() | old_bad.keys():
-                    self._packs_seen = seen
+                    self._packs_seen, self._packs_seen_settled = seen, settled
                     return
                 new_packs = {n: old_packs[n] for n in names if n in old_packs}
                 new_bad = {n: old_bad[n] for n in names if n in old_bad}
@@ -735,7 +752,7 @@ class DiskStore(BlobStore):
                         where.setdefault(address, name)
                 with self._index_lock:
                     self._packs, self._where, self.bad_packs = new_packs, where, new_bad
-                self._packs_seen = seen
+                self._packs_seen, self._packs_seen_settled = seen, settled and not vanished
                 if not vanished:
                     return
 
@@ -868,29 +885,32 @@ class DiskStore(BlobStore):
         Nothing is dropped, so deleting the merged packs afterwards loses no blob, pinned or
         not. Raises FileNotFoundError if one of them is gone (another process rewrote it).
         """
-        fds = []
-        try:
-            for name in names:
-                fds.append((os.open(self.pack_path(name), os.O_RDONLY | os.O_CLOEXEC), self.pack_index(name)))
-            seen: set[str] = set()
+        seen: set[str] = set()
 
-            def frames():
-                for fd, index in fds:
+        def frames():
+            for name in names:  # one open at a time: a group may hold thousands of tiny packs
+                fd = os.open(self.pack_path(name), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    index = packs.read_index(fd, name)  # from the file itself, not the cache
                     for address in sorted(index):
                         if address not in seen:
                             seen.add(address)
                             yield address, packs.read_frame(fd, index[address]), index[address].size
+                finally:
+                    os.close(fd)
 
-            return self.write_pack(frames())
-        finally:
-            for fd, _ in fds:
-                os.close(fd)
+        if sum(len(self.pack_index(n)) for n in names) > packs.MAX_ENTRIES:
+            raise ValueError(f"a merge of {len(names)} packs would exceed {packs.MAX_ENTRIES} entries")
+        return self.write_pack(frames())
 
     def delete_pack(self, name: str) -> bool:
-        try:
-            os.unlink(self.pack_path(name))
-        except FileNotFoundError:
-            return False
+        """Delete a pack whose blobs live on elsewhere (a durable rewrite), under the exclusive
+        sweep lock so that no listing of packs/ overlaps the deletion."""
+        with self.exclusive():
+            try:
+                os.unlink(self.pack_path(name))
+            except FileNotFoundError:
+                return False
         self._refresh_packs()
         return True
 
@@ -902,13 +922,18 @@ class DiskStore(BlobStore):
             return True
         except FileNotFoundError:
             pass
-        got = self.read_frame(address)
-        if got is None:
-            return False
-        name, _, frame = got
-        fsutil.atomic_write(os.path.join(qdir, address), frame)
-        self._replace_pack(name, set(self.pack_index(name)) - {address})
-        return True
+        for _ in range(3):
+            got = self.read_frame(address)
+            if got is None:
+                return False
+            name, _, frame = got
+            fsutil.atomic_write(os.path.join(qdir, address), frame)
+            try:
+                self._replace_pack(name, set(self.pack_index(name)) - {address})
+                return True
+            except FileNotFoundError:  # gc rewrote or merged that pack meanwhile: the frame moved
+                self._refresh_packs()
+        return False
 
     def _replace_pack(self, name: str, keep: set[str]) -> None:
         """Rewrite pack ``name`` with ``keep`` only, then delete it (never the new pack: names
@@ -984,18 +1009,30 @@ def _content_size(frame: bytes) -> int:
 
 
 class _SharedSweep:
-    """``with``: the sweep lock held shared (a class, not a generator: it runs once per put)."""
+    """``with``: the sweep lock held shared, by one descriptor for the whole process.
 
-    __slots__ = ("fd",)
+    flock belongs to the descriptor, so an unlock by one holder would end every holder's hold:
+    holders are counted, and only the first takes the lock and the last frees it (threads, and
+    a listing of packs/ nested inside a pin-then-check)."""
+
+    __slots__ = ("fd", "holders", "mutex")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.holders = 0
+        self.mutex = threading.Lock()
 
     def __enter__(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_SH)
+        with self.mutex:
+            if not self.holders:
+                fcntl.flock(self.fd, fcntl.LOCK_SH)
+            self.holders += 1
 
     def __exit__(self, *exc) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        with self.mutex:
+            self.holders -= 1
+            if not self.holders:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
 def _unlink(path: str) -> None:

@@ -43,6 +43,16 @@ def put_batch(store: DiskStore, datas: list[bytes]):
         return [batch.put_bytes(d) for d in datas]
 
 
+def packs_of(store: DiskStore, n: int, per: int) -> list[bytes]:
+    """``n`` packs of ``per`` distinct small blobs each (one batch each); their contents."""
+    datas = []
+    for k in range(n):
+        batch = contents(per, f"pack{k}")
+        datas += batch
+        put_batch(store, batch)
+    return datas
+
+
 def pack_files(store: DiskStore) -> list[Path]:
     return sorted(store.packs_dir.glob("*.pack")) if store.packs_dir.is_dir() else []
 
@@ -288,28 +298,50 @@ def test_a_reader_finds_a_blob_after_its_pack_was_rewritten(tmp_path):
         reader.read_bytes(b3(datas[15]))
 
 
-def test_a_reader_listing_packs_while_gc_rewrites_one_still_finds_live_blobs(tmp_path, monkeypatch):
-    """gc renames the rewritten pack in, then deletes the old one, between a fresh reader's
-    listing of blobs/packs/ and its open of the old pack: the reader must look again."""
+def test_a_reader_whose_listed_pack_vanishes_before_it_opens_it_looks_again(tmp_path, monkeypatch):
+    """gc renames the rewritten pack in, then deletes the old one, after a fresh reader listed
+    blobs/packs/ and before it opened the old pack: the reader must list again. (A deletion
+    cannot overlap the listing itself: listings hold the sweep lock shared, deletions take it
+    exclusively.)"""
     writer = DiskStore(tmp_path / "blobs")
     datas = contents(20)
     put_batch(writer, datas)
     [old] = writer.pack_names()
     live = {b3(d) for d in datas[:5]}
     reader = DiskStore(tmp_path / "blobs")
-    real = os.listdir
+    real = os.open
     done = []
 
-    def listdir_then_gc(path):
-        names = real(path)
-        if str(path).endswith("packs") and not done:
-            done.append(writer.rewrite_pack(old, live))
+    def open_after_gc(path, *args, **kw):
+        if str(path).endswith(old) and not done:
+            done.append(None)
+            done[0] = writer.rewrite_pack(old, live)
             writer.delete_pack(old)
-        return names
+        return real(path, *args, **kw)
 
-    monkeypatch.setattr(storemod.os, "listdir", listdir_then_gc)
+    monkeypatch.setattr(storemod.os, "open", open_after_gc)
     assert reader.read_bytes(b3(datas[0])) == datas[0]
     assert done and reader.pack_names() == [done[0]]
+
+
+def test_a_listing_of_packs_waits_for_a_deletion_in_progress(tmp_path):
+    """Deleting a pack takes the sweep lock exclusively; listing packs/ takes it shared. So a
+    listing sees the old pack or the new one, never neither (ext4 can return neither name for
+    an entry renamed or removed while a listing runs)."""
+    import threading
+
+    store = DiskStore(tmp_path / "blobs")
+    put_batch(store, contents(20))
+    [name] = store.pack_names()
+    reader = DiskStore(tmp_path / "blobs")
+    listed = []
+    with store.exclusive():
+        t = threading.Thread(target=lambda: listed.append(reader.pack_names()))
+        t.start()
+        t.join(0.5)
+        assert t.is_alive()  # waiting for the exclusive hold to end
+    t.join(10)
+    assert listed == [[name]]
 
 
 def test_a_failed_index_load_leaves_the_reader_consistent(tmp_path, monkeypatch):
@@ -458,6 +490,78 @@ def test_a_merge_that_reproduces_one_of_its_packs_does_not_delete_it(tmp_path, m
     fresh = DiskStore(tmp_path / "blobs")
     for d in datas:
         assert fresh.read_bytes(b3(d)) == d
+
+
+def test_a_merge_never_makes_a_pack_of_more_entries_than_readers_accept(tmp_path, monkeypatch):
+    """Found by review: merge groups were capped by bytes only, so 16 MiB of tiny blobs made a
+    pack of more than MAX_ENTRIES entries, which every reader refuses, and its sources were
+    deleted. Groups are now capped by entries too."""
+    monkeypatch.setattr(packs, "MAX_ENTRIES", 50)
+    store = DiskStore(tmp_path / "blobs")
+    datas = packs_of(store, 9, 20)
+    monkeypatch.setattr(gcmod, "MERGE_MIN", 2)
+    stats = gcmod.GCStats()
+    gcmod._merge_small_packs(store, stats, None)
+    fresh = DiskStore(tmp_path / "blobs")
+    assert fresh.bad_packs == {} and len(fresh.pack_names()) < 9
+    assert all(len(fresh.pack_index(n)) <= 50 for n in fresh.pack_names())
+    for d in datas:
+        assert fresh.read_bytes(b3(d)) == d
+
+
+def test_a_merge_of_many_tiny_packs_opens_one_at_a_time(tmp_path, monkeypatch):
+    """Found by review: a merge held every source pack open at once, so thousands of tiny packs
+    hit the open-file limit and gc failed on every run, before its cleanup."""
+    import resource
+
+    store = DiskStore(tmp_path / "blobs")
+    datas = packs_of(store, 120, 9)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # room for what this process has open already (a test session holds sockets and logs), and
+    # 40 more: far fewer than the 120 packs a merge holding every source open would need
+    in_use = max(int(n) for n in os.listdir("/proc/self/fd")) + 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 40, hard))
+    try:
+        stats = gcmod.GCStats()
+        gcmod._merge_small_packs(store, stats, None)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert stats.packs_merged == 120 and len(pack_files(store)) == 1
+    fresh = DiskStore(tmp_path / "blobs")
+    for d in datas:
+        assert fresh.read_bytes(b3(d)) == d
+
+
+def test_a_settled_pin_keeps_its_name_and_gc_judges_it_by_its_lock(registry):
+    """Found by review: settling renamed *.pin to *.done, and a listing running during a rename
+    can return neither name, so gc missed the pin. Settling now only frees the flock."""
+    from casruns import locking
+
+    store = registry.store
+    pin = store.pin()
+    pin.add("c" * 64)
+    [path] = list(store.pins_dir.glob("*.pin"))
+    assert locking.is_held(path)
+    pin.release()
+    assert path.exists() and not locking.is_held(path) and not list(store.pins_dir.glob("*.done"))
+    assert gcmod._read_pins(store.pins_dir, skip=set()) == {"c" * 64}
+    registry.gc()
+    assert not path.exists()  # settled before the gc began: its mark covered it
+
+
+def test_threads_sharing_a_store_keep_the_sweep_lock_until_the_last_leaves(tmp_path):
+    """Found by review: one descriptor carried the shared sweep lock for every thread, so one
+    thread's unlock ended another's hold mid pin-then-check."""
+    from casruns import locking
+
+    store = DiskStore(tmp_path / "blobs")
+    with store._sweep_shared():
+        with store._sweep_shared():  # a second holder (another thread, or a nested listing)
+            pass
+        assert not locking.FileLock(str(store.sweep_lock_path())).acquire(blocking=False)  # still held
+    probe = locking.FileLock(str(store.sweep_lock_path()))
+    assert probe.acquire(blocking=False)  # the last holder left: free
+    probe.release()
 
 
 def test_gc_killed_after_a_pack_merge_loses_nothing_and_the_next_gc_converges(registry):
