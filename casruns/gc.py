@@ -7,7 +7,7 @@ the whole run (a second gc waits with ``wait=True`` or fails with ``busy``):
 1. **Remove runs** retention makes eligible. Each is re-checked under its run lock, then its
    directory is renamed to ``runs/.trash-*`` (atomic: the run is whole or gone) and deleted.
 2. **Snapshot pins**: the pin files in ``blobs/pins/`` present now. Pins that are settled
-   (``*.done``) or whose writer is dead were committed (or abandoned) before the mark, so
+   (their flock is free; ``*.done`` from casruns 0.1) or whose writer is dead were committed (or abandoned) before the mark, so
    the mark covers them: they are not roots, and they are deleted at the end.
 3. **Mark**: every blob reachable from the remaining manifests (log refs, artifact trees and
    the files they list), plus plugin gc roots. An unreadable tree aborts the sweep: gc never
@@ -430,9 +430,10 @@ def _read_pins(pins_dir, skip: set[str]) -> set[str]:
     for path in _pin_files(pins_dir):
         if path in skip:
             continue
-        # A writer settles its pin by renaming *.pin to *.done without the sweep lock: a pin
+        # casruns 0.1 settled a pin by renaming *.pin to *.done without the sweep lock: a pin
         # listed as *.pin may be *.done by the time we open it. Skipping it lost blobs (the
-        # stress test caught it ~5% of runs): read it under its settled name.
+        # stress test caught it ~5% of runs): read it under its settled name. (Writers now
+        # settle by freeing the flock only, so a listing cannot miss a settling pin.)
         names = [path, path[: -len(".pin")] + ".done"] if path.endswith(".pin") else [path]
         for name in names:
             try:

@@ -262,7 +262,7 @@ class Pin:
         manifest commit still finds these addresses among its roots when it sweeps; the next
         gc, whose mark sees the manifest, deletes the file.
 
-        Not renamed (casruns 0.2.0 renamed it to ``*.done``): a directory listing that runs
+        Not renamed (casruns 0.1 renamed it to ``*.done``): a directory listing that runs
         while an entry is renamed can return neither name (ext4 lists in hash order), and a
         gc that missed a settling pin deleted blobs a just-committed manifest references."""
         if self.path is not None and self.fd is not None:
