@@ -23,6 +23,7 @@ environment variables or the registry config's ``[archive]`` table, never from m
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import threading
@@ -338,10 +339,12 @@ def list_archive(registry: "Registry", src: str) -> dict:
     return {"schema": "casruns/archive-list/v1", "src": remote.url, "runs": runs}
 
 
-def pull(registry: "Registry", src: str, run_ids: list[str] | None, *, progress=None) -> dict:
+def pull(registry: "Registry", src: str, run_ids: list[str] | None, *, progress=None, jobs: int = JOBS) -> dict:
     from . import runs as runs_mod
     from .tree import Tree
 
+    if jobs < 1:
+        raise InvalidInput(f"--jobs must be at least 1, not {jobs}")
     remote = open_remote(src, registry)
     _check_marker(remote)
     ids = list(run_ids) if run_ids else remote.list_runs()
@@ -369,8 +372,12 @@ def pull(registry: "Registry", src: str, run_ids: list[str] | None, *, progress=
                     _import(remote, store, batch, tree_ref, report)
                     batch.sync()
                     wanted += sorted(Tree.from_bytes(store.read_bytes(tree_ref)).addresses())
-                for address in dict.fromkeys(wanted):
-                    _import(remote, store, batch, address, report)
+                fetched = _Prefetch(remote, [a for a in dict.fromkeys(wanted) if batch.pending(a) is None and not store.contains(a)], jobs)
+                try:
+                    for address in dict.fromkeys(wanted):
+                        _import(remote, store, batch, address, report, fetched)
+                finally:
+                    fetched.close()
             # every blob is verified and durable: now the manifest (the commit point)
             try:
                 run, lock = runs_mod.create(registry.runs_dir, m)
@@ -410,18 +417,72 @@ def _repair(registry: "Registry", remote: Remote, run_id: str, report: dict) -> 
                 report["blobs_repaired"] += 1
 
 
-def _import(remote: Remote, store, batch, address: str, report: dict) -> None:
+SMALL_FRAME = (1 << 20) + 4096  # frames up to this size are fetched ahead, concurrently, into memory
+
+
+class _Prefetch:
+    """Frames fetched on worker threads, in order, at most ``2 * jobs`` ahead of the consumer
+    (so at most that many small frames are held in memory). A frame larger than SMALL_FRAME
+    is not kept: the consumer streams it itself."""
+
+    def __init__(self, remote: Remote, addresses: list[str], jobs: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.remote = remote
+        self.todo = list(addresses)
+        self.pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="casruns-pull") if addresses else None
+        self.ahead = 2 * jobs
+        self.futures: dict[str, object] = {}
+        self.next = 0
+        self._fill()
+
+    def _get(self, address: str) -> bytes | None:
+        with self.remote.open(blob_key(address)) as f:
+            data = f.read(SMALL_FRAME + 1)
+        return data if len(data) <= SMALL_FRAME else None
+
+    def _fill(self) -> None:
+        while self.pool is not None and self.next < len(self.todo) and len(self.futures) < self.ahead:
+            address = self.todo[self.next]
+            self.futures[address] = self.pool.submit(self._get, address)
+            self.next += 1
+
+    def take(self, address: str) -> bytes | None:
+        """The frame, if it was fetched ahead and is small; None: stream it."""
+        future = self.futures.pop(address, None)
+        if future is None:
+            return None
+        try:
+            return future.result()
+        finally:
+            self._fill()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for future in self.futures.values():
+                future.cancel()
+            self.pool.shutdown(wait=True)
+
+
+def _import(remote: Remote, store, batch, address: str, report: dict, fetched: _Prefetch | None = None) -> None:
     if batch.pending(address) is not None:
         return
-    if store.contains(address):
+    data = fetched.take(address) if fetched is not None else None
+    if data is None and store.contains(address):
         try:
             store.import_frame(address, None, batch)  # pins and refreshes it
             report["blobs_present"] += 1
             return
         except BlobNotFound:
             pass  # a gc removed it between the look and the pin: fetch it like any other
-    with remote.open(blob_key(address)) as f:
-        size = store.import_frame(address, f, batch)
+    if data is not None:
+        size = store.import_frame(address, io.BytesIO(data), batch)  # verified like a stream
+        if size == 0:  # stored meanwhile by someone else: import_frame pinned it instead
+            report["blobs_present"] += 1
+            return
+    else:
+        with remote.open(blob_key(address)) as f:
+            size = store.import_frame(address, f, batch)
     report["blobs_received"] += 1
     report["bytes_received"] += size
 

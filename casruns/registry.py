@@ -676,10 +676,10 @@ class Registry:
 
         return push(self, dest, run_ids, promoted=promoted, progress=progress, jobs=JOBS if jobs is None else jobs)
 
-    def archive_pull(self, src: str, run_ids: list[str] | None = None, *, progress=None) -> dict:
-        from .archive import pull
+    def archive_pull(self, src: str, run_ids: list[str] | None = None, *, progress=None, jobs: int | None = None) -> dict:
+        from .archive import JOBS, pull
 
-        return pull(self, src, run_ids, progress=progress)
+        return pull(self, src, run_ids, progress=progress, jobs=JOBS if jobs is None else jobs)
 
     def archive_list(self, src: str) -> dict:
         from .archive import list_archive

@@ -241,3 +241,38 @@ def test_push_sends_blobs_concurrently_and_each_manifest_after_its_blobs(tmp_pat
     assert other.verify(read_data=True)["ok"]
     proc, out = cli_json("archive", "push", str(tmp_path / "archive"), runs[0], "--jobs", "0", env={"CASRUNS_HOME": str(tmp_path / "reg")})
     assert proc.returncode == 3 and out[0]["error"]["code"] == "invalid_input"
+
+
+def test_pull_fetches_small_frames_ahead_concurrently_and_streams_large_ones(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from casruns import archive as archmod
+    from test_gc import finished_run
+
+    reg = Registry(tmp_path / "reg")
+    big = os.urandom(3 << 20)  # its frame is over SMALL_FRAME: streamed, never held whole
+    files = {f"f{i}.txt": f"file {i}\n".encode() * 50 for i in range(20)}
+    rid = finished_run(reg, files={**files, "big.bin": big})
+    reg.archive_push(str(tmp_path / "archive"), [rid])
+    lock, flight = threading.Lock(), {"now": 0, "max": 0}
+    real_open = archmod.LocalRemote.open
+
+    def slow_open(self, key):
+        with lock:
+            flight["now"] += 1
+            flight["max"] = max(flight["max"], flight["now"])
+        time.sleep(0.01)
+        with lock:
+            flight["now"] -= 1
+        return real_open(self, key)
+
+    monkeypatch.setattr(archmod.LocalRemote, "open", slow_open)
+    other = Registry(tmp_path / "other")
+    report = other.archive_pull(str(tmp_path / "archive"), [rid], jobs=4)
+    assert report["runs"] == 1 and flight["max"] > 1
+    assert b"".join(other.cat(rid, "big.bin")) == big
+    assert b"".join(other.cat(rid, "f7.txt")) == files["f7.txt"]
+    assert other.verify(read_data=True)["ok"]
+    with pytest.raises(Exception, match="at least 1"):
+        Registry(tmp_path / "third").archive_pull(str(tmp_path / "archive"), [rid], jobs=0)

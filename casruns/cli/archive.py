@@ -38,12 +38,13 @@ def register(cli: click.Group) -> None:
     @archive.command()
     @click.argument("src")
     @click.argument("run_ids", nargs=-1)
+    @click.option("--jobs", type=int, default=None, help="Concurrent requests to the archive (default 8).")
     @JSON_OPT
     @click.pass_obj
-    def pull(obj, src, run_ids, as_json):
+    def pull(obj, src, run_ids, jobs, as_json):
         """Import runs from SRC; every blob is verified against its address first."""
         progress = Progress("archive pull", enabled=None if not as_json else False)
-        report = obj.registry.archive_pull(src, list(run_ids) or None, progress=progress)
+        report = obj.registry.archive_pull(src, list(run_ids) or None, progress=progress, jobs=jobs)
         progress.done()
         if as_json:
             render.emit_json(report)
