@@ -674,3 +674,22 @@ def test_a_format_1_registry_writes_loose_blobs_until_migrated(tmp_path, validat
     proc, out = cli_json("migrate", env={"CASRUNS_HOME": str(tmp_path / "none")})
     assert proc.returncode == 6 and out[0]["error"]["code"] == "registry_error"
     validate(out[0], "error.schema.json")
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_a_real_run_with_many_artifacts_packs_them_only_in_format_2(tmp_path, fmt):
+    """End to end through the CLI and a detached supervisor, which opens its own store."""
+    from conftest import cli
+
+    root = tmp_path / "reg"
+    if fmt == 1:
+        shutil.copytree(FIXTURE_V1, root)
+    env = {"CASRUNS_HOME": str(root)}
+    script = 'for i in $(seq 1 15); do echo "case $i ok" > "$CASRUNS_ARTIFACTS_DIR/case$i.txt"; done; echo done'
+    proc, out = cli_json("submit", "--", "sh", "-c", script, env=env)
+    rid = out[0]["run_id"]
+    assert cli("wait", rid, "--timeout", "30", env=env).returncode == 0
+    reg = Registry(root)
+    assert len(pack_files(reg.store)) == (1 if fmt == 2 else 0)
+    assert b"".join(reg.cat(rid, "case9.txt")) == b"case 9 ok\n"
+    assert reg.verify(read_data=True)["ok"]
