@@ -303,7 +303,7 @@ def push(registry: "Registry", dest: str, run_ids: list[str] | None, *, promoted
             todo = []
             for address in _run_blobs(registry, m):
                 if address in present:
-                    report["bytes_logical"] += store.frame_source(address)[2]
+                    report["bytes_logical"] += store.frame_size(address)
                     report["blobs_skipped"] += 1
                 else:
                     todo.append(address)
@@ -504,7 +504,7 @@ def compare(registry: "Registry", src: str, run_ids: list[str]) -> list[dict]:
                 problems.append({"kind": "archive_differs", "run_id": rid, "message": f"archived copy differs in {key}"})
         for address in _run_blobs(registry, local):
             try:
-                want = registry.store.frame_source(address)[2]
+                want = registry.store.frame_size(address)
             except BlobNotFound:
                 want = None
             got = remote.size(blob_key(address))

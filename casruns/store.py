@@ -831,6 +831,16 @@ class DiskStore(BlobStore):
         check.feed(frame)
         return check.finish()
 
+    def frame_size(self, address: str) -> int:
+        """The stored size of a blob's frame, without reading it (a packed one: from its index)."""
+        try:
+            return os.stat(self.path_for(address)).st_size
+        except FileNotFoundError:
+            loc = self._locate(address)
+            if loc is None:
+                raise BlobNotFound(f"blob {address} not found in {self.path}", address=address) from None
+            return loc[1].length
+
     def frame_source(self, address: str) -> tuple[str | None, bytes | None, int]:
         """Where a blob's stored frame is: (loose path, None, size) or (None, frame, size)."""
         p = self.path_for(address)
