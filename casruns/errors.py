@@ -137,6 +137,19 @@ class UnsupportedFormat(RegistryError):
     code = "unsupported_format"
 
 
+class StrayFile(RegistryError):
+    """Something that is not a regular file (a FIFO, a socket, a directory, a symlink) where a
+    registry file should be: reported and skipped, never opened for reading."""
+
+    code = "stray_file"
+
+
+class NoSpace(RegistryError):
+    """The filesystem holding the registry is full (ENOSPC or EDQUOT)."""
+
+    code = "no_space"
+
+
 class CorruptManifest(RegistryError):
     code = "manifest_corrupt"
 

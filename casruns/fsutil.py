@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
-from .errors import RegistryError
+from .errors import NoSpace, RegistryError, StrayFile
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -165,6 +166,68 @@ def open_private(path: str | os.PathLike, flags: int, mode: int = FILE_MODE) -> 
         except OSError:
             pass
     return fd
+
+
+def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY) -> int:
+    """Open an existing registry file that must be a regular file, never following a symlink.
+
+    ``O_NONBLOCK`` makes opening a FIFO return at once instead of waiting for a writer, and
+    ``O_NOFOLLOW`` refuses a symlink planted in its place; the descriptor is then checked with
+    ``fstat`` (the name may have been swapped after a ``stat``), and blocking mode restored.
+    Raises :class:`StrayFile` for anything that is not a regular file (spec/format.md, "Strays")
+    and ``OSError`` (``FileNotFoundError`` included) as ``os.open`` does.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise StrayFile(f"{os.fspath(path)} is a symlink, not a regular file; refusing to follow it", path=os.fspath(path)) from None
+        if e.errno in (errno.ENXIO, errno.EISDIR):
+            raise StrayFile(f"{os.fspath(path)} is not a regular file", path=os.fspath(path)) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StrayFile(f"{os.fspath(path)} is not a regular file ({_kind(st.st_mode)})", path=os.fspath(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: str | os.PathLike, limit: int | None = None) -> bytes:
+    """The whole content of a regular registry file (see :func:`open_regular`), at most ``limit``
+    bytes: a larger file raises RegistryError before more than ``limit + 1`` bytes are read."""
+    fd = open_regular(path)
+    try:
+        parts = []
+        got = 0
+        while True:
+            want = 1 << 20 if limit is None else min(1 << 20, limit + 1 - got)
+            data = os.read(fd, want)
+            if not data:
+                break
+            parts.append(data)
+            got += len(data)
+            if limit is not None and got > limit:
+                raise RegistryError(f"{os.fspath(path)} is larger than its limit of {limit} bytes", path=os.fspath(path))
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symlink")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def is_no_space(e: BaseException) -> bool:
+    """True for the errors a full disk (or quota) gives."""
+    return isinstance(e, NoSpace) or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
 
 
 def touch(path: str | os.PathLike) -> None:

@@ -39,7 +39,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from . import fsutil, locking
+from . import faults, fsutil, locking
 from . import manifest as mf
 from .errors import Busy, CasrunsError, CorruptManifest, RegistryError
 from .retention import keep_last_protected, safe_retention_of
@@ -79,9 +79,7 @@ class GCStats:
 
 
 def _fault(point: str) -> None:
-    """Test hook: CASRUNS_TEST_GC_KILL=<point> kills this process there (crash tests)."""
-    if os.environ.get("CASRUNS_TEST_GC_KILL") == point:
-        os.kill(os.getpid(), 9)
+    faults.point("gc_" + point)
 
 
 def collect_garbage(registry: "Registry", *, dry_run: bool = False, wait: bool = False, progress=None) -> dict:

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 
-from . import collect, fsutil, locking, scheduler
+from . import collect, faults, fsutil, locking, scheduler
 from . import manifest as mf
 from .redaction import Redactor, split_secrets
 from .runs import RunDir
@@ -430,9 +430,7 @@ class Supervisor:
                     exclude.update(str(p) for p in paths)
             except PluginError as e:
                 status, kw["error"] = mf.FAILED, self.plugin_error(e)
-        fault = os.environ.get("CASRUNS_TEST_FAULT")
-        if fault == "before_collect":
-            os.kill(os.getpid(), signal.SIGKILL)
+        faults.point("supervisor_before_collect")
         final = collect.finish(
             self.run, self.store, status, extra=extra, exclude=exclude, redactor=self.redactor, policy=self.config.artifact_policy, **kw
         )

@@ -279,7 +279,7 @@ def test_gc_killed_at_any_point_leaves_a_consistent_registry(registry, point):
         finished_run(registry, files={"shared": b"s", f"own{i}": f"own {i}".encode()}, stdout=f"run {i}\n".encode())
     os.makedirs(os.path.join(registry.runs_dir, ".trash-leftover-0000"))
     before = evidence(registry, promoted)
-    proc = cli("gc", env={"CASRUNS_TEST_GC_KILL": point})
+    proc = cli("gc", env={"CASRUNS_TEST_FAULT": "gc_" + point})
     assert proc.returncode == -9, proc.stderr
     proc, out = cli_json("verify", "--read-data")
     assert proc.returncode == 0, out

@@ -567,7 +567,7 @@ def test_threads_sharing_a_store_keep_the_sweep_lock_until_the_last_leaves(tmp_p
 def test_gc_killed_after_a_pack_merge_loses_nothing_and_the_next_gc_converges(registry):
     runs = [finished_run(registry, files=many_files(f"k{k}", 12)) for k in range(gcmod.MERGE_MIN)]
     before = {rid: evidence(registry, rid) for rid in runs}
-    env = {**os.environ, "CASRUNS_TEST_GC_KILL": "after_pack_merge"}
+    env = {**os.environ, "CASRUNS_TEST_FAULT": "gc_after_pack_merge"}
     proc = subprocess.run([sys.executable, "-m", "casruns", "--root", registry.root, "gc"], env=env, capture_output=True)
     assert proc.returncode == -9
     reg = Registry(registry.root)
@@ -587,7 +587,7 @@ def test_gc_killed_after_a_pack_rewrite_loses_nothing(registry):
     before = evidence(registry, kept)
     make_old(registry)
     time.sleep(1.1)
-    env = {**os.environ, "CASRUNS_TEST_GC_KILL": "after_pack_rewrite"}
+    env = {**os.environ, "CASRUNS_TEST_FAULT": "gc_after_pack_rewrite"}
     proc = subprocess.run([sys.executable, "-m", "casruns", "--root", registry.root, "gc"], env=env, capture_output=True)
     assert proc.returncode == -9
     reg = Registry(registry.root)

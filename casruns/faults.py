@@ -1,0 +1,69 @@
+"""Named fault-injection points: the one mechanism crash tests use to stop code at an exact step.
+
+Code that has a crash window worth testing calls ``faults.point("name")`` there. In production the
+call costs one dictionary lookup (the variable is read once per process). Tests set
+``CASRUNS_TEST_FAULT`` to a comma-separated list of ``name`` or ``name=action`` items:
+
+* ``kill`` (the default): SIGKILL this process at that point, the way a crash or the OOM killer would;
+* ``enospc``: raise ``OSError(ENOSPC)`` there, the way a full disk would;
+* ``stop``: SIGSTOP this process (a test resumes or kills it).
+
+Every point is listed in :data:`POINTS` with the crash window it stands for, and a test checks that
+each listed point is used in the code and each used point is listed (spec/format.md, "Crash windows").
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+ENV = "CASRUNS_TEST_FAULT"
+
+# name -> the crash window it stops the code in.
+POINTS: dict[str, str] = {
+    "submit_after_spawn": "the submitter started the supervisor and dies before handing it the payload",
+    "submit_mid_payload": "the submitter dies after writing half of the payload",
+    "reap_after_spawn": "reap restarted a queued run's supervisor and dies before handing it the payload",
+    "supervisor_before_collect": "the supervisor dies after the command ended, before collection",
+    "gc_after_trash": "gc dies after finishing a killed gc's trash",
+    "gc_after_run_rename": "gc dies after renaming a run to its trash, before deleting it",
+    "gc_after_runs_removed": "gc dies after removing runs, before the mark",
+    "gc_after_mark": "gc dies after the mark, before the sweep",
+    "gc_after_first_delete": "gc dies after deleting its first blob",
+    "gc_after_pack_rewrite": "gc dies after writing a rewritten pack, before deleting the old one",
+    "gc_after_pack_merge": "gc dies after writing a merged pack, before deleting its sources",
+}
+
+_active: dict[str, str] | None = None
+
+
+def _load() -> dict[str, str]:
+    global _active
+    if _active is None:
+        spec = os.environ.get(ENV, "")
+        _active = {}
+        for item in spec.split(","):
+            name, _, action = item.strip().partition("=")
+            if name:
+                _active[name] = action or "kill"
+    return _active
+
+
+def point(name: str) -> None:
+    """Stop here if a test asked for a fault at ``name``; otherwise do nothing."""
+    action = (_active if _active is not None else _load()).get(name)
+    if action is None:
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    elif action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def reset() -> None:
+    """Forget the parsed variable (in-process tests that change it)."""
+    global _active
+    _active = None
