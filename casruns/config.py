@@ -33,11 +33,13 @@ from __future__ import annotations
 import os
 
 from .errors import InvalidInput, RegistryError, UnsupportedFormat
+from .fsutil import read_regular
 from .timefmt import parse_duration
 
 FORMAT_FILE = "casruns-registry.toml"
 FORMAT_NAME = "casruns-registry"
 FORMAT_VERSION = 2  # major: a reader refuses a newer major version
+FORMAT_MAX = 64 * 1024  # bytes: the format record is a few lines; anything larger is not ours
 PACKS_SINCE = 2  # registries of format 1 hold loose blobs only; `casruns migrate` moves them to 2
 
 DEFAULT_RETENTION = {"succeeded": "14d", "failed": "7d", "timed_out": "7d", "cancelled": "3d"}
@@ -142,12 +144,23 @@ def read_format(root: str | os.PathLike) -> dict | None:
     """Return the format record, None if the registry has none yet; refuse newer majors."""
     path = os.path.join(root, FORMAT_FILE)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_regular(path, FORMAT_MAX)
     except FileNotFoundError:
+        # No record: a registry not created yet, unless its directories are there. Answering
+        # "no runs" for a registry whose record was lost would make a monitor conclude there
+        # are none while runs/ is full of them.
+        present = [d for d in ("runs", "blobs") if os.path.lexists(os.path.join(root, d))]
+        if present:
+            raise RegistryError(
+                f"{root} has {' and '.join(d + '/' for d in present)} but no {FORMAT_FILE}: the registry's format "
+                f"record is missing; restore it (a registry made by this casruns has format = \"{FORMAT_NAME}\", version = {FORMAT_VERSION})",
+                path=path,
+            ) from None
         return None
+    except RegistryError:
+        raise
     except OSError as e:
-        raise RegistryError(f"cannot read registry format file {path}: {e}", path=path) from None
+        raise RegistryError(f"cannot read registry format file {path}: {e.strerror}", path=path) from None
     doc = _simple_toml(data)
     if doc is None:  # not the plain shape we write: let the real parser judge it
         import tomllib

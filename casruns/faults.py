@@ -25,6 +25,7 @@ POINTS: dict[str, str] = {
     "submit_after_spawn": "the submitter started the supervisor and dies before handing it the payload",
     "submit_mid_payload": "the submitter dies after writing half of the payload",
     "reap_after_spawn": "reap restarted a queued run's supervisor and dies before handing it the payload",
+    "reap_mid_payload": "reap dies after writing half of a restarted run's payload",
     "supervisor_before_collect": "the supervisor dies after the command ended, before collection",
     "gc_after_trash": "gc dies after finishing a killed gc's trash",
     "gc_after_run_rename": "gc dies after renaming a run to its trash, before deleting it",

@@ -272,7 +272,8 @@ class Registry:
             payload["argv"] = argv
         for k, v in ((_chain or {}).get("env") or {}).items():  # resume: CASRUNS_RESUMED_FROM, plugin env
             payload["env"][k] = str(v)
-        env_file = json.dumps({"env": env_values}).encode()
+        # what a restart by reap needs to run it exactly as submitted (secrets aside: those fail it)
+        env_file = json.dumps({"env": env_values, "umask": umask}).encode()
         try:
             run, lock = _create(self.runs_dir, m, env_file)
         except RunExists:
@@ -820,9 +821,9 @@ class Registry:
                 scheduler.dequeue(self.root, run.run_id)
                 return False
             try:
-                with open(run.file("env.json"), "rb") as f:
-                    env = json.loads(f.read())["env"]
-            except (OSError, ValueError, KeyError):
+                doc = json.loads(fsutil.read_regular(run.file("env.json"), 16 << 20))
+                env, umask = doc["env"], int(doc.get("umask", 0o077))  # casruns 0.2 wrote no umask: private
+            except (OSError, ValueError, KeyError, TypeError, CasrunsError):
                 # never run it with an environment other than the one it was submitted with
                 with run.update() as mm:
                     if mm["status"] == mf.QUEUED:
@@ -830,7 +831,7 @@ class Registry:
                         mf.transition(mm, mf.FAILED, now_ts())
                 scheduler.dequeue(self.root, run.run_id)
                 return False
-            supervisor.spawn(self.root, run.run_id, {"env": env, "secret_env": {}}, lock.fd)
+            supervisor.spawn(self.root, run.run_id, {"env": env, "secret_env": {}, "umask": umask}, lock.fd, by="reap")
             return True
         finally:
             lock.release()

@@ -48,11 +48,17 @@ BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ
 SUPERVISOR_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "CASRUNS_PLUGINS")
 
 
-def spawn(root: str, run_id: str, payload: dict, lock_fd: int | None) -> int:
+def spawn(root: str, run_id: str, payload: dict, lock_fd: int | None, *, by: str = "submit") -> int:
     """Start a detached supervisor for ``run_id``; returns its pid.
 
     ``lock_fd`` is the run's supervisor lock, already held: the child inherits it so the
-    lock is never free while the run is alive.
+    lock is never free while the run is alive. ``by`` names the caller (``submit`` or
+    ``reap``) for the fault points of the hand-over.
+
+    Crash windows of the hand-over (spec/format.md, "The payload hand-over"): if the caller
+    dies after starting the supervisor and before the last byte of the framed payload, the
+    supervisor reads end-of-file before the end marker and ends the run ``failed`` with
+    ``payload_incomplete``, never running the command.
     """
     env = {k: os.environ[k] for k in SUPERVISOR_ENV if k in os.environ}
     env.update({k: v for k, v in os.environ.items() if k.startswith("CASRUNS_TEST_")})
@@ -77,8 +83,14 @@ def spawn(root: str, run_id: str, payload: dict, lock_fd: int | None) -> int:
     finally:
         os.close(log_fd)
     assert proc.stdin is not None
+    frame = encode_payload(payload)
+    faults.point(f"{by}_after_spawn")
     try:
-        proc.stdin.write(json.dumps(payload).encode())
+        half = len(frame) // 2
+        proc.stdin.write(frame[:half])
+        proc.stdin.flush()
+        faults.point(f"{by}_mid_payload")
+        proc.stdin.write(frame[half:])
         proc.stdin.close()
     except BrokenPipeError:
         pass
@@ -87,8 +99,77 @@ def spawn(root: str, run_id: str, payload: dict, lock_fd: int | None) -> int:
     return proc.pid
 
 
+PAYLOAD_MAGIC = b"casruns-payload/v1"
+PAYLOAD_MAX = 16 << 20  # bytes of JSON: environments are small; a larger frame is not ours
+PAYLOAD_WAIT = 60.0  # seconds (monotonic) the supervisor waits for the whole payload
+
+
+class PayloadIncomplete(Exception):
+    """The hand-over on stdin ended or stalled before its end marker, or failed its checksum."""
+
+
+def encode_payload(payload: dict) -> bytes:
+    """Frame the payload: ``casruns-payload/v1 <length>\n`` + JSON + ``\nend <sha256>\n``.
+
+    The length and the end marker make a truncated hand-over detectable: end-of-file before
+    the marker means the sender died, never "an empty payload".
+    """
+    import hashlib
+
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return b"%s %d\n%s\nend %s\n" % (PAYLOAD_MAGIC, len(body), body, hashlib.sha256(body).hexdigest().encode())
+
+
+def decode_payload(raw: bytes) -> dict:
+    """The payload in a complete frame; raises PayloadIncomplete otherwise."""
+    import hashlib
+
+    head, sep, rest = raw.partition(b"\n")
+    if not sep:
+        raise PayloadIncomplete(f"no payload header ({len(raw)} bytes received)")
+    magic, _, length = head.partition(b" ")
+    if magic != PAYLOAD_MAGIC or not length.isdigit():
+        raise PayloadIncomplete("the payload header is not casruns-payload/v1")
+    n = int(length)
+    body, trailer = rest[:n], rest[n:]
+    if len(body) < n or not trailer.startswith(b"\nend ") or not trailer.endswith(b"\n"):
+        raise PayloadIncomplete(f"the payload ended after {len(body)} of {n} bytes, before its end marker")
+    if trailer[len(b"\nend ") : -1] != hashlib.sha256(body).hexdigest().encode():
+        raise PayloadIncomplete("the payload does not match its checksum")
+    try:
+        payload = json.loads(body)
+    except ValueError as e:
+        raise PayloadIncomplete(f"the payload is not JSON: {e}") from None
+    if not isinstance(payload, dict):
+        raise PayloadIncomplete("the payload is not a JSON object")
+    return payload
+
+
+def read_payload(fd: int, wait: float = PAYLOAD_WAIT) -> dict:
+    """Read a framed payload from ``fd`` until end-of-file, for at most ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    parts: list[bytes] = []
+    got = 0
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PayloadIncomplete(f"the payload did not arrive within {wait:g}s ({got} bytes received)")
+            if not sel.select(timeout=left):
+                continue
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            parts.append(data)
+            got += len(data)
+            if got > PAYLOAD_MAX + 4096:
+                raise PayloadIncomplete(f"the payload exceeds {PAYLOAD_MAX} bytes")
+    return decode_payload(b"".join(parts))
+
+
 class Supervisor:
-    def __init__(self, root: str, run_id: str, payload: dict) -> None:
+    def __init__(self, root: str, run_id: str, payload: dict | None, payload_error: str | None = None) -> None:
         # Built from the layers below, not from the Registry facade above us.
         from .config import Config
         from .runs import RunDir
@@ -97,8 +178,9 @@ class Supervisor:
         self.run = RunDir(os.path.join(self.root, "runs"), run_id)
         self.config = Config.load(self.root)
         self._store = None
-        self.payload = payload
-        self.secret_env: dict[str, str] = dict(payload.get("secret_env") or {})
+        self.payload = payload or {}
+        self.payload_error = payload_error if payload is None else None
+        self.secret_env: dict[str, str] = dict(self.payload.get("secret_env") or {})
         # what redaction masks: too short or too common values are recorded as ignored at submit
         self.secrets = split_secrets(self.secret_env)[0]
         self.stop_reason: str | None = None
@@ -161,6 +243,8 @@ class Supervisor:
         m = self.run.read_fresh()
         if m["status"] != mf.QUEUED:
             return 0
+        if self.payload_error is not None:
+            return self.refuse_incomplete_payload()
         with self.run.update() as m:
             m["supervisor"] = {
                 "host": locking.hostname(),
@@ -192,6 +276,22 @@ class Supervisor:
         finally:
             if self.slot is not None:
                 self.slot.release()
+
+    def refuse_incomplete_payload(self) -> int:
+        """End a queued run whose payload never fully arrived: it is never run, because the
+        command would get another environment, argv or umask than the one submitted."""
+        message = (
+            f"the supervisor never received the run's complete payload ({self.payload_error}); "
+            "the submitter or reaper died while handing it over, so the command was not run; replay it"
+        )
+        print(f"casruns supervisor: {message}", file=sys.stderr)
+        with self.run.update() as mm:
+            if mm["status"] == mf.QUEUED:
+                mm["error"] = {"code": "payload_incomplete", "message": message}
+                mf.transition(mm, mf.FAILED, now_ts())
+        scheduler.dequeue(self.root, self.run.run_id)
+        self.run.remove_workspace()
+        return 1
 
     def _heartbeat_loop(self) -> None:
         while True:
@@ -370,7 +470,7 @@ class Supervisor:
         try:
             child = self.child = subprocess.Popen(
                 argv,
-                umask=int(self.payload.get("umask", 0o022)),  # the submitter's, not ours
+                umask=int(self.payload.get("umask", 0o077)),  # the submitter's, not ours (private if unknown)
                 cwd=self.ctx.cwd,
                 env={str(k): str(v) for k, v in self.ctx.env.items()},
                 stdin=subprocess.DEVNULL,
@@ -589,9 +689,12 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m casruns.supervisor ROOT RUN_ID", file=sys.stderr)
         return 2
     os.umask(0o077)
-    raw = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
-    payload = json.loads(raw or b"{}")
-    return Supervisor(args[0], args[1], payload).main()
+    payload, error = None, None
+    try:
+        payload = read_payload(sys.stdin.fileno())
+    except (PayloadIncomplete, OSError) as e:
+        error = str(e)
+    return Supervisor(args[0], args[1], payload, error).main()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,169 @@
+"""Targeted faults in the supervisor's life: each test stops the code in one named crash window
+(casruns/faults.py) or changes one thing under it (its clock, a process that leaves its group),
+then checks what the registry says afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import casruns_exe, cli, cli_json, poll_until
+
+pytestmark = pytest.mark.slow
+
+
+def status(rid) -> dict:
+    proc, out = cli_json("status", rid)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out[0]
+
+
+def wait_terminal(rid, timeout=60) -> dict:
+    return poll_until(lambda: (s := status(rid))["terminal"] and s, timeout=timeout, what=f"{rid} terminal")
+
+
+def manifest(home: Path, rid: str) -> dict:
+    import tomllib
+
+    return tomllib.loads((home / "runs" / rid / "manifest.toml").read_text())
+
+
+def write_config(home: Path, text: str) -> None:
+    cli("init", check=0)
+    (home / "config.toml").write_text(text)
+
+
+# -- item 1: the payload hand-over --------------------------------------------------------
+
+
+@pytest.mark.parametrize("point", ["submit_after_spawn", "submit_mid_payload"])
+def test_submitter_dying_during_the_hand_over_fails_the_run_without_running_it(casruns_home, tmp_path, point, validate):
+    marker = tmp_path / "ran"
+    proc = cli(
+        "submit", "--run-id", "handover-1", "--env", "FOO=bar", "--",
+        "sh", "-c", f'touch {marker}; echo "FOO=$FOO"',
+        env={"CASRUNS_TEST_FAULT": point},
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr  # stopped exactly there
+    final = validate(wait_terminal("handover-1"), "run.schema.json")
+    assert final["status"] == "failed"
+    assert final["error"]["code"] == "payload_incomplete"
+    assert "replay" in final["error"]["message"]
+    assert not marker.exists(), "the command ran with a payload other than the one submitted"
+    assert cli("wait", "handover-1", "--timeout", "5").returncode == 10
+    # nothing is left queued behind it
+    assert not list((casruns_home / "queue").iterdir())
+
+
+def _queued_behind_blocker(home: Path, tmp_path: Path, *, umask: int = 0o022):
+    write_config(home, "max_running = 1\n")
+    blocker = json.loads(cli("submit", "--json", "--", "sleep", "60", check=0).stdout)["run_id"]
+    poll_until(lambda: status(blocker)["status"] == "running", what="blocker running")
+    out = tmp_path / "out.txt"
+    proc = subprocess.run(
+        casruns_exe() + ["submit", "--json", "--run-id", "queued-1", "--env", "FOO=bar", "--",
+                         "sh", "-c", f'echo "FOO=$FOO umask=$(umask)" > {out}'],
+        capture_output=True, text=True, umask=umask, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    pid = poll_until(lambda: (manifest(home, "queued-1").get("supervisor") or {}).get("pid"), what="queued supervisor")
+    os.kill(pid, signal.SIGKILL)
+    poll_until(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), what="supervisor gone")
+    return blocker, out
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("point", ["reap_after_spawn", "reap_mid_payload"])
+def test_reaper_dying_during_the_hand_over_fails_the_queued_run_without_running_it(casruns_home, tmp_path, point):
+    blocker, out = _queued_behind_blocker(casruns_home, tmp_path)
+    proc = cli("reap", env={"CASRUNS_TEST_FAULT": point})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    final = wait_terminal("queued-1")
+    assert final["status"] == "failed" and final["error"]["code"] == "payload_incomplete"
+    cli("cancel", blocker, check=0)
+    wait_terminal(blocker)
+    time.sleep(1.0)  # a slot is free now: a supervisor that wrongly kept going would run it
+    assert not out.exists()
+    assert status("queued-1")["status"] == "failed"
+
+
+def test_reap_restarts_a_queued_run_with_its_submitted_env_and_umask(casruns_home, tmp_path):
+    blocker, out = _queued_behind_blocker(casruns_home, tmp_path, umask=0o027)
+    report = json.loads(cli("reap", "--json", check=0).stdout)
+    assert report["restarted"] == ["queued-1"]
+    cli("cancel", blocker, check=0)
+    final = wait_terminal("queued-1")
+    assert final["status"] == "succeeded", final
+    assert out.read_text() == "FOO=bar umask=0027\n"
+
+
+def test_a_truncated_or_garbled_frame_is_refused():
+    from casruns.supervisor import PayloadIncomplete, decode_payload, encode_payload
+
+    frame = encode_payload({"env": {"HOME": "/h"}, "secret_env": {"T": "s3cret"}, "umask": 18})
+    assert decode_payload(frame)["env"] == {"HOME": "/h"}
+    for cut in range(len(frame)):
+        with pytest.raises(PayloadIncomplete):
+            decode_payload(frame[:cut])
+    flipped = bytearray(frame)
+    flipped[frame.index(b"/h")] ^= 0x01
+    with pytest.raises(PayloadIncomplete):
+        decode_payload(bytes(flipped))
+    with pytest.raises(PayloadIncomplete):
+        decode_payload(b"")
+    with pytest.raises(PayloadIncomplete):
+        decode_payload(b"{}")  # what casruns 0.2's supervisor would have taken for an empty payload
+
+
+def test_every_fault_point_is_listed_and_used():
+    import re
+
+    from casruns import faults
+
+    src = Path(faults.__file__).parent
+    used = set()
+    for path in src.rglob("*.py"):
+        if path.name == "faults.py":
+            continue
+        text = path.read_text()
+        used |= set(re.findall(r'faults\.point\("([a-z_]+)"\)', text))
+        used |= {"gc_" + p for p in re.findall(r'_fault\("([a-z_]+)"\)', text)}
+        for by in re.findall(r'by="([a-z]+)"', text):
+            used |= {f"{by}_after_spawn", f"{by}_mid_payload"}
+    used |= {"submit_after_spawn", "submit_mid_payload"}  # spawn's default caller
+    assert used == set(faults.POINTS), (used ^ set(faults.POINTS))
+
+
+# -- item 10: a registry whose format record is missing -----------------------------------
+
+
+def test_a_registry_without_its_format_file_is_an_error_not_an_empty_registry(registry, casruns_home, tmp_path):
+    rid = registry.submit(["true"], spawn=False)["run_id"]
+    (casruns_home / "casruns-registry.toml").unlink()
+    for args in (["list"], ["status", rid], ["gc"], ["reap"], ["verify"], ["archive", "push", str(tmp_path / "arch"), "--promoted"]):
+        proc, out = cli_json(*args)
+        assert proc.returncode == 6, (args, proc.stdout, proc.stderr)
+        assert out[-1]["error"]["code"] == "registry_error", args
+        assert "casruns-registry.toml" in out[-1]["error"]["message"]
+        plain = cli(*args)
+        assert plain.returncode == 6 and len(plain.stderr.strip().splitlines()) == 1, (args, plain.stderr)
+    assert (casruns_home / "runs" / rid / "manifest.toml").exists()  # nothing was touched
+    assert not (casruns_home / "casruns-registry.toml").exists()
+
+
+def test_an_empty_or_absent_root_is_still_an_empty_registry(tmp_path):
+    root = tmp_path / "nothing-here"
+    proc = cli("--root", str(root), "list", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["runs"] == [], proc.stderr
