@@ -77,22 +77,9 @@ def group_members(pgid: int, started_after: int, boot: str | None) -> list[int]:
     ticks since boot) on this boot: what is left of a command whose leader already exited."""
     if boot != boot_id() or not pgid:
         return []
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        rest = data[data.rfind(b")") + 2 :].split()
-        try:
-            if int(rest[2]) == pgid and int(rest[19]) >= started_after:
-                out.append(int(name))
-        except (IndexError, ValueError):
-            continue
-    return out
+    from .proctree import iter_procs
+
+    return [pid for pid, _state, _ppid, pg, start in iter_procs() if pg == pgid and start >= started_after]
 
 
 def holder_record() -> dict:

@@ -50,6 +50,8 @@ def build(
         "heartbeat_at": m.get("heartbeat_at") if terminal or heartbeat is None else format_ts(heartbeat),
         "last_activity_at": m.get("last_activity_at") if terminal or activity is None else format_ts(activity),
         "deadline_at": m.get("deadline_at"),
+        "duration_s": m.get("duration_s"),
+        "strays_killed": m.get("strays_killed"),
         "exit_code": m.get("exit_code"),
         "signal": m.get("signal"),
         "provider": m.get("provider"),

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 
-from . import collect, faults, fsutil, locking, scheduler
+from . import collect, faults, fsutil, locking, proctree, scheduler
 from . import manifest as mf
 from .redaction import Redactor, split_secrets
 from .runs import RunDir
@@ -192,6 +192,10 @@ class Supervisor:
         self.slot: locking.FileLock | None = None
         self.lock_fd: int | None = None
         self._last_beat = 0.0
+        self.started_mono: float | None = None  # monotonic time of the commit to booting
+        self.deadline: float | None = None  # monotonic
+        self.spare: dict[int, int] = {}  # descendants that existed before the command (provider's)
+        self.strays_killed: int | None = None  # None until the command was started
 
     @property
     def store(self):
@@ -245,6 +249,8 @@ class Supervisor:
             return 0
         if self.payload_error is not None:
             return self.refuse_incomplete_payload()
+        # Orphaned descendants of the command are re-parented to us, so none escapes the end.
+        proctree.become_subreaper()
         with self.run.update() as m:
             m["supervisor"] = {
                 "host": locking.hostname(),
@@ -265,6 +271,11 @@ class Supervisor:
             print(f"casruns supervisor: {msg}", file=sys.stderr)
             if self.child is not None:  # never leave the command running behind a failed run
                 _killpg(self.child.pid, signal.SIGKILL)
+                try:
+                    self.child.wait()
+                    proctree.end_descendants(0.0, spare=self.spare)
+                except Exception:
+                    pass
             try:
                 collect.finish(
                     self.run, self.store, mf.FAILED, error={"code": "supervisor_error", "message": msg},
@@ -334,8 +345,11 @@ class Supervisor:
             mf.transition(m, mf.BOOTING, format_ts(now))
             timeout = (m.get("request") or {}).get("timeout")
             if timeout:
-                m["deadline_at"] = format_ts(now + float(timeout))
-            self.deadline = now + float(timeout) if timeout else None
+                m["deadline_at"] = format_ts(now + float(timeout))  # recorded for people: wall clock
+            # Durations run on the monotonic clock: a wall clock set back or forward while the
+            # run is active must neither stretch nor cut its timeout (spec/format.md, "Clocks").
+            self.started_mono = time.monotonic()
+            self.deadline = self.started_mono + float(timeout) if timeout else None
         try:
             os.unlink(self.run.file("env.json"))
         except OSError:
@@ -363,7 +377,7 @@ class Supervisor:
             print(f"casruns supervisor: {self.redactor.text(err)}", file=sys.stderr)
 
     def bounded(self, fn, deadline: float | None):
-        """Run ``fn`` in a thread; stop waiting at the deadline or on cancel.
+        """Run ``fn`` in a thread; stop waiting at the deadline (monotonic) or on cancel.
 
         Returns ("ok", result) | ("error", exc) | ("timeout", None) | ("cancelled", None).
         A hook that hangs is abandoned (its thread is a daemon and dies with us).
@@ -381,7 +395,7 @@ class Supervisor:
         while t.is_alive():
             t.join(POLL)
             self.beat()
-            if deadline is not None and time.time() >= deadline:
+            if deadline is not None and time.monotonic() >= deadline:
                 return "timeout", None
             if self.cancel_requested():
                 return "cancelled", None
@@ -445,7 +459,7 @@ class Supervisor:
             return self.end(mf.FAILED, error=self.plugin_error(e), teardown=False)
         self.notify(mf.QUEUED, mf.BOOTING, self.ctx.manifest)
         # boot, bounded by the run's timeout
-        deadline = getattr(self, "deadline", None)
+        deadline = self.deadline
         if self.cancel_requested():
             return self.end(mf.CANCELLED, teardown=False)
         state, result = self.bounded(lambda: self.plugins.call("casruns_boot", run=self.ctx), deadline)
@@ -467,6 +481,10 @@ class Supervisor:
         with self.run.update() as mm:
             mm.update({k: v for k, v in meta.items() if v})
         argv = [str(a) for a in self.ctx.argv]
+        # what boot left running belongs to the provider (a preview server, say): its teardown
+        # ends it; everything else that descends from us after this point is the command's
+        self.spare = proctree.descendants()
+        self.strays_killed = 0
         try:
             child = self.child = subprocess.Popen(
                 argv,
@@ -515,7 +533,7 @@ class Supervisor:
         extra: dict = {}
         if teardown and self.plugins is not None:
             outcome = {"status": status, "exit_code": kw.get("exit_code"), "boot_abandoned": self.boot_abandoned}
-            limit = time.time() + max(self.config.teardown_timeout, 1.0)
+            limit = time.monotonic() + max(self.config.teardown_timeout, 1.0)
             state, result = self.bounded(lambda: self.plugins.call("casruns_teardown", run=self.ctx, outcome=outcome), limit)
             if state == "ok":
                 extra["teardown"] = {"ok": True}
@@ -530,6 +548,12 @@ class Supervisor:
                     exclude.update(str(p) for p in paths)
             except PluginError as e:
                 status, kw["error"] = mf.FAILED, self.plugin_error(e)
+        if self.strays_killed is not None:
+            # whatever the command's escaped processes started while teardown ran
+            self.strays_killed += proctree.end_descendants(self.config.kill_grace, spare=self.spare)
+            extra["strays_killed"] = self.strays_killed
+        if self.started_mono is not None:
+            extra["duration_s"] = round(time.monotonic() - self.started_mono, 3)
         faults.point("supervisor_before_collect")
         final = collect.finish(
             self.run, self.store, status, extra=extra, exclude=exclude, redactor=self.redactor, policy=self.config.artifact_policy, **kw
@@ -554,7 +578,7 @@ class Supervisor:
         outcome: str | None = None
         kill_at: float | None = None  # when SIGKILL follows the SIGTERM we sent
         exited_at: float | None = None
-        deadline = getattr(self, "deadline", None)
+        deadline = self.deadline
 
         pending_since: dict[str, float | None] = {"stdout": None, "stderr": None}
 
@@ -578,7 +602,7 @@ class Supervisor:
                     emit(name, redactors[name].feed(data))
                     pending_since[name] = None if redactors[name].idle else time.time()
                 self.beat()
-                now = time.time()
+                now = time.monotonic()
                 if outcome is None:
                     if deadline is not None and now >= deadline:
                         outcome = mf.TIMED_OUT
@@ -597,6 +621,11 @@ class Supervisor:
                     _killpg(child.pid, signal.SIGTERM)
                     _killpg(child.pid, signal.SIGKILL)
                     child.wait()
+                    # Processes that left the group (setsid, double fork) are still our
+                    # descendants (we are their subreaper): they end with the command too.
+                    self.strays_killed = (self.strays_killed or 0) + proctree.end_descendants(
+                        self.config.kill_grace, spare=self.spare
+                    )
                 if exited_at is not None and (open_streams == 0 or time.monotonic() - exited_at > 2.0):
                     break  # a process outside the group may hold the pipes; stop after 2 s
         finally:

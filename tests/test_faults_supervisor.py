@@ -167,3 +167,119 @@ def test_an_empty_or_absent_root_is_still_an_empty_registry(tmp_path):
     root = tmp_path / "nothing-here"
     proc = cli("--root", str(root), "list", "--json")
     assert proc.returncode == 0 and json.loads(proc.stdout)["runs"] == [], proc.stderr
+
+
+# -- item 9: processes that leave the command's group -------------------------------------
+
+
+def _gone(pid: int) -> bool:
+    return not os.path.exists(f"/proc/{pid}") or _zombie(pid)
+
+
+@pytest.mark.parametrize(
+    "escape",
+    [
+        # setsid: a new session and group, still holding the run's stdout
+        'setsid sh -c "echo \\$\\$ > {pidfile}; exec sleep 300" &',
+        # a double fork into a new group that ignores SIGTERM and writes nothing
+        '(setsid sh -c "trap \\"\\" TERM; echo \\$\\$ > {pidfile}; exec sleep 300" >/dev/null 2>&1 &)',
+    ],
+    ids=["setsid", "double-fork-ignoring-sigterm"],
+)
+def test_processes_that_left_the_group_end_with_the_run_and_are_counted(casruns_home, tmp_path, escape, validate):
+    write_config(casruns_home, 'kill_grace = "1s"\n')
+    pidfile = tmp_path / "escaped.pid"
+    script = escape.format(pidfile=pidfile) + f"\nwhile [ ! -s {pidfile} ]; do sleep 0.05; done; echo started"
+    rid = json.loads(cli("submit", "--json", "--", "sh", "-c", script, check=0).stdout)["run_id"]
+    final = validate(wait_terminal(rid), "run.schema.json")
+    assert final["status"] == "succeeded", (final["error"], cli("logs", rid, "--stream", "stderr").stdout)
+    escaped = int(pidfile.read_text())
+    poll_until(lambda: _gone(escaped), timeout=10, what=f"escaped process {escaped} ended")
+    assert final["strays_killed"] == 1
+    assert cli("logs", rid, check=0).stdout == "started\n"
+
+
+def test_an_escaped_process_ends_with_a_timed_out_run(casruns_home, tmp_path):
+    write_config(casruns_home, 'kill_grace = "1s"\n')
+    pidfile = tmp_path / "escaped.pid"
+    script = f'setsid sh -c "echo \\$\\$ > {pidfile}; exec sleep 300" & sleep 60'
+    rid = json.loads(cli("submit", "--json", "--timeout", "2s", "--", "sh", "-c", script, check=0).stdout)["run_id"]
+    final = wait_terminal(rid)
+    assert final["status"] == "timed_out"
+    poll_until(lambda: _gone(int(pidfile.read_text())), timeout=10, what="escaped process ended")
+    assert final["strays_killed"] == 1
+
+
+def test_a_run_whose_command_stays_in_its_group_records_no_strays(casruns_home):
+    rid = json.loads(cli("submit", "--json", "--", "sh", "-c", "sleep 0.2 & wait", check=0).stdout)["run_id"]
+    final = wait_terminal(rid)
+    assert final["status"] == "succeeded" and final["strays_killed"] == 0
+    assert final["duration_s"] is not None and final["duration_s"] >= 0.2
+
+
+# -- item 4: durations on the monotonic clock ---------------------------------------------
+
+
+def _libfaketime() -> str | None:
+    import glob
+
+    found = glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1") + glob.glob("/usr/lib/faketime/libfaketimeMT.so.1")
+    return found[0] if found else None
+
+
+needs_faketime = pytest.mark.skipif(
+    _libfaketime() is None, reason="libfaketime is not installed (apt-get install faketime; .ci/run installs it)"
+)
+
+
+def _supervise_under_faketime(registry, tmp_path, argv, timeout):
+    """Submit without a supervisor, then start one whose wall clock the test can move."""
+    import sys
+
+    from casruns.supervisor import encode_payload
+
+    clock = tmp_path / "faketime"
+    clock.write_text("+0\n")
+    rid = registry.submit(argv, timeout=timeout, spawn=False)["run_id"]
+    env = {
+        "PATH": os.environ["PATH"],
+        "LD_PRELOAD": _libfaketime(),
+        "FAKETIME_TIMESTAMP_FILE": str(clock),
+        "FAKETIME_NO_CACHE": "1",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",  # the point: only the wall clock jumps
+    }
+    payload = encode_payload({"env": {"PATH": os.environ["PATH"]}, "secret_env": {}, "umask": 0o022})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "casruns.supervisor", str(registry.root), rid],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )
+    proc.stdin.write(payload)
+    proc.stdin.close()
+    poll_until(lambda: status(rid)["status"] == "running", what="running")
+    return rid, clock, proc
+
+
+@needs_faketime
+def test_a_wall_clock_set_back_does_not_stretch_a_timeout(registry, tmp_path):
+    rid, clock, proc = _supervise_under_faketime(registry, tmp_path, ["sleep", "40"], "3s")
+    clock.write_text("-1h\n")
+    try:
+        final = wait_terminal(rid, timeout=30)  # the command alone would take 40 s
+    finally:
+        proc.kill()
+        proc.wait()
+    assert final["status"] == "timed_out", final
+    assert 2.5 <= final["duration_s"] < 30
+
+
+@needs_faketime
+def test_a_wall_clock_set_forward_does_not_cut_a_timeout(registry, tmp_path):
+    rid, clock, proc = _supervise_under_faketime(registry, tmp_path, ["sleep", "3"], "1h")
+    clock.write_text("+2h\n")
+    try:
+        final = wait_terminal(rid, timeout=40)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert final["status"] == "succeeded", final
+    assert final["duration_s"] >= 2.5
