@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from . import fsutil
 from . import manifest as mf
 from .runs import SPOOL_STREAMS, RunDir
 from .timefmt import format_ts, now_ts
@@ -65,6 +66,8 @@ def ingest_workspace(
             tree = collect_tree(run.artifacts_dir, batch, exclude=exclude, redactor=redactor, policy=policy)
             tree_address = tree.store(batch)
     except Exception as e:  # an unreadable tree must not wedge the run
+        if fsutil.is_no_space(e):
+            raise  # not the tree's fault: the caller defers collection, losing nothing
         message = f"cannot collect artifacts: {type(e).__name__}: {e}"
         return refs, {"code": "collect_failed", "message": redactor.text(message) if redactor else message}
     arts = {"tree": tree_address, "files": tree.files, "bytes": tree.total_size}
@@ -100,6 +103,56 @@ def finish(
     # references them is committed (spec/format.md, "Garbage collection").
     with store.pin() as pin:
         return _finish(run, store, status, exit_code, signal, error, extra, exclude, redactor, policy, artifacts, pin)
+
+
+def finish_deferred(
+    run: RunDir,
+    status: str,
+    *,
+    exit_code: int | None = None,
+    signal: int | None = None,
+    error: dict | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Commit the terminal status without collecting: the disk is full, so the spooled output
+    stays in the workspace, marked ``collection_pending``, until ``reap`` can store it.
+
+    Needs only the space of one manifest rewrite (the supervisor frees its reserve first).
+    """
+    with run.update() as m:
+        if m["status"] in mf.TERMINAL:
+            return m
+        if m["status"] != mf.COLLECTING and mf.COLLECTING in mf.TRANSITIONS[m["status"]]:
+            mf.transition(m, mf.COLLECTING, now_ts())
+        for k, v in (("exit_code", exit_code), ("signal", signal), ("error", error)):
+            if v is not None:
+                m[k] = v
+        if extra:
+            m.update(extra)
+        m["collection_pending"] = True
+        mf.transition(m, mf.CANCELLED if m.get("cancel") else status, now_ts())
+        return m
+
+
+def complete_pending(run: RunDir, store: "BlobStore", *, artifacts: bool) -> dict | None:
+    """Store the workspace of a terminal run whose collection was deferred (``collection_pending``)
+    and commit its refs. Returns the manifest, or None if there was nothing to do. Raises
+    NoSpace if the disk is still full (nothing is lost: the workspace stays)."""
+    m = run.read_fresh()
+    if m["status"] not in mf.TERMINAL or not m.get("collection_pending"):
+        return None
+    with store.pin() as pin:
+        refs, collect_error = ingest_workspace(run, store, artifacts=artifacts, pin=pin)
+        with run.update() as m:
+            if not m.get("collection_pending"):
+                return m  # another reaper finished it
+            m.update(refs)
+            if collect_error is not None:
+                m.setdefault("collection_error", collect_error)
+            m.pop("collection_pending", None)
+            result = m
+    run.remove_workspace()
+    return result
 
 
 def _finish(run, store, status, exit_code, signal, error, extra, exclude, redactor, policy, artifacts, pin) -> dict:

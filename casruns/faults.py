@@ -27,6 +27,7 @@ POINTS: dict[str, str] = {
     "reap_after_spawn": "reap restarted a queued run's supervisor and dies before handing it the payload",
     "reap_mid_payload": "reap dies after writing half of a restarted run's payload",
     "supervisor_before_collect": "the supervisor dies after the command ended, before collection",
+    "supervisor_collect": "the supervisor's collection of logs and artifacts into the store (enospc: a full disk)",
     "gc_after_trash": "gc dies after finishing a killed gc's trash",
     "gc_after_run_rename": "gc dies after renaming a run to its trash, before deleting it",
     "gc_after_runs_removed": "gc dies after removing runs, before the mark",

@@ -120,7 +120,7 @@ def atomic_write_chunks(
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     except OSError as e:
-        raise RegistryError(f"cannot create {tmp}: {e.strerror}", path=tmp) from e
+        raise write_error(f"cannot create {tmp}", e, tmp) from e
     size = 0
     try:
         try:
@@ -138,7 +138,7 @@ def atomic_write_chunks(
         os.rename(tmp, path)
     except OSError as e:
         _unlink_quiet(tmp)
-        raise RegistryError(f"cannot write {path}: {e.strerror}", path=path) from e
+        raise write_error(f"cannot write {path}", e, path) from e
     except BaseException:
         _unlink_quiet(tmp)
         raise
@@ -148,6 +148,13 @@ def atomic_write_chunks(
         else:
             fsync_dir(directory)
     return size
+
+
+def write_error(what: str, e: OSError, path: str) -> RegistryError:
+    """The error for a failed registry write: :class:`NoSpace` when the disk is full."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"{what}: the filesystem is full ({e.strerror})", path=path)
+    return RegistryError(f"{what}: {e.strerror}", path=path)
 
 
 def _unlink_quiet(path: str) -> None:

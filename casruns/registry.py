@@ -21,6 +21,7 @@ from .errors import (
     ArtifactNotFound,
     CasrunsError,
     InvalidInput,
+    NoSpace,
     RunIdConflict,
     RunNotFound,
     UnknownProvider,
@@ -351,8 +352,14 @@ class Registry:
     def _record(self, run: RunDir, m: dict, *, reap: bool = True, kept_by: str | None = None) -> dict:
         hb = act = None
         if m["status"] not in mf.TERMINAL:
+            reaped = None
             if reap and m["status"] in mf.ACTIVE and self._lost(run, m):
-                m = self.reap_lost(run)
+                try:
+                    reaped = self.reap_lost(run)
+                except NoSpace:
+                    pass  # a read never needs free space: answer with the record as it stands
+            if reaped is not None:
+                m = reaped
             else:
                 hb = run.mtime("heartbeat")
                 act = run.last_activity()
@@ -714,12 +721,20 @@ class Registry:
                 "message": f"the supervisor (pid {sup.get('pid', '?')} on {sup.get('host', '?')}) is gone; "
                 "output captured until then was salvaged",
             }
-        declared = bool((m.get("request") or {}).get("secret_env")) or bool((m.get("redaction") or {}).get("plugin_values"))
-        return collect.finish(run, self.store, status, error=error, artifacts=not declared)
+        try:
+            return collect.finish(run, self.store, status, error=error, artifacts=not _declared_secrets(m))
+        except Exception as e:
+            if not fsutil.is_no_space(e):
+                raise
+        # the disk is full: commit the end now, store the spooled output later (reap)
+        return collect.finish_deferred(run, status, error=error)
 
     def reap(self) -> dict:
         """Find every run whose supervisor is gone: end active ones, restart queued ones."""
-        report = {"schema": "casruns/reap/v1", "reaped": [], "restarted": [], "failed": [], "queue_repaired": 0, "cleaned": 0}
+        report = {
+            "schema": "casruns/reap/v1", "reaped": [], "restarted": [], "failed": [], "queue_repaired": 0, "cleaned": 0,
+            "collected": [], "pending": [],
+        }
         if not self._check_format():
             return report
         report["cleaned"] = self._clean_leftovers()
@@ -731,6 +746,18 @@ class Registry:
             except Exception:
                 continue
             status = m["status"]
+            if status in mf.TERMINAL and m.get("collection_pending"):
+                # a run that ended on a full disk: store its spooled output now, if there is room
+                from . import collect
+
+                try:
+                    if collect.complete_pending(run, self.store, artifacts=not _declared_secrets(m)) is not None:
+                        report["collected"].append(rid)
+                except Exception as e:
+                    if not fsutil.is_no_space(e):
+                        raise
+                    report["pending"].append(rid)  # still full: the workspace stays for the next reap
+                continue
             if status in mf.TERMINAL:
                 if os.path.isdir(run.spool_dir) or os.path.isdir(run.artifacts_dir):
                     run.remove_workspace()  # a crash between the terminal commit and cleanup
@@ -857,6 +884,8 @@ class Registry:
                     ref = (m.get("logs") or {}).get(stream)
                     if ref:
                         yield from _skip(self.store.iter_chunks(ref["blake3"]), offset)
+                    elif m.get("collection_pending"):
+                        yield from _skip(_read_spool(run.spool(stream)), offset)  # ended on a full disk
                     return
                 if fd is None:
                     try:
@@ -914,6 +943,23 @@ class Registry:
         with open(os.path.join(dest, "run.json"), "w") as f:  # export target, outside the registry
             json.dump(record, f, indent=2)
         return {"schema": "casruns/export/v1", "run_id": run_id, "dest": dest, **report}
+
+
+def _read_spool(path: str) -> Iterator[bytes]:
+    try:
+        fd = fsutil.open_regular(path)
+    except FileNotFoundError:
+        return
+    try:
+        while data := os.read(fd, 1 << 20):
+            yield data
+    finally:
+        os.close(fd)
+
+
+def _declared_secrets(m: dict) -> bool:
+    """True if the run had secret values a salvage cannot rescan its artifacts for."""
+    return bool((m.get("request") or {}).get("secret_env")) or bool((m.get("redaction") or {}).get("plugin_values"))
 
 
 def _kill(ids: list[int], *, group: bool) -> None:

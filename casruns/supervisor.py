@@ -41,6 +41,10 @@ READ_SIZE = 65536
 POLL = 0.2
 TRANSCRIPT_MAX_LINE = 65536
 LOCK_FD_ENV = "CASRUNS_SUPERVISOR_LOCK_FD"
+# Space the supervisor holds from its start so that it can always record its own end on a
+# full disk: freed when a write fails with ENOSPC, then the terminal commit uses it.
+RESERVE_BYTES = 1 << 20
+NO_SPACE = "no_space"  # capture outcome: a spool write found the disk full
 
 # Variables a command gets from the submitter's environment unless --env says more.
 BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SHELL")
@@ -196,6 +200,7 @@ class Supervisor:
         self.deadline: float | None = None  # monotonic
         self.spare: dict[int, int] = {}  # descendants that existed before the command (provider's)
         self.strays_killed: int | None = None  # None until the command was started
+        self.no_space = False  # a write found the disk full: the command is stopped, the run fails
 
     @property
     def store(self):
@@ -251,6 +256,7 @@ class Supervisor:
             return self.refuse_incomplete_payload()
         # Orphaned descendants of the command are re-parented to us, so none escapes the end.
         proctree.become_subreaper()
+        self.take_reserve()
         with self.run.update() as m:
             m["supervisor"] = {
                 "host": locking.hostname(),
@@ -269,6 +275,9 @@ class Supervisor:
         except Exception as e:  # the run must end, whatever broke
             msg = self.redactor.text(f"{type(e).__name__}: {e}")
             print(f"casruns supervisor: {msg}", file=sys.stderr)
+            if fsutil.is_no_space(e):
+                self.no_space = True
+                self.release_reserve()
             if self.child is not None:  # never leave the command running behind a failed run
                 _killpg(self.child.pid, signal.SIGKILL)
                 try:
@@ -276,17 +285,57 @@ class Supervisor:
                     proctree.end_descendants(0.0, spare=self.spare)
                 except Exception:
                     pass
+            error = self.no_space_error() if self.no_space else {"code": "supervisor_error", "message": msg}
             try:
-                collect.finish(
-                    self.run, self.store, mf.FAILED, error={"code": "supervisor_error", "message": msg},
-                    redactor=self.redactor, policy=self.config.artifact_policy,
-                )
+                self.finish(mf.FAILED, error=error)
             except Exception as e2:
                 print(f"casruns supervisor: cannot finish run: {e2}", file=sys.stderr)
             return 1
         finally:
             if self.slot is not None:
                 self.slot.release()
+
+    @property
+    def reserve_path(self) -> str:
+        return os.path.join(self.run.spool_dir, ".reserve")  # removed with the workspace
+
+    def take_reserve(self) -> None:
+        try:
+            fd = fsutil.open_private(self.reserve_path, os.O_WRONLY | os.O_CREAT)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            # Already full: the run still starts, and its first write ends it with no_space.
+            print(f"casruns supervisor: cannot reserve {RESERVE_BYTES} bytes: {e.strerror}", file=sys.stderr)
+
+    def release_reserve(self) -> bool:
+        """Free the reserve for the writes that record the run's end. True if it was there."""
+        try:
+            os.unlink(self.reserve_path)
+            return True
+        except OSError:
+            return False
+
+    def with_space(self, fn):
+        """Call ``fn``; if it finds the disk full, free the reserve and call it once more."""
+        try:
+            return fn()
+        except Exception as e:
+            if not fsutil.is_no_space(e):
+                raise
+            self.no_space = True
+            if not self.release_reserve():
+                raise
+            return fn()
+
+    def no_space_error(self) -> dict:
+        return {
+            "code": "no_space",
+            "message": "the filesystem holding the registry is full: the command was stopped and output "
+            "captured until then was kept",
+        }
 
     def refuse_incomplete_payload(self) -> int:
         """End a queued run whose payload never fully arrived: it is never run, because the
@@ -513,6 +562,8 @@ class Supervisor:
         returncode = child.returncode
         exit_code = returncode if returncode is not None and returncode >= 0 else None
         sig = -returncode if returncode is not None and returncode < 0 else None
+        if outcome == NO_SPACE:
+            return self.end(mf.FAILED, exit_code=exit_code, signal=sig, error=self.no_space_error())
         if outcome == mf.TIMED_OUT:
             return self.end(mf.TIMED_OUT, exit_code=exit_code, signal=sig, error={"code": "timeout", "message": "the run exceeded its timeout"})
         if outcome == mf.CANCELLED:
@@ -526,7 +577,9 @@ class Supervisor:
         """Teardown (always, if booting began), artifact hooks, collection, terminal commit."""
         from .errors import PluginError
 
-        m = self.transition(mf.COLLECTING)
+        if self.no_space:
+            self.release_reserve()
+        m = self.with_space(lambda: self.transition(mf.COLLECTING))
         if status == mf.CANCELLED and not m.get("cancel") and self.stop_reason:
             with self.run.update() as mm:
                 mm.setdefault("cancel", {"requested_at": now_ts(), "reason": self.stop_reason})
@@ -555,11 +608,35 @@ class Supervisor:
         if self.started_mono is not None:
             extra["duration_s"] = round(time.monotonic() - self.started_mono, 3)
         faults.point("supervisor_before_collect")
-        final = collect.finish(
-            self.run, self.store, status, extra=extra, exclude=exclude, redactor=self.redactor, policy=self.config.artifact_policy, **kw
-        )
+        final = self.finish(status, extra=extra, exclude=exclude, **kw)
         self.notify(mf.COLLECTING, final["status"], final)
         return 0 if final["status"] == mf.SUCCEEDED else 1
+
+    def finish(self, status: str, *, extra: dict | None = None, exclude: set[str] = frozenset(), **kw) -> dict:
+        """Collect and commit the terminal status; on a full disk, commit it without collecting.
+
+        Crash windows on a full disk (spec/format.md, "A full disk"): the reserve is freed first,
+        so the terminal commit has room even when the logs do not; the spooled output then stays
+        in the workspace (``collection_pending``) for ``reap`` to store once there is space.
+        """
+        try:
+            faults.point("supervisor_collect")
+            return self.with_space(
+                lambda: collect.finish(
+                    self.run, self.store, status, extra=extra, exclude=exclude, redactor=self.redactor,
+                    policy=self.config.artifact_policy, **kw,
+                )
+            )
+        except Exception as e:
+            if not fsutil.is_no_space(e):
+                raise
+            self.no_space = True
+            self.release_reserve()
+            print("casruns supervisor: the disk is full; output stays in the spool until reap stores it", file=sys.stderr)
+            return collect.finish_deferred(
+                self.run, mf.FAILED, exit_code=kw.get("exit_code"), signal=kw.get("signal"),
+                error=self.no_space_error(), extra=extra,
+            )
 
     # -- the capture loop --------------------------------------------------------------
     def capture(self, child: subprocess.Popen) -> tuple[str | None, str | None]:
@@ -583,9 +660,15 @@ class Supervisor:
         pending_since: dict[str, float | None] = {"stdout": None, "stderr": None}
 
         def emit(name: str, data: bytes) -> None:
-            if data:
-                _write_all(spool[name], data)
-                transcript.feed(name, data, pending_since[name])
+            if data and not self.no_space:
+                try:
+                    _write_all(spool[name], data)
+                    transcript.feed(name, data, pending_since[name])
+                except OSError as e:
+                    if not fsutil.is_no_space(e):
+                        raise
+                    # Stop spooling (output from here on is dropped) and stop the command.
+                    self.no_space = True
 
         try:
             while True:
@@ -604,7 +687,9 @@ class Supervisor:
                 self.beat()
                 now = time.monotonic()
                 if outcome is None:
-                    if deadline is not None and now >= deadline:
+                    if self.no_space:
+                        outcome = NO_SPACE
+                    elif deadline is not None and now >= deadline:
                         outcome = mf.TIMED_OUT
                     elif self.cancel_requested():
                         outcome = mf.CANCELLED
@@ -631,7 +716,13 @@ class Supervisor:
         finally:
             for name in ("stdout", "stderr"):
                 emit(name, redactors[name].close())
-            transcript.close()
+            try:
+                if not self.no_space:
+                    transcript.close()
+            except OSError as e:
+                if not fsutil.is_no_space(e):
+                    raise
+                self.no_space = True
             for fd in spool.values():
                 os.close(fd)
             sel.close()
