@@ -88,12 +88,18 @@ class Config:
             for key in ("kill_grace", "heartbeat_interval", "lost_after", "teardown_timeout", "gc_grace"):
                 if key in raw:
                     setattr(c, key, parse_duration(raw[key]))
+            if c.heartbeat_interval < 0.1:
+                raise InvalidInput("heartbeat_interval must be at least 0.1s")
+            if c.lost_after <= c.heartbeat_interval:
+                raise InvalidInput("lost_after must be longer than heartbeat_interval")
             if "artifact_policy" in raw:
                 if raw["artifact_policy"] not in ("redact", "flag", "reject"):
                     raise InvalidInput("artifact_policy must be redact, flag or reject")
                 c.artifact_policy = raw["artifact_policy"]
             if "plugins" in raw:
-                c.plugins = [str(p) for p in raw["plugins"]]
+                if not isinstance(raw["plugins"], list) or not all(isinstance(p, str) for p in raw["plugins"]):
+                    raise InvalidInput('plugins must be a list of module names, e.g. plugins = ["my_provider"]')
+                c.plugins = list(raw["plugins"])
             for status, value in (raw.get("retention") or {}).items():
                 if status == "keep_last":
                     continue

@@ -6,7 +6,8 @@ call costs one dictionary lookup (the variable is read once per process). Tests 
 
 * ``kill`` (the default): SIGKILL this process at that point, the way a crash or the OOM killer would;
 * ``enospc``: raise ``OSError(ENOSPC)`` there, the way a full disk would;
-* ``stop``: SIGSTOP this process (a test resumes or kills it).
+* ``stop``: SIGSTOP this process (a test resumes or kills it);
+* ``error``: raise ``RuntimeError`` there, the way an unexpected bug would.
 
 Every point is listed in :data:`POINTS` with the crash window it stands for, and a test checks that
 each listed point is used in the code and each used point is listed (spec/format.md, "Crash windows").
@@ -26,6 +27,7 @@ POINTS: dict[str, str] = {
     "submit_mid_payload": "the submitter dies after writing half of the payload",
     "reap_after_spawn": "reap restarted a queued run's supervisor and dies before handing it the payload",
     "reap_mid_payload": "reap dies after writing half of a restarted run's payload",
+    "supervisor_start": "the supervisor took its lock and is about to start the run (before the slot wait)",
     "supervisor_before_collect": "the supervisor dies after the command ended, before collection",
     "supervisor_collect": "the supervisor's collection of logs and artifacts into the store (enospc: a full disk)",
     "gc_after_trash": "gc dies after finishing a killed gc's trash",
@@ -63,6 +65,8 @@ def point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
     elif action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    elif action == "error":
+        raise RuntimeError(f"fault injected at {name}")
 
 
 def reset() -> None:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from .tree import Tree
 
 LOG_STREAMS = ("stdout", "stderr", "transcript")
+MAX_RESTARTS = 3  # a queued run whose supervisor died this often before starting it is failed
 FOLLOW_POLL = 0.2
 
 
@@ -856,6 +857,23 @@ class Registry:
                     if mm["status"] == mf.QUEUED:
                         mm["error"] = {"code": "supervisor_lost", "message": "the queued run's supervisor is gone and its environment record is missing; replay it"}
                         mf.transition(mm, mf.FAILED, now_ts())
+                scheduler.dequeue(self.root, run.run_id)
+                return False
+            with run.update() as mm:
+                if mm["status"] != mf.QUEUED:
+                    return True  # it started or ended meanwhile
+                restarts = int(mm.get("restarts") or 0)
+                if restarts >= MAX_RESTARTS:
+                    # its supervisors keep dying before it starts: restarting again would loop forever
+                    mm["error"] = {
+                        "code": "restart_limit",
+                        "message": f"the queued run's supervisor died {restarts + 1} times before starting it; "
+                        "not restarted again (see runs/<id>/supervisor.log); replay it",
+                    }
+                    mf.transition(mm, mf.FAILED, now_ts())
+                else:
+                    mm["restarts"] = restarts + 1
+            if mm["status"] == mf.FAILED:
                 scheduler.dequeue(self.root, run.run_id)
                 return False
             supervisor.spawn(self.root, run.run_id, {"env": env, "secret_env": {}, "umask": umask}, lock.fd, by="reap")

@@ -178,9 +178,17 @@ class Supervisor:
         from .config import Config
         from .runs import RunDir
 
+        from .errors import CasrunsError
+
         self.root = os.path.abspath(root)
         self.run = RunDir(os.path.join(self.root, "runs"), run_id)
-        self.config = Config.load(self.root)
+        self.start_error: str | None = None  # why this run cannot start (ends it failed, never a crash loop)
+        try:
+            self.config = Config.load(self.root)
+        except CasrunsError as e:
+            # the config became invalid after submit: defaults keep us alive long enough to say so
+            self.config = Config({})
+            self.start_error = f"the registry config is invalid: {e.message}"
         self._store = None
         self.payload = payload or {}
         self.payload_error = payload_error if payload is None else None
@@ -253,28 +261,45 @@ class Supervisor:
         if m["status"] != mf.QUEUED:
             return 0
         if self.payload_error is not None:
-            return self.refuse_incomplete_payload()
-        # Orphaned descendants of the command are re-parented to us, so none escapes the end.
-        proctree.become_subreaper()
-        self.take_reserve()
-        with self.run.update() as m:
-            m["supervisor"] = {
-                "host": locking.hostname(),
-                "pid": os.getpid(),
-                "start_time": locking.process_start_time(os.getpid()),
-                "boot_id": locking.boot_id(),
-            }
-        self.beat(force=True)
-        # The heartbeat has its own thread, so it keeps beating through long boots and long
-        # collections, not only while the capture loop spins.
-        threading.Thread(target=self._heartbeat_loop, daemon=True, name="casruns-heartbeat").start()
-        if not self.wait_for_slot():
-            return 0
+            return self.fail_queued(
+                "payload_incomplete",
+                f"the supervisor never received the run's complete payload ({self.payload_error}); "
+                "the submitter or reaper died while handing it over, so the command was not run; replay it",
+            )
+        if self.start_error is not None:
+            return self.fail_queued("start_failed", f"{self.start_error}; the command was not run")
         try:
+            # Orphaned descendants of the command are re-parented to us, so none escapes the end.
+            proctree.become_subreaper()
+            faults.point("supervisor_start")
+            self.take_reserve()
+            with self.run.update() as m:
+                m["supervisor"] = {
+                    "host": locking.hostname(),
+                    "pid": os.getpid(),
+                    "start_time": locking.process_start_time(os.getpid()),
+                    "boot_id": locking.boot_id(),
+                }
+            self.beat(force=True)
+            # The heartbeat has its own thread, so it keeps beating through long boots and long
+            # collections, not only while the capture loop spins.
+            threading.Thread(target=self._heartbeat_loop, daemon=True, name="casruns-heartbeat").start()
+            if not self.wait_for_slot():
+                return 0
             return self.drive()
-        except Exception as e:  # the run must end, whatever broke
+        except Exception as e:  # the run must end, whatever broke: a crash would be restarted into the same crash
             msg = self.redactor.text(f"{type(e).__name__}: {e}")
             print(f"casruns supervisor: {msg}", file=sys.stderr)
+            try:
+                queued = self.run.read_fresh()["status"] == mf.QUEUED
+            except Exception:
+                queued = False
+            if queued:
+                try:
+                    return self.fail_queued("start_failed", f"the supervisor could not start the run: {msg}")
+                except Exception as e2:
+                    print(f"casruns supervisor: cannot fail the run: {e2}", file=sys.stderr)
+                    return 1
             if fsutil.is_no_space(e):
                 self.no_space = True
                 self.release_reserve()
@@ -337,17 +362,15 @@ class Supervisor:
             "captured until then was kept",
         }
 
-    def refuse_incomplete_payload(self) -> int:
-        """End a queued run whose payload never fully arrived: it is never run, because the
-        command would get another environment, argv or umask than the one submitted."""
-        message = (
-            f"the supervisor never received the run's complete payload ({self.payload_error}); "
-            "the submitter or reaper died while handing it over, so the command was not run; replay it"
-        )
+    def fail_queued(self, code: str, message: str) -> int:
+        """End a queued run that must not start: an incomplete payload (the command would get
+        another environment, argv or umask than the one submitted), an invalid config, an
+        error before booting. Never a crash: ``reap`` would restart it into the same crash."""
+        message = self.redactor.text(message)
         print(f"casruns supervisor: {message}", file=sys.stderr)
         with self.run.update() as mm:
             if mm["status"] == mf.QUEUED:
-                mm["error"] = {"code": "payload_incomplete", "message": message}
+                mm["error"] = {"code": code, "message": message}
                 mf.transition(mm, mf.FAILED, now_ts())
         scheduler.dequeue(self.root, self.run.run_id)
         self.run.remove_workspace()

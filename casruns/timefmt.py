@@ -42,11 +42,18 @@ def parse_ts(s: str) -> float:
     return dt.timestamp()
 
 
+# Longest accepted duration: deadlines and retention times computed from it stay representable
+# as timestamps (a 10^20-day timeout once overflowed in the supervisor and was restarted forever).
+MAX_DURATION = 100 * 365.25 * 86400
+
+
 def parse_duration(s: str | float | int) -> float:
     """Parse ``90``, ``1.5s``, ``15m``, ``1h30m``, ``7d`` into seconds. Raises InvalidInput."""
     if isinstance(s, (int, float)) and not isinstance(s, bool):
         if s < 0:
             raise InvalidInput(f"invalid duration {s!r}: must not be negative")
+        if s != s or s > MAX_DURATION:
+            raise InvalidInput(f"invalid duration {s!r}: longer than 100 years")
         return float(s)
     text = str(s).strip().lower()
     if not text:
@@ -67,6 +74,8 @@ def parse_duration(s: str | float | int) -> float:
             ) from None
     if value < 0 or value != value or value == float("inf"):
         raise InvalidInput(f"invalid duration {s!r}")
+    if value > MAX_DURATION:
+        raise InvalidInput(f"invalid duration {s!r}: longer than 100 years")
     return value
 
 

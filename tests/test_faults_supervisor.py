@@ -283,3 +283,68 @@ def test_a_wall_clock_set_forward_does_not_cut_a_timeout(registry, tmp_path):
         proc.wait()
     assert final["status"] == "succeeded", final
     assert final["duration_s"] >= 2.5
+
+
+# -- a run that cannot start ends failed, never in a restart loop (issue 14, item 9) ------
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999d", "1e400", "nan", "101y", str(10**12) + "d"])
+def test_an_out_of_range_timeout_is_refused_at_submit(casruns_home, value):
+    proc, out = cli_json("submit", "--timeout", value, "--", "true")
+    assert proc.returncode in (2, 3), proc.stdout + proc.stderr
+    assert not (casruns_home / "runs").exists() or not list((casruns_home / "runs").iterdir())
+
+
+def test_an_error_before_the_run_starts_fails_it_with_start_failed(casruns_home, tmp_path):
+    marker = tmp_path / "ran"
+    rid = json.loads(cli("submit", "--json", "--", "touch", str(marker),
+                         env={"CASRUNS_TEST_FAULT": "supervisor_start=error"}, check=0).stdout)["run_id"]
+    final = wait_terminal(rid)
+    assert final["status"] == "failed" and final["error"]["code"] == "start_failed", final
+    assert "fault injected" in final["error"]["message"]
+    assert not marker.exists()
+
+
+def test_a_config_made_invalid_after_submit_fails_the_run_instead_of_crashing_its_supervisor(registry, casruns_home, tmp_path):
+    import sys
+
+    from casruns.supervisor import encode_payload
+
+    marker = tmp_path / "ran"
+    rid = registry.submit(["touch", str(marker)], spawn=False)["run_id"]
+    (casruns_home / "config.toml").write_text('heartbeat_interval = "0s"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "casruns.supervisor", str(casruns_home), rid],
+        input=encode_payload({"env": {"PATH": os.environ["PATH"]}, "secret_env": {}, "umask": 0o022}),
+        capture_output=True, timeout=60,
+    )
+    assert proc.returncode == 1
+    m = manifest(casruns_home, rid)
+    assert m["status"] == "failed" and m["error"]["code"] == "start_failed"
+    assert "heartbeat_interval" in m["error"]["message"]
+    assert not marker.exists()
+
+
+def test_a_queued_run_whose_supervisors_keep_dying_is_failed_after_three_restarts(casruns_home, tmp_path):
+    dying = {"CASRUNS_TEST_FAULT": "supervisor_start=kill"}
+    marker = tmp_path / "ran"
+    rid = json.loads(cli("submit", "--json", "--", "touch", str(marker), env=dying, check=0).stdout)["run_id"]
+    restarts = 0
+    for _ in range(6):
+        poll_until(lambda: not _supervised(casruns_home, rid), what="supervisor dead")
+        report = json.loads(cli("reap", "--json", env=dying, check=0).stdout)
+        if rid in report["failed"]:
+            break
+        assert report["restarted"] == [rid]
+        restarts += 1
+    assert restarts == 3
+    m = manifest(casruns_home, rid)
+    assert m["status"] == "failed" and m["error"]["code"] == "restart_limit" and m["restarts"] == 3
+    assert not marker.exists()
+    assert not list((casruns_home / "queue").iterdir())
+
+
+def _supervised(home: Path, rid: str) -> bool:
+    from casruns.locking import is_held
+
+    return is_held(str(home / "runs" / rid / "supervisor.lock"))
