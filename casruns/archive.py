@@ -43,6 +43,7 @@ MARKER = "casruns-archive.toml"
 FORMAT = "casruns-archive"
 VERSION = 1
 CHUNK = 1 << 20
+READ_BLOCK = 4 << 20  # an fsspec reader's block: what one open archived object may hold in memory
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "sftp": "sftp", "ssh": "sftp"}
 
 
@@ -175,7 +176,8 @@ class FsspecRemote(Remote):
                 info = self.fs.info(path)
                 if info.get("type") != "file" or info.get("islink"):
                     raise StrayFile(f"{self.url}: {key} is not a regular file", path=key)
-            return self.fs.open(path, "rb")
+            # reads are sequential: small blocks bound memory (s3fs reads ahead 50 MiB by default)
+            return self.fs.open(path, "rb", block_size=READ_BLOCK)
         except FileNotFoundError:
             raise _missing(self.url, key) from None
 
@@ -631,5 +633,5 @@ def compare(registry: "Registry", src: str, run_ids: list[str], *, read_data: bo
             verdicts.update(zip(unread, pool.map(lambda a: check_archived(remote, a), unread)))
             for address in to_read:
                 if verdicts[address]:
-                    problems.append({"kind": "archive_corrupt", "run_id": rid, "address": address, "message": f"archived blob {address} is bad: {verdicts[address]}"})
+                    problems.append({"kind": "archive_corrupt", "run_id": rid, "address": address, "message": f"the archived copy is bad: {verdicts[address]}"})
     return problems

@@ -78,6 +78,40 @@ def test_verify_against_read_data_finds_a_flipped_bit_of_the_same_size(tmp_path,
     assert [(p["kind"], p["run_id"], p.get("address")) for p in problems] == [("archive_corrupt", rid, target)]
 
 
+def test_archived_blobs_are_re_hashed_streaming_in_bounded_pieces(tmp_path, monkeypatch):
+    """verify --against --read-data and push --verify-existing never hold a whole archived blob."""
+    reg = Registry(tmp_path / "A")
+    big = os.urandom(5 << 20)
+    rid = finished_run(reg, files={"big.bin": big})
+    dest = str(tmp_path / "archive")
+    reg.archive_push(dest, [rid])
+    reads = []
+    real_open = archmod.LocalRemote.open
+
+    class Counted:  # the reads of blobs (a manifest or the marker is read whole)
+        def __init__(self, f, key):
+            self.f, self.key = f, key
+
+        def read(self, n=-1):
+            if self.key.startswith("blobs/"):
+                reads.append(n)
+            return self.f.read(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(archmod.LocalRemote, "open", lambda self, key: Counted(real_open(self, key), key))
+    assert archmod.compare(reg, dest, [rid], read_data=True) == []
+    assert reads and all(0 < n <= archmod.CHUNK for n in reads)
+    reads.clear()
+    report = archmod.push(reg, dest, [rid], verify_existing=True)
+    assert report["blobs_replaced"] == 0 and report["blobs_verified"] == report["blobs_skipped"]
+    assert reads and all(0 < n <= archmod.CHUNK for n in reads)
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="Registry.verify (registry.py, outside this branch) must pass read_data to archive.compare",
