@@ -14,7 +14,13 @@ interrupted push resumes by skipping what arrived. A reader never sees a partial
 its final name: on filesystems (local, NFS, sftp) objects are written under ``tmp/`` and
 renamed; on object stores (S3) a PUT is atomic, and its size is checked after the upload.
 Pull trusts nothing: each blob is decompressed and re-hashed against its address before it
-enters the local store.
+enters the local store. A push skips a blob whose archived object has the right size (one
+metadata request); ``--verify-existing`` re-hashes those objects and replaces bad ones, and
+``verify --against --read-data`` re-hashes them without changing anything. A directory
+archive's objects are opened as regular files only (a FIFO or a symlink is ``stray_file``).
+
+A push or pull that fails after it started carries what it completed in the error's
+``details.report``; a full disk (ENOSPC, EDQUOT) there is ``no_space``, with nothing half-written.
 
 Local paths need nothing beyond casruns; other URLs go through fsspec, with the backends as
 optional extras (``casruns[s3]``, ``casruns[sftp]``). Credentials come from the usual

@@ -194,6 +194,35 @@ def test_pull_stopped_by_a_full_disk_reports_no_space_and_the_runs_it_pulled(tmp
     assert_registry_clean(b, ids)
 
 
+def test_pull_whose_batch_sync_hits_a_full_disk_leaves_no_temp(tmp_path, monkeypatch):
+    """The disk fills while a run's batch is made durable (its last step before the manifest):
+    the batch's temps are removed, not left in blobs/tmp (store.Batch.__exit__ would leave them
+    if the sync ran there)."""
+    import errno
+
+    from casruns.errors import NoSpace
+    from casruns.store import DiskStore
+
+    a = Registry(tmp_path / "A")
+    ids = three_runs(a)
+    a.archive_push(str(tmp_path / "archive"), ids)
+    b = Registry(tmp_path / "B")
+    real, calls = DiskStore._commit_batch, []
+
+    def commit(self, temps, packs_):
+        calls.append(len(temps) + len(packs_))
+        if len(calls) == 4:  # run 1: tree, then the rest; run 2: tree, then this one
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, temps, packs_)
+
+    monkeypatch.setattr(DiskStore, "_commit_batch", commit)
+    with pytest.raises(NoSpace) as caught:
+        b.archive_pull(str(tmp_path / "archive"), ids)
+    assert calls[3] > 0 and caught.value.details["report"]["pulled"] == ids[:1]
+    monkeypatch.undo()
+    assert_registry_clean(Registry(tmp_path / "B"), ids[:1])
+
+
 @pytest.fixture
 def small_fs(tmp_path):
     """A 4 MiB tmpfs (a real full disk); unmounted afterwards."""
