@@ -286,7 +286,7 @@ def _interrupted(e: Exception, report: dict, where: str, done: str) -> Exception
     """The error that ends a push or pull, carrying what it completed before (``details.report``).
     A full disk or quota becomes ``no_space`` (one line) instead of an internal error."""
     if _no_space(e):
-        return NoSpace(f"no space left on the device {where}; {done} before it (details: report)", report=report)
+        return NoSpace(f"no space left on the device {where}; {done} before it", report=report)
     if isinstance(e, CasrunsError):
         e.details.setdefault("report", report)
     return e
@@ -409,7 +409,7 @@ def push(
                     remote.put_bytes(data, key)  # last: the run's commit point
                 report["runs"] += 1
     except Exception as e:
-        where = f"writing to {remote.url}" + (f" (pushing run {rid})" if rid else "")
+        where = f"of the archive {remote.url}" + (f" while pushing run {rid}" if rid else "")
         _raise_interrupted(e, report, where, f"{report['runs']} runs were pushed whole")
     return report
 
@@ -452,7 +452,7 @@ def pull(registry: "Registry", src: str, run_ids: list[str] | None, *, progress=
                 progress("pulling runs", i + 1, len(ids))
             _pull_run(registry, remote, rid, report, jobs)
     except Exception as e:
-        where = f"of the registry {registry.root}" + (f" (pulling run {rid} from {remote.url}, which was not imported)" if rid else "")
+        where = f"of the registry {registry.root}" + (f" while pulling run {rid} from {remote.url}" if rid else "")
         _raise_interrupted(e, report, where, f"{report['runs']} runs were pulled whole")
     return report
 
