@@ -14,7 +14,13 @@ interrupted push resumes by skipping what arrived. A reader never sees a partial
 its final name: on filesystems (local, NFS, sftp) objects are written under ``tmp/`` and
 renamed; on object stores (S3) a PUT is atomic, and its size is checked after the upload.
 Pull trusts nothing: each blob is decompressed and re-hashed against its address before it
-enters the local store.
+enters the local store. A push skips a blob whose archived object has the right size (one
+metadata request); ``--verify-existing`` re-hashes those objects and replaces bad ones, and
+``verify --against --read-data`` re-hashes them without changing anything. A directory
+archive's objects are opened as regular files only (a FIFO or a symlink is ``stray_file``).
+
+A push or pull that fails after it started carries what it completed in the error's
+``details.report``; a full disk (ENOSPC, EDQUOT) there is ``no_space``, with nothing half-written.
 
 Local paths need nothing beyond casruns; other URLs go through fsspec, with the backends as
 optional extras (``casruns[s3]``, ``casruns[sftp]``). Credentials come from the usual
@@ -29,9 +35,11 @@ import secrets
 import threading
 from typing import TYPE_CHECKING, BinaryIO
 
-from . import fsutil
+from . import faults, fsutil
 from . import manifest as mf
-from .errors import BackendMissing, BlobNotFound, CasrunsError, InvalidInput, RegistryError, RunNotFound
+from .errors import (
+    BackendMissing, BlobNotFound, CasrunsError, IntegrityError, InvalidInput, NoSpace, RegistryError, RunNotFound, StrayFile,
+)
 from .ids import is_run_id, validate_address, validate_run_id
 
 if TYPE_CHECKING:
@@ -41,6 +49,7 @@ MARKER = "casruns-archive.toml"
 FORMAT = "casruns-archive"
 VERSION = 1
 CHUNK = 1 << 20
+READ_BLOCK = 4 << 20  # an fsspec reader's block: what one open archived object may hold in memory
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "sftp": "sftp", "ssh": "sftp"}
 
 
@@ -84,20 +93,29 @@ class LocalRemote(Remote):
         except FileNotFoundError:
             return None
 
-    def put_file(self, local: str, key: str, size: int) -> None:
+    def _write(self, key: str, chunks) -> None:
         target = self._path(key)
         fsutil.ensure_dir(os.path.dirname(target))
+
+        def pieces():
+            for chunk in chunks:
+                yield chunk
+                faults.point("archive_push_mid_object")
+
+        fsutil.atomic_write_chunks(target, pieces())
+
+    def put_file(self, local: str, key: str, size: int) -> None:
         with open(local, "rb") as src:
-            fsutil.atomic_write_chunks(target, iter(lambda: src.read(CHUNK), b""))
+            self._write(key, iter(lambda: src.read(CHUNK), b""))
 
     def put_bytes(self, data: bytes, key: str) -> None:
-        target = self._path(key)
-        fsutil.ensure_dir(os.path.dirname(target))
-        fsutil.atomic_write(target, data)
+        self._write(key, (data,))
 
     def open(self, key: str) -> BinaryIO:
+        """A regular file only: a FIFO or a symlink in the archive is refused (StrayFile), never
+        waited on or followed."""
         try:
-            return open(self._path(key), "rb")
+            return os.fdopen(fsutil.open_regular(self._path(key)), "rb")
         except FileNotFoundError:
             raise _missing(self.url, key) from None
 
@@ -125,7 +143,8 @@ class FsspecRemote(Remote):
             ) from None
         self.url = url
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        self.renames = protocol in ("file", "local", "sftp", "ssh")  # object stores have no rename
+        # filesystems rename and may hold FIFOs and symlinks; object stores have neither
+        self.renames = protocol in ("file", "local", "sftp", "ssh")
 
     def _path(self, key: str) -> str:
         return f"{self.base.rstrip('/')}/{key}"
@@ -157,8 +176,14 @@ class FsspecRemote(Remote):
         self._commit(lambda path: self.fs.pipe_file(path, data), key, len(data))
 
     def open(self, key: str) -> BinaryIO:
+        path = self._path(key)
         try:
-            return self.fs.open(self._path(key), "rb")
+            if self.renames:  # a filesystem: open a regular file only (a FIFO would block the read)
+                info = self.fs.info(path)
+                if info.get("type") != "file" or info.get("islink"):
+                    raise StrayFile(f"{self.url}: {key} is not a regular file", path=key)
+            # reads are sequential: small blocks bound memory (s3fs reads ahead 50 MiB by default)
+            return self.fs.open(path, "rb", block_size=READ_BLOCK)
         except FileNotFoundError:
             raise _missing(self.url, key) from None
 
@@ -246,7 +271,57 @@ def _fault(count: int) -> None:
 JOBS = 8  # concurrent requests: an object store is latency-bound (~19 requests a run, one at a time)
 
 
-def push(registry: "Registry", dest: str, run_ids: list[str] | None, *, promoted: bool = False, progress=None, jobs: int = JOBS) -> dict:
+def _no_space(e: BaseException) -> bool:
+    """A full disk or quota anywhere in the chain of causes (fsutil wraps OSError in RegistryError)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if fsutil.is_no_space(e):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _interrupted(e: Exception, report: dict, where: str, done: str) -> Exception:
+    """The error that ends a push or pull, carrying what it completed before (``details.report``).
+    A full disk or quota becomes ``no_space`` (one line) instead of an internal error."""
+    if _no_space(e):
+        return NoSpace(f"no space left on the device {where}; {done} before it", report=report)
+    if isinstance(e, CasrunsError):
+        e.details.setdefault("report", report)
+    return e
+
+
+def _raise_interrupted(e: Exception, report: dict, where: str, done: str):
+    err = _interrupted(e, report, where, done)
+    if err is e:
+        raise e
+    raise err from e
+
+
+def check_archived(remote: Remote, address: str) -> str | None:
+    """Stream an archived blob through decode and re-hash (bounded memory): None if it is a
+    good copy, else why not."""
+    from .store import _FrameCheck
+
+    check = _FrameCheck(address)
+    try:
+        with remote.open(blob_key(address)) as f:
+            while chunk := f.read(CHUNK):
+                check.feed(chunk)
+        check.finish()
+    except (IntegrityError, StrayFile) as e:
+        return e.message
+    return None
+
+
+def push(
+    registry: "Registry", dest: str, run_ids: list[str] | None, *, promoted: bool = False, progress=None, jobs: int = JOBS,
+    verify_existing: bool = False,
+) -> dict:
+    """Copy finished runs to ``dest``. A blob whose archived object has the local frame's size
+    is skipped; with ``verify_existing`` it is re-read (decoded and re-hashed) first, and a bad
+    copy is overwritten with the registry's (``blobs_replaced``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     if not run_ids and not promoted:
@@ -263,8 +338,10 @@ def push(registry: "Registry", dest: str, run_ids: list[str] | None, *, promoted
             raise InvalidInput(f"run {rid} is {m['status']}; only finished runs can be archived")
         manifests[rid] = m
     remote = open_remote(dest, registry)
-    _ensure_marker(remote)
-    report = {"schema": "casruns/archive-push/v1", "dest": remote.url, "runs": 0, "blobs_sent": 0, "blobs_skipped": 0, "bytes_sent": 0, "bytes_logical": 0}
+    report = {
+        "schema": "casruns/archive-push/v1", "dest": remote.url, "runs": 0, "blobs_sent": 0, "blobs_skipped": 0,
+        "bytes_sent": 0, "bytes_logical": 0, "blobs_verified": 0, "blobs_replaced": 0,
+    }
     store = registry.store
     present: set[str] = set()  # blobs known to be in the archive: shared ones are asked about once
     lock = threading.Lock()
@@ -275,7 +352,11 @@ def push(registry: "Registry", dest: str, run_ids: list[str] | None, *, promoted
             local, frame, size = store.frame_source(address)  # a loose file, or a frame from a pack
         except BlobNotFound:
             raise BlobNotFound(f"run {rid} references blob {address}, which is not in this registry; run casruns verify") from None
-        there = remote.size(blob_key(address)) == size
+        got = remote.size(blob_key(address))
+        there = got == size
+        verified = there and verify_existing
+        if verified and check_archived(remote, address) is not None:
+            there = False  # a bad copy of the same size: replaced below
         if not there:
             # never archive a corrupt blob: a packed frame is checked as the very bytes sent
             if frame is not None:
@@ -288,34 +369,48 @@ def push(registry: "Registry", dest: str, run_ids: list[str] | None, *, promoted
         with lock:
             present.add(address)
             report["bytes_logical"] += size
+            report["blobs_verified"] += verified
             if there:
                 report["blobs_skipped"] += 1
                 return
+            report["blobs_replaced"] += got is not None  # a wrong size, or (verified) wrong content
             report["blobs_sent"] += 1
             report["bytes_sent"] += size
             sent = report["blobs_sent"]
         _fault(sent)
 
-    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="casruns-push") as pool:
-        for i, (rid, m) in enumerate(manifests.items()):
-            if progress:
-                progress("pushing runs", i + 1, len(manifests))
-            todo = []
-            for address in _run_blobs(registry, m):
-                if address in present:
-                    report["bytes_logical"] += store.frame_size(address)
-                    report["blobs_skipped"] += 1
-                else:
-                    todo.append(address)
-            # every blob of the run is in the archive before its manifest is written
-            for future in [pool.submit(send, rid, a) for a in todo]:
-                future.result()
-            with open(registry.run_dir(rid).manifest_path, "rb") as f:
-                data = f.read()
-            key = manifest_key(rid)
-            if remote.size(key) != len(data) or remote.get_bytes(key) != data:
-                remote.put_bytes(data, key)  # last: the run's commit point
-            report["runs"] += 1
+    rid = None
+    try:
+        _ensure_marker(remote)
+        with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="casruns-push") as pool:
+            for i, (rid, m) in enumerate(manifests.items()):
+                if progress:
+                    progress("pushing runs", i + 1, len(manifests))
+                todo = []
+                for address in _run_blobs(registry, m):
+                    if address in present:
+                        report["bytes_logical"] += store.frame_size(address)
+                        report["blobs_skipped"] += 1
+                    else:
+                        todo.append(address)
+                # every blob of the run is in the archive before its manifest is written
+                futures = [pool.submit(send, rid, a) for a in todo]
+                try:
+                    for future in futures:
+                        future.result()
+                except BaseException:
+                    for future in futures:
+                        future.cancel()  # the first failure ends the push: send nothing more
+                    raise
+                with open(registry.run_dir(rid).manifest_path, "rb") as f:
+                    data = f.read()
+                key = manifest_key(rid)
+                if remote.size(key) != len(data) or remote.get_bytes(key) != data:
+                    remote.put_bytes(data, key)  # last: the run's commit point
+                report["runs"] += 1
+    except Exception as e:
+        where = f"of the archive {remote.url}" + (f" while pushing run {rid}" if rid else "")
+        _raise_interrupted(e, report, where, f"{report['runs']} runs were pushed whole")
     return report
 
 
@@ -340,54 +435,69 @@ def list_archive(registry: "Registry", src: str) -> dict:
 
 
 def pull(registry: "Registry", src: str, run_ids: list[str] | None, *, progress=None, jobs: int = JOBS) -> dict:
-    from . import runs as runs_mod
-    from .tree import Tree
-
     if jobs < 1:
         raise InvalidInput(f"--jobs must be at least 1, not {jobs}")
     remote = open_remote(src, registry)
     _check_marker(remote)
     ids = list(run_ids) if run_ids else remote.list_runs()
-    registry._ensure()
-    store = registry.store
     report = {
         "schema": "casruns/archive-pull/v1", "src": remote.url, "runs": 0, "runs_present": 0,
-        "blobs_received": 0, "blobs_present": 0, "bytes_received": 0, "blobs_repaired": 0,
+        "blobs_received": 0, "blobs_present": 0, "bytes_received": 0, "blobs_repaired": 0, "pulled": [],
     }
-    for i, rid in enumerate(ids):
-        if progress:
-            progress("pulling runs", i + 1, len(ids))
-        if registry.run_dir(rid).exists():
-            report["runs_present"] += 1
-            _repair(registry, remote, rid, report)
-            continue
-        m = remote_manifest(remote, rid)
-        if m["status"] not in mf.TERMINAL:
-            raise RegistryError(f"{remote.url}: run {rid} is {m['status']}; an archive holds finished runs only")
-        with store.pin() as pin:
-            with store.batch(pin) as batch:
-                wanted: list[str] = [ref["blake3"] for ref in (m.get("logs") or {}).values() if isinstance(ref, dict) and ref.get("blake3")]
-                tree_ref = (m.get("artifacts") or {}).get("tree")
-                if tree_ref:
-                    _import(remote, store, batch, tree_ref, report)
-                    batch.sync()
-                    wanted += sorted(Tree.from_bytes(store.read_bytes(tree_ref)).addresses())
-                fetched = _Prefetch(remote, [a for a in dict.fromkeys(wanted) if batch.pending(a) is None and not store.contains(a)], jobs)
-                try:
-                    for address in dict.fromkeys(wanted):
-                        _import(remote, store, batch, address, report, fetched)
-                finally:
-                    fetched.close()
-            # every blob is verified and durable: now the manifest (the commit point)
-            try:
-                run, lock = runs_mod.create(registry.runs_dir, m)
-            except runs_mod.RunExists:
-                report["runs_present"] += 1
-                continue
-            lock.release()
-            run.remove_workspace()
-        report["runs"] += 1
+    rid = None
+    try:
+        registry._ensure()
+        for i, rid in enumerate(ids):
+            if progress:
+                progress("pulling runs", i + 1, len(ids))
+            _pull_run(registry, remote, rid, report, jobs)
+    except Exception as e:
+        where = f"of the registry {registry.root}" + (f" while pulling run {rid} from {remote.url}" if rid else "")
+        _raise_interrupted(e, report, where, f"{report['runs']} runs were pulled whole")
     return report
+
+
+def _pull_run(registry: "Registry", remote: Remote, rid: str, report: dict, jobs: int) -> None:
+    from . import runs as runs_mod
+    from .tree import Tree
+
+    store = registry.store
+    if registry.run_dir(rid).exists():
+        report["runs_present"] += 1
+        _repair(registry, remote, rid, report)
+        return
+    m = remote_manifest(remote, rid)
+    if m["status"] not in mf.TERMINAL:
+        raise RegistryError(f"{remote.url}: run {rid} is {m['status']}; an archive holds finished runs only")
+    with store.pin() as pin:
+        with store.batch(pin) as batch:
+            wanted: list[str] = [ref["blake3"] for ref in (m.get("logs") or {}).values() if isinstance(ref, dict) and ref.get("blake3")]
+            tree_ref = (m.get("artifacts") or {}).get("tree")
+            if tree_ref:
+                _import(remote, store, batch, tree_ref, report)
+                batch.sync()
+                wanted += sorted(Tree.from_bytes(store.read_bytes(tree_ref)).addresses())
+            fetched = _Prefetch(remote, [a for a in dict.fromkeys(wanted) if batch.pending(a) is None and not store.contains(a)], jobs)
+            try:
+                for address in dict.fromkeys(wanted):
+                    _import(remote, store, batch, address, report, fetched)
+                    if report["runs"]:
+                        faults.point("archive_pull_after_first_run")
+            finally:
+                fetched.close()
+            # synced here, not on leaving the block: a sync that fails (a full disk) then
+            # discards the batch's temps instead of leaving them behind
+            batch.sync()
+        # every blob is verified and durable: now the manifest (the commit point)
+        try:
+            run, lock = runs_mod.create(registry.runs_dir, m)
+        except runs_mod.RunExists:
+            report["runs_present"] += 1
+            return
+        lock.release()
+        run.remove_workspace()
+    report["runs"] += 1
+    report["pulled"].append(rid)
 
 
 def _repair(registry: "Registry", remote: Remote, run_id: str, report: dict) -> None:
@@ -415,6 +525,7 @@ def _repair(registry: "Registry", remote: Remote, run_id: str, report: dict) -> 
                 with remote.open(blob_key(address)) as f:
                     report["bytes_received"] += store.import_frame(address, f, batch)
                 report["blobs_repaired"] += 1
+        batch.sync()  # inside the block: a failing sync discards the temps (see _pull_run)
 
 
 SMALL_FRAME = (1 << 20) + 4096  # frames up to this size are fetched ahead, concurrently, into memory
@@ -487,30 +598,46 @@ def _import(remote: Remote, store, batch, address: str, report: dict, fetched: _
     report["bytes_received"] += size
 
 
-def compare(registry: "Registry", src: str, run_ids: list[str]) -> list[dict]:
-    """Differences between local runs and their archived copies (verify --against)."""
+def compare(registry: "Registry", src: str, run_ids: list[str], *, read_data: bool = False, jobs: int = JOBS) -> list[dict]:
+    """Differences between local runs and their archived copies (verify --against): manifest
+    fields, each blob's presence and size and, with ``read_data``, each archived blob's content
+    (streamed, decoded and re-hashed against its address; a blob shared by runs is read once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     remote = open_remote(src, registry)
     _check_marker(remote)
     problems = []
-    for rid in run_ids:
-        local = registry.run_dir(rid).read_fresh()
-        try:
-            other = remote_manifest(remote, rid)
-        except RunNotFound:
-            problems.append({"kind": "archive_missing", "run_id": rid, "message": f"{remote.url} has no copy of run {rid}"})
-            continue
-        for key in ("status", "logs", "artifacts", "exit_code"):
-            if local.get(key) != other.get(key):
-                problems.append({"kind": "archive_differs", "run_id": rid, "message": f"archived copy differs in {key}"})
-        for address in _run_blobs(registry, local):
+    verdicts: dict[str, str | None] = {}  # address -> why its archived copy is bad (None: good)
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="casruns-verify") as pool:
+        for rid in run_ids:
+            local = registry.run_dir(rid).read_fresh()
             try:
-                want = registry.store.frame_size(address)
-            except BlobNotFound:
-                want = None
-            got = remote.size(blob_key(address))
-            if got is None:
-                problems.append({"kind": "archive_missing", "run_id": rid, "address": address, "message": f"archive lacks blob {address}"})
-            elif want is not None and got != want:
-                problems.append({"kind": "archive_differs", "run_id": rid, "address": address, "message": f"archived blob {address} has {got} bytes, local {want}"})
+                other = remote_manifest(remote, rid)
+            except RunNotFound:
+                problems.append({"kind": "archive_missing", "run_id": rid, "message": f"{remote.url} has no copy of run {rid}"})
+                continue
+            except CasrunsError as e:  # unparsable, or not a regular file
+                problems.append({"kind": "archive_corrupt", "run_id": rid, "message": f"archived manifest cannot be read: {e.message}"})
+                continue
+            for key in ("status", "logs", "artifacts", "exit_code"):
+                if local.get(key) != other.get(key):
+                    problems.append({"kind": "archive_differs", "run_id": rid, "message": f"archived copy differs in {key}"})
+            to_read = []
+            for address in _run_blobs(registry, local):
+                try:
+                    want = registry.store.frame_size(address)
+                except BlobNotFound:
+                    want = None
+                got = remote.size(blob_key(address))
+                if got is None:
+                    problems.append({"kind": "archive_missing", "run_id": rid, "address": address, "message": f"archive lacks blob {address}"})
+                elif want is not None and got != want:
+                    problems.append({"kind": "archive_differs", "run_id": rid, "address": address, "message": f"archived blob {address} has {got} bytes, local {want}"})
+                elif read_data:
+                    to_read.append(address)
+            unread = [a for a in to_read if a not in verdicts]
+            verdicts.update(zip(unread, pool.map(lambda a: check_archived(remote, a), unread)))
+            for address in to_read:
+                if verdicts[address]:
+                    problems.append({"kind": "archive_corrupt", "run_id": rid, "address": address, "message": f"the archived copy is bad: {verdicts[address]}"})
     return problems
-

@@ -37,6 +37,8 @@ POINTS: dict[str, str] = {
     "gc_after_first_delete": "gc dies after deleting its first blob",
     "gc_after_pack_rewrite": "gc dies after writing a rewritten pack, before deleting the old one",
     "gc_after_pack_merge": "gc dies after writing a merged pack, before deleting its sources",
+    "archive_push_mid_object": "a push to a directory archive dies (or its disk fills) with an object partly written to its temp",
+    "archive_pull_after_first_run": "a pull that committed a run dies (or the registry's disk fills) while storing a later run's blobs",
 }
 
 _active: dict[str, str] | None = None

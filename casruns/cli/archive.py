@@ -19,20 +19,32 @@ def register(cli: click.Group) -> None:
     @click.argument("run_ids", nargs=-1)
     @click.option("--promoted", is_flag=True, help="Push every promoted run.")
     @click.option("--jobs", type=int, default=None, help="Concurrent requests to the archive (default 8).")
+    @click.option(
+        "--verify-existing", is_flag=True,
+        help="Re-read (decode and re-hash) each blob the archive already holds; replace a bad copy.",
+    )
     @JSON_OPT
     @click.pass_obj
-    def push(obj, dest, run_ids, promoted, jobs, as_json):
-        """Copy runs to DEST: blobs first, the manifest last; blobs already there are skipped."""
+    def push(obj, dest, run_ids, promoted, jobs, verify_existing, as_json):
+        """Copy runs to DEST: blobs first, the manifest last; blobs already there (same size) are skipped."""
+        from ..archive import JOBS
+        from ..archive import push as push_runs
+
         progress = Progress("archive push", enabled=None if not as_json else False)
-        report = obj.registry.archive_push(dest, list(run_ids) or None, promoted=promoted, progress=progress, jobs=jobs)
+        report = push_runs(
+            obj.registry, dest, list(run_ids) or None, promoted=promoted, progress=progress,
+            jobs=JOBS if jobs is None else jobs, verify_existing=verify_existing,
+        )
         progress.done()
         if as_json:
             render.emit_json(report)
         else:
             click.echo(
                 f"pushed {report['runs']} runs to {report['dest']}: {report['blobs_sent']} blobs sent "
-                f"({report['bytes_sent']} bytes), {report['blobs_skipped']} already there; "
-                f"{report['bytes_logical']} bytes referenced"
+                f"({report['bytes_sent']} bytes), {report['blobs_skipped']} already there"
+                + (f" ({report['blobs_verified']} re-read)" if verify_existing else "")
+                + (f", {report['blobs_replaced']} bad copies replaced" if report["blobs_replaced"] else "")
+                + f"; {report['bytes_logical']} bytes referenced"
             )
 
     @archive.command()
