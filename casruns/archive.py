@@ -336,6 +336,10 @@ def push(
         m = registry.run_dir(rid).read_fresh()
         if m["status"] not in mf.TERMINAL:
             raise InvalidInput(f"run {rid} is {m['status']}; only finished runs can be archived")
+        if m.get("collection_pending"):
+            raise InvalidInput(
+                f"run {rid} ended on a full disk and its output is not stored yet; run casruns reap once there is space, then push"
+            )
         manifests[rid] = m
     remote = open_remote(dest, registry)
     report = {
@@ -467,8 +471,8 @@ def _pull_run(registry: "Registry", remote: Remote, rid: str, report: dict, jobs
         _repair(registry, remote, rid, report)
         return
     m = remote_manifest(remote, rid)
-    if m["status"] not in mf.TERMINAL:
-        raise RegistryError(f"{remote.url}: run {rid} is {m['status']}; an archive holds finished runs only")
+    if m["status"] not in mf.TERMINAL or m.get("collection_pending"):
+        raise RegistryError(f"{remote.url}: run {rid} is {m['status']} or not fully collected; an archive holds finished runs only")
     with store.pin() as pin:
         with store.batch(pin) as batch:
             wanted: list[str] = [ref["blake3"] for ref in (m.get("logs") or {}).values() if isinstance(ref, dict) and ref.get("blake3")]

@@ -673,17 +673,23 @@ class Registry:
             from .archive import compare
 
             ids = run_ids or [rid for rid in iter_run_ids(self.runs_dir)]
-            diffs = compare(self, against, sorted(ids))
+            diffs = compare(self, against, sorted(ids), read_data=read_data)
             report["against"] = against
             report["problems"].extend(diffs)
             report["ok"] = not report["problems"]
         return report
 
     # -- archives ------------------------------------------------------------------------
-    def archive_push(self, dest: str, run_ids: list[str] | None = None, *, promoted: bool = False, progress=None, jobs: int | None = None) -> dict:
+    def archive_push(
+        self, dest: str, run_ids: list[str] | None = None, *, promoted: bool = False, progress=None,
+        jobs: int | None = None, verify_existing: bool = False,
+    ) -> dict:
         from .archive import JOBS, push
 
-        return push(self, dest, run_ids, promoted=promoted, progress=progress, jobs=JOBS if jobs is None else jobs)
+        return push(
+            self, dest, run_ids, promoted=promoted, progress=progress, jobs=JOBS if jobs is None else jobs,
+            verify_existing=verify_existing,
+        )
 
     def archive_pull(self, src: str, run_ids: list[str] | None = None, *, progress=None, jobs: int | None = None) -> dict:
         from .archive import JOBS, pull

@@ -112,10 +112,6 @@ def test_archived_blobs_are_re_hashed_streaming_in_bounded_pieces(tmp_path, monk
     assert reads and all(0 < n <= archmod.CHUNK for n in reads)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Registry.verify (registry.py, outside this branch) must pass read_data to archive.compare",
-)
 def test_cli_verify_against_read_data_reports_archive_corrupt(tmp_path, archive, validate):
     reg = Registry(tmp_path / "A")
     rid = finished_run(reg, files={"numbers.txt": "".join(f"{i}\n" for i in range(20000)).encode()})

@@ -151,3 +151,12 @@ def test_collection_that_finds_the_disk_full_defers_to_reap_and_loses_nothing(ca
     assert cli("cat", rid, "a.txt", check=0).stdout == "art\n"
     assert not (casruns_home / "runs" / rid / "spool").exists()
     assert json.loads(cli("verify", "--json").stdout)["ok"] is True
+
+
+def test_a_run_with_output_still_pending_is_not_archived(casruns_home, tmp_path):
+    rid = json.loads(cli("submit", "--json", "--", "echo", "kept", env={"CASRUNS_TEST_FAULT": "supervisor_collect=enospc"}, check=0).stdout)["run_id"]
+    assert wait_terminal(rid)["error"]["code"] == "no_space"
+    proc, out = cli_json("archive", "push", str(tmp_path / "arch"), rid)
+    assert proc.returncode == 3 and "reap" in out[0]["error"]["message"]
+    cli("reap", check=0)
+    assert cli("archive", "push", str(tmp_path / "arch"), rid).returncode == 0

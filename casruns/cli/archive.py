@@ -27,13 +27,9 @@ def register(cli: click.Group) -> None:
     @click.pass_obj
     def push(obj, dest, run_ids, promoted, jobs, verify_existing, as_json):
         """Copy runs to DEST: blobs first, the manifest last; blobs already there (same size) are skipped."""
-        from ..archive import JOBS
-        from ..archive import push as push_runs
-
         progress = Progress("archive push", enabled=None if not as_json else False)
-        report = push_runs(
-            obj.registry, dest, list(run_ids) or None, promoted=promoted, progress=progress,
-            jobs=JOBS if jobs is None else jobs, verify_existing=verify_existing,
+        report = obj.registry.archive_push(
+            dest, list(run_ids) or None, promoted=promoted, progress=progress, jobs=jobs, verify_existing=verify_existing,
         )
         progress.done()
         if as_json:
