@@ -7,6 +7,7 @@ Config keys (spec/format.md, "Config"), all optional:
     heartbeat_interval = "1s"
     lost_after = "30s"         # a supervisor on another host is lost after this silence
     teardown_timeout = "60s"   # how long a provider's teardown may take
+    hook_timeout = "30s"       # how long any other hook the supervisor calls may take
     artifact_policy = "redact" # text artifacts holding a declared secret: redact | flag | reject
     plugins = ["module", ...]  # extra plugin modules to load
 
@@ -54,6 +55,7 @@ class Config:
         self.heartbeat_interval = 1.0
         self.lost_after = 30.0
         self.teardown_timeout = 60.0
+        self.hook_timeout = 30.0
         self.artifact_policy = "redact"
         self.gc_grace = 3600.0
         self.keep_last: dict[str, int] = {}
@@ -85,7 +87,7 @@ class Config:
                 c.max_running = int(raw["max_running"])
                 if c.max_running < 1:
                     raise InvalidInput("max_running must be at least 1")
-            for key in ("kill_grace", "heartbeat_interval", "lost_after", "teardown_timeout", "gc_grace"):
+            for key in ("kill_grace", "heartbeat_interval", "lost_after", "teardown_timeout", "hook_timeout", "gc_grace"):
                 if key in raw:
                     setattr(c, key, parse_duration(raw[key]))
             if c.heartbeat_interval < 0.1:

@@ -209,6 +209,7 @@ class Supervisor:
         self.spare: dict[int, int] = {}  # descendants that existed before the command (provider's)
         self.strays_killed: int | None = None  # None until the command was started
         self.no_space = False  # a write found the disk full: the command is stopped, the run fails
+        self.notifier: _Notifier | None = None
 
     @property
     def store(self):
@@ -319,6 +320,8 @@ class Supervisor:
         finally:
             if self.slot is not None:
                 self.slot.release()
+            if self.notifier is not None:
+                self.notifier.close(self.config.hook_timeout)
 
     @property
     def reserve_path(self) -> str:
@@ -443,18 +446,33 @@ class Supervisor:
         return snapshot
 
     def notify(self, old: str | None, new: str, m: dict) -> None:
+        """Tell ``casruns_status_changed`` implementations, in order, on a thread of their own:
+        a hook that blocks delays no timeout, cancel or collection (spec/plugins.md)."""
         if self.plugins is None:
             return
-        for err in self.plugins.notify("casruns_status_changed", run_id=self.run.run_id, old=old, new=new, manifest=m):
-            print(f"casruns supervisor: {self.redactor.text(err)}", file=sys.stderr)
+        if self.notifier is None:
+            self.notifier = _Notifier(self)
+        self.notifier.put(old, new, m)
+
+    def hook_limit(self) -> float:
+        """When a hook called before the command ends must have returned: the run's deadline or
+        ``hook_timeout`` from now, whichever comes first (monotonic)."""
+        limit = time.monotonic() + self.config.hook_timeout
+        return limit if self.deadline is None else min(limit, self.deadline)
+
+    def hook_timed_out(self, hook: str) -> dict:
+        return {"code": "plugin_error", "message": f"{hook} did not return within {self.config.hook_timeout:g}s; abandoned", "hook": hook}
 
     def bounded(self, fn, deadline: float | None):
-        """Run ``fn`` in a thread; stop waiting at the deadline (monotonic) or on cancel.
+        """Run ``fn`` in a thread; stop waiting at the deadline (monotonic) or on a cancel
+        requested while it runs (a cancel that ended the run before the call does not cut short
+        the hooks that end it, such as teardown).
 
         Returns ("ok", result) | ("error", exc) | ("timeout", None) | ("cancelled", None).
         A hook that hangs is abandoned (its thread is a daemon and dies with us).
         """
         box: dict = {}
+        cancelled_before = self.cancel_requested()
 
         def target():
             try:
@@ -469,7 +487,7 @@ class Supervisor:
             self.beat()
             if deadline is not None and time.monotonic() >= deadline:
                 return "timeout", None
-            if self.cancel_requested():
+            if not cancelled_before and self.cancel_requested():
                 return "cancelled", None
         if "error" in box:
             return "error", box["error"]
@@ -511,11 +529,26 @@ class Supervisor:
         # plugins and redaction: a plugin that cannot load fails the run before anything runs
         try:
             self.plugins = plugins_mod.load([*req.get("plugins", []), *self.config.plugins])
+        except PluginError as e:
+            self.redactor = Redactor(self.secrets, {k: v for k, v in DETECTORS.items()})
+            return self.end(mf.FAILED, error=self.plugin_error(e), teardown=False)
+        state, contribs = self.bounded(lambda: self.plugins.call("casruns_redaction", run=self.ctx), self.hook_limit())
+        if state != "ok":
+            self.redactor = Redactor(self.secrets, {k: v for k, v in DETECTORS.items()})
+            if state == "cancelled":
+                return self.end(mf.CANCELLED, teardown=False)
+            if state == "timeout" and self.deadline is not None and time.monotonic() >= self.deadline:
+                return self.end(mf.TIMED_OUT, error={"code": "timeout", "message": "the run exceeded its timeout in casruns_redaction"}, teardown=False)
+            error = self.hook_timed_out("casruns_redaction") if state == "timeout" else self.plugin_error(contribs)
+            return self.end(mf.FAILED, error=error, teardown=False)
+        try:
             values = dict(self.secrets)
             switches = (self.config.raw.get("redaction") or {}).get("detectors") or {}
             patterns = {k: v for k, v in (self.config.raw.get("redaction") or {}).get("patterns", {}).items()}
             plugin_values = False
-            for _, contrib in self.plugins.call("casruns_redaction", run=self.ctx):
+            for plugin, contrib in contribs:
+                if not isinstance(contrib, dict):
+                    raise PluginError(f"plugin {plugin}: casruns_redaction must return a dict", plugin=plugin, hook="casruns_redaction")
                 contributed = split_secrets(contrib.get("values") or {})[0]
                 plugin_values = plugin_values or bool(contributed)
                 values.update(contributed)
@@ -619,11 +652,21 @@ class Supervisor:
                 extra["teardown"] = {"ok": False, "code": "teardown_timeout", "message": f"teardown did not finish within {self.config.teardown_timeout:g}s"}
         exclude: set[str] = set()
         if self.plugins is not None:
-            try:
-                for _, paths in self.plugins.call("casruns_collect_artifacts", run=self.ctx, artifacts_dir=self.run.artifacts_dir):
-                    exclude.update(str(p) for p in paths)
-            except PluginError as e:
-                status, kw["error"] = mf.FAILED, self.plugin_error(e)
+            limit = time.monotonic() + self.config.hook_timeout  # the run's deadline is past or moot here
+            state, result = self.bounded(
+                lambda: self.plugins.call("casruns_collect_artifacts", run=self.ctx, artifacts_dir=self.run.artifacts_dir), limit
+            )
+            if state == "ok":
+                try:
+                    exclude = _excluded_paths(result)
+                except PluginError as e:
+                    status, kw["error"] = mf.FAILED, self.plugin_error(e)
+            elif state == "error":
+                status, kw["error"] = mf.FAILED, self.plugin_error(result)
+            elif state == "timeout":
+                status, kw["error"] = mf.FAILED, self.hook_timed_out("casruns_collect_artifacts")
+            else:  # cancelled while the hook ran: collect everything now
+                status = mf.CANCELLED
         if self.strays_killed is not None:
             # whatever the command's escaped processes started while teardown ran
             self.strays_killed += proctree.end_descendants(self.config.kill_grace, spare=self.spare)
@@ -755,6 +798,53 @@ class Supervisor:
                 except Exception:
                     pass
         return outcome, None
+
+
+class _Notifier:
+    """Delivers status changes to ``casruns_status_changed`` in commit order, on one thread."""
+
+    def __init__(self, sup: "Supervisor") -> None:
+        import queue
+
+        self.sup = sup
+        self.queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="casruns-notify")
+        self.thread.start()
+
+    def put(self, old, new, m) -> None:
+        self.queue.put((old, new, m))
+
+    def _loop(self) -> None:
+        sup = self.sup
+        while (item := self.queue.get()) is not None:
+            old, new, m = item
+            for err in sup.plugins.notify("casruns_status_changed", run_id=sup.run.run_id, old=old, new=new, manifest=m):
+                print(f"casruns supervisor: {sup.redactor.text(err)}", file=sys.stderr)
+
+    def close(self, timeout: float) -> None:
+        """Let pending notifications finish, for at most ``timeout`` seconds, then abandon them."""
+        self.queue.put(None)
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            print(f"casruns supervisor: casruns_status_changed did not return within {timeout:g}s; abandoned", file=sys.stderr)
+
+
+def _excluded_paths(results: list) -> set[str]:
+    """The artifact paths ``casruns_collect_artifacts`` asked to leave out, checked: a list of
+    relative paths inside the artifact directory (a bare string or a traversal is the plugin's
+    error, never a reason to lose the artifacts)."""
+    from .errors import PluginError
+
+    out: set[str] = set()
+    for plugin, paths in results:
+        if not isinstance(paths, (list, tuple, set)) or not all(isinstance(p, str) for p in paths):
+            raise PluginError(f"plugin {plugin}: casruns_collect_artifacts must return a list of paths", plugin=plugin, hook="casruns_collect_artifacts")
+        for p in paths:
+            parts = p.replace("\\", "/").split("/")
+            if not p or p.startswith("/") or ".." in parts or "\0" in p:
+                raise PluginError(f"plugin {plugin}: casruns_collect_artifacts returned an unsafe path {p!r}", plugin=plugin, hook="casruns_collect_artifacts")
+            out.add(p)
+    return out
 
 
 def _write_all(fd: int, data: bytes) -> None:

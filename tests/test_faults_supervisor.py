@@ -348,3 +348,94 @@ def _supervised(home: Path, rid: str) -> bool:
     from casruns.locking import is_held
 
     return is_held(str(home / "runs" / rid / "supervisor.lock"))
+
+
+# -- every hook the supervisor calls is bounded (issue 14, item 8) ------------------------
+
+SLOW_PLUGIN = """
+import os, time
+from casruns.plugins import hookimpl
+
+WHICH = os.environ.get("CASRUNS_TEST_SLOWHOOK", "")  # the supervisor keeps CASRUNS_TEST_* variables
+
+@hookimpl
+def casruns_redaction(run):
+    if WHICH == "redaction":
+        time.sleep(120)
+    return None
+
+@hookimpl
+def casruns_collect_artifacts(run, artifacts_dir):
+    if WHICH == "collect":
+        time.sleep(120)
+    if WHICH == "collect-bad":
+        return "../../etc"
+    return None
+
+@hookimpl
+def casruns_status_changed(run_id, old, new, manifest):
+    if WHICH == "status" and new == "running":
+        time.sleep(120)
+"""
+
+
+@pytest.fixture
+def slow_plugin(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "slowhooks.py").write_text(SLOW_PLUGIN)
+    monkeypatch.setenv("PYTHONPATH", str(site))
+
+    def submit(which: str, *args: str) -> str:
+        return json.loads(
+            cli("--plugin", "slowhooks", "submit", "--json", *args, env={"CASRUNS_TEST_SLOWHOOK": which}, check=0).stdout
+        )["run_id"]
+
+    return submit
+
+
+def test_a_redaction_hook_that_hangs_cannot_outlive_the_run_timeout(casruns_home, slow_plugin):
+    rid = slow_plugin("redaction", "--timeout", "2s", "--", "true")
+    final = wait_terminal(rid, timeout=30)  # the hook alone sleeps 120 s
+    assert final["status"] == "timed_out" and final["error"]["code"] == "timeout", final
+    assert "casruns_redaction" in final["error"]["message"]
+
+
+def test_a_redaction_hook_that_hangs_is_abandoned_after_hook_timeout(casruns_home, slow_plugin):
+    write_config(casruns_home, 'hook_timeout = "1s"\n')
+    rid = slow_plugin("redaction", "--", "true")
+    final = wait_terminal(rid, timeout=30)
+    assert final["status"] == "failed" and final["error"]["code"] == "plugin_error", final
+    assert final["error"]["hook"] == "casruns_redaction"
+
+
+def test_a_collect_hook_that_hangs_is_abandoned_and_frees_the_slot(casruns_home, slow_plugin):
+    write_config(casruns_home, 'hook_timeout = "1s"\nmax_running = 1\n')
+    rid = slow_plugin("collect", "--", "sh", "-c", 'echo x > "$CASRUNS_ARTIFACTS_DIR/a"')
+    final = wait_terminal(rid, timeout=30)
+    assert final["status"] == "failed" and final["error"]["hook"] == "casruns_collect_artifacts", final
+    assert final["artifacts"]["files"] == 1  # collected all the same
+    nxt = json.loads(cli("submit", "--json", "--", "true", check=0).stdout)["run_id"]
+    assert wait_terminal(nxt, timeout=30)["status"] == "succeeded"
+
+
+def test_cancel_is_honoured_while_a_collect_hook_hangs(casruns_home, slow_plugin):
+    rid = slow_plugin("collect", "--", "true")
+    poll_until(lambda: status(rid)["status"] == "collecting_artifacts", what="collecting")
+    cli("cancel", rid, check=0)
+    final = wait_terminal(rid, timeout=20)  # hook_timeout is 30 s by default
+    assert final["status"] == "cancelled", final
+
+
+def test_a_blocking_status_hook_does_not_delay_the_timeout(casruns_home, slow_plugin):
+    rid = slow_plugin("status", "--timeout", "2s", "--", "sleep", "60")
+    final = wait_terminal(rid, timeout=30)
+    assert final["status"] == "timed_out", final
+    assert final["duration_s"] < 20
+
+
+def test_a_collect_hook_returning_a_bare_string_is_a_plugin_error_that_keeps_the_artifacts(casruns_home, slow_plugin):
+    rid = slow_plugin("collect-bad", "--", "sh", "-c", 'echo x > "$CASRUNS_ARTIFACTS_DIR/a"')
+    final = wait_terminal(rid, timeout=30)
+    assert final["status"] == "failed" and final["error"]["code"] == "plugin_error", final
+    assert final["artifacts"]["files"] == 1
