@@ -32,6 +32,7 @@ Unknown keys are kept and ignored, so an older casruns can share a registry with
 from __future__ import annotations
 
 import os
+import stat
 
 from .errors import InvalidInput, RegistryError, UnsupportedFormat
 from .fsutil import read_regular
@@ -148,8 +149,50 @@ def packs_allowed(root: str | os.PathLike) -> bool:
     return doc is None or doc["version"] >= PACKS_SINCE
 
 
+SAFE_SUBDIRS = ("runs", "blobs", "locks", "slots", "queue")
+ALLOW_UNSAFE_ENV = "CASRUNS_ALLOW_UNSAFE_ROOT"
+
+
+def check_root(root: str | os.PathLike) -> None:
+    """Refuse a registry that another user could redirect (as ssh and git's safe.directory do).
+
+    The root must be owned by the invoking user and not writable by group or others; so must
+    each of its directories that exists, and none may be a symlink. Otherwise another local user
+    who pre-created it, or can write in it, could plant symlinks that make casruns truncate or
+    chmod the invoking user's files. ``CASRUNS_ALLOW_UNSAFE_ROOT=1`` opts out (a shared registry
+    the user trusts). Costs a few ``lstat`` calls: it runs on the ``status`` path too.
+    """
+    if os.environ.get(ALLOW_UNSAFE_ENV) == "1":
+        return
+    from .errors import UnsafeRegistry
+
+    root = os.fspath(root)
+    try:
+        st = os.stat(root)  # the root itself may be a symlink the user made (~/.local/share/casruns -> /data)
+    except OSError:
+        return
+    me = os.geteuid()
+    hint = f"; fix it, or set {ALLOW_UNSAFE_ENV}=1 if you trust everyone who can write there"
+    for path, s in [(root, st)] + [(os.path.join(root, d), None) for d in SAFE_SUBDIRS]:
+        if s is None:
+            try:
+                s = os.lstat(path)
+            except OSError:
+                continue
+            if not stat.S_ISDIR(s.st_mode):
+                raise UnsafeRegistry(f"{path} is not a directory (a symlink or a file where the registry keeps a directory){hint}", path=path)
+        elif not stat.S_ISDIR(s.st_mode):
+            return  # not a directory at all: the caller reports that
+        if s.st_uid != me:
+            raise UnsafeRegistry(f"{path} is owned by uid {s.st_uid}, not by you (uid {me}){hint}", path=path)
+        if s.st_mode & 0o022:
+            raise UnsafeRegistry(f"{path} is writable by group or others (mode {stat.S_IMODE(s.st_mode):04o}){hint}", path=path)
+
+
 def read_format(root: str | os.PathLike) -> dict | None:
-    """Return the format record, None if the registry has none yet; refuse newer majors."""
+    """Return the format record, None if the registry has none yet; refuse newer majors and
+    registries another user could redirect (:func:`check_root`)."""
+    check_root(root)
     path = os.path.join(root, FORMAT_FILE)
     try:
         data = read_regular(path, FORMAT_MAX)

@@ -137,6 +137,14 @@ class UnsupportedFormat(RegistryError):
     code = "unsupported_format"
 
 
+class UnsafeRegistry(RegistryError):
+    """The registry root (or one of its directories) is owned by another user, writable by group
+    or others, or a symlink where a directory belongs: whoever controls it could make casruns
+    write outside it. Refused unless ``CASRUNS_ALLOW_UNSAFE_ROOT=1``."""
+
+    code = "unsafe_registry"
+
+
 class StrayFile(RegistryError):
     """Something that is not a regular file (a FIFO, a socket, a directory, a symlink) where a
     registry file should be: reported and skipped, never opened for reading."""

@@ -165,13 +165,37 @@ def _unlink_quiet(path: str) -> None:
 
 
 def open_private(path: str | os.PathLike, flags: int, mode: int = FILE_MODE) -> int:
-    """``os.open`` with a private mode that the umask cannot widen, and close-on-exec."""
-    fd = os.open(path, flags | os.O_CLOEXEC, mode)
-    if flags & os.O_CREAT:
-        try:
+    """``os.open`` of a registry file with a private mode that the umask cannot widen, and
+    close-on-exec; never through a symlink and never anything but a regular file.
+
+    A lock, pin or heartbeat name that another user turned into a symlink to one of the
+    invoking user's files must not get that file truncated, overwritten or chmodded
+    (``O_NOFOLLOW``); a FIFO must not block the open (``O_NONBLOCK``, then ``fstat``).
+    Raises :class:`StrayFile` for either.
+    """
+    p = os.fspath(path)
+    try:
+        fd = os.open(p, flags | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise StrayFile(f"{p} is a symlink, not a regular file; refusing to follow it", path=p) from None
+        if e.errno in (errno.ENXIO, errno.EISDIR):
+            raise StrayFile(f"{p} is not a regular file", path=p) from None
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise write_error(f"cannot create {p}", e, p) from e
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StrayFile(f"{p} is not a regular file ({_kind(st.st_mode)})", path=p)
+        os.set_blocking(fd, True)
+        if flags & os.O_CREAT and st.st_mode & 0o777 != mode:
             os.fchmod(fd, mode)
-        except OSError:
-            pass
+    except OSError:
+        pass  # fchmod on a file we may not own: its mode is the owner's business
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -240,7 +264,7 @@ def is_no_space(e: BaseException) -> bool:
 def touch(path: str | os.PathLike) -> None:
     """Refresh a file's mtime, creating it (private, empty) if needed."""
     try:
-        os.utime(path)
+        os.utime(path, follow_symlinks=False)  # a planted symlink's target is never touched
     except FileNotFoundError:
         os.close(open_private(path, os.O_WRONLY | os.O_CREAT))
 

@@ -152,19 +152,22 @@ def write_record(fd: int) -> None:
 
 
 def read_record(path: str | os.PathLike) -> dict | None:
+    from .errors import CasrunsError
+
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read() or b"null")
-    except (OSError, ValueError):
+        return json.loads(fsutil.read_regular(path, 64 * 1024) or b"null")
+    except (OSError, ValueError, CasrunsError):
         return None
 
 
 def is_held(path: str | os.PathLike) -> bool:
     """True if some process holds an exclusive flock on ``path`` right now."""
+    from .errors import StrayFile
+
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
+        fd = fsutil.open_regular(path)
+    except (FileNotFoundError, StrayFile):
+        return False  # a stray is no lock: nobody can hold it
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:

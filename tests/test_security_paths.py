@@ -1,0 +1,79 @@
+"""Another local user controls (part of) the registry: casruns must refuse it, and never write
+through a name that was turned into a symlink (issue 14, item 1)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import cli, cli_json, poll_until
+
+
+def test_a_registry_root_writable_by_others_is_refused(registry, casruns_home):
+    os.chmod(casruns_home, 0o777)
+    proc, out = cli_json("list")
+    assert proc.returncode == 6 and out[0]["error"]["code"] == "unsafe_registry", proc.stdout
+    assert "writable by group or others" in out[0]["error"]["message"]
+    plain = cli("status", "01ABC")
+    assert plain.returncode == 6 and len(plain.stderr.strip().splitlines()) == 1
+    ok = cli("list", "--json", env={"CASRUNS_ALLOW_UNSAFE_ROOT": "1"})
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_a_registry_directory_replaced_by_a_symlink_is_refused(registry, casruns_home, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (casruns_home / "slots").rmdir()
+    (casruns_home / "slots").symlink_to(elsewhere)
+    proc, out = cli_json("submit", "--", "true")
+    assert proc.returncode == 6 and out[0]["error"]["code"] == "unsafe_registry"
+    assert not list(elsewhere.iterdir())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving the root to another user needs root (CI runs as root)")
+def test_a_registry_root_owned_by_another_user_is_refused(registry, casruns_home):
+    os.chown(casruns_home, 65534, 65534)
+    try:
+        proc, out = cli_json("list")
+        assert proc.returncode == 6 and out[0]["error"]["code"] == "unsafe_registry"
+        assert "owned by uid 65534" in out[0]["error"]["message"]
+    finally:
+        os.chown(casruns_home, 0, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("planted", ["slots/0.lock", "locks/scheduler.lock"])
+def test_a_lock_name_planted_as_a_symlink_never_touches_its_target(registry, casruns_home, tmp_path, planted):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    os.chmod(victim, 0o644)
+    link = casruns_home / planted
+    link.parent.mkdir(exist_ok=True)
+    if link.exists():
+        link.unlink()
+    link.symlink_to(victim)
+    env = {"CASRUNS_ALLOW_UNSAFE_ROOT": "1"}  # even when the user opts in, no symlink is followed
+    proc, out = cli_json("submit", "--", "true", env=env)
+    rid = out[0]["run_id"] if proc.returncode == 0 else None
+    if rid:
+        final = poll_until(lambda: (r := json.loads(cli("status", rid, "--json", env=env).stdout))["terminal"] and r, what="terminal")
+        assert final["status"] == "failed" and "symlink" in final["error"]["message"], final
+    else:
+        assert out[0]["error"]["code"] == "stray_file", proc.stdout
+    assert victim.read_text() == "precious\n"
+    assert victim.stat().st_mode & 0o777 == 0o644
+    assert link.is_symlink()
+
+
+def test_a_planted_heartbeat_symlink_is_not_followed(tmp_path):
+    from casruns import fsutil
+
+    victim = tmp_path / "victim"
+    victim.write_text("x")
+    os.utime(victim, (1_000_000, 1_000_000))
+    (tmp_path / "heartbeat").symlink_to(victim)
+    fsutil.touch(tmp_path / "heartbeat")
+    assert victim.stat().st_mtime == 1_000_000
