@@ -184,11 +184,13 @@ def loads(data: bytes, where: str = "") -> dict:
 def _loads(data: bytes, where: str) -> tuple[dict, bool]:
     import tomllib  # a reader with a fresh cache never needs it (~7 ms to import)
 
-    checked = verify_checksum(data, where)
     try:
         m = tomllib.loads(data.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise CorruptManifest(f"manifest {where} cannot be parsed: {e}") from None
+    # after the parse: damage that breaks the TOML is reported as such (verify: manifest_invalid),
+    # damage that leaves it valid is what only the checksum sees (manifest_checksum)
+    checked = verify_checksum(data, where)
     return check_schema(m, where), checked
 
 
