@@ -230,8 +230,15 @@ def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY) -> int:
 def read_regular(path: str | os.PathLike, limit: int | None = None) -> bytes:
     """The whole content of a regular registry file (see :func:`open_regular`), at most ``limit``
     bytes: a larger file raises RegistryError before more than ``limit + 1`` bytes are read."""
+    return read_regular_stat(path, limit)[0]
+
+
+def read_regular_stat(path: str | os.PathLike, limit: int | None = None) -> tuple[bytes, os.stat_result]:
+    """:func:`read_regular`, with ``fstat`` of the file that was read (not of whatever the name
+    points to by the time the caller looks: a cache tag must name the content it describes)."""
     fd = open_regular(path)
     try:
+        st = os.fstat(fd)
         parts = []
         got = 0
         while True:
@@ -243,7 +250,7 @@ def read_regular(path: str | os.PathLike, limit: int | None = None) -> bytes:
             got += len(data)
             if limit is not None and got > limit:
                 raise RegistryError(f"{os.fspath(path)} is larger than its limit of {limit} bytes", path=os.fspath(path))
-        return b"".join(parts)
+        return b"".join(parts), st
     finally:
         os.close(fd)
 

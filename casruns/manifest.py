@@ -5,11 +5,22 @@ In memory it is a plain dict, so fields a newer casruns wrote and this one does 
 are kept verbatim when the manifest is rewritten (forward compatibility). TOML has no null:
 a ``None`` value means "absent" and is dropped on write.
 
+The file's first line is a comment holding a checksum of the rest of the file
+(``# checksum: blake2b-256:<hex>``, spec/format.md "Manifest checksum"). Every read of the TOML
+checks it: a manifest that changed after casruns wrote it raises ``manifest_corrupt`` instead of
+being obeyed. A manifest without the line (casruns 0.1/0.2, or rewritten by one of them, since
+rewrites drop comments) is read unchecked. BLAKE2b comes from the stdlib's ``_blake2``: blake3
+or ``hashlib`` (which loads OpenSSL, ~2 ms) would put an import on the ``status`` path.
+
 Beside ``manifest.toml`` a run directory holds ``manifest.json``, a cache of the same dict
-tagged with the manifest file's identity (inode, size, mtime). ``status`` and ``list`` read
-the cache when the tag matches and the TOML otherwise: parsing TOML costs ~250 us a
-manifest here, JSON ~10 us, which is what keeps ``list`` of 10,000 runs well under a second.
-The cache is never trusted over the TOML: a mismatched, torn or missing cache is ignored.
+tagged with the manifest file's identity (inode, size, mtime) and the checksum of the TOML
+bytes it was built from, and carrying a checksum of its own content. ``status`` and ``list``
+(:func:`read`) use the cache when its checksum holds and the tag matches, and the TOML
+otherwise: parsing TOML costs ~250 us a manifest here, JSON ~10 us, which is what keeps
+``list`` of 10,000 runs well under a second. Everything that decides (gc, retention, every
+locked update, verify: :func:`read_toml`) reads the TOML bytes and checks them; the cache only
+saves it the parse, when it was built from exactly these bytes. A damaged, torn, stale or
+missing cache is ignored, and writing one is best-effort (a full disk never fails a read).
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ import json
 import os
 
 from . import fsutil
-from .errors import CorruptManifest, InvalidTransition, UnsupportedFormat
+from .errors import CasrunsError, CorruptManifest, InvalidTransition, RegistryError, StrayFile, UnsupportedFormat
 
 SCHEMA = "casruns/manifest/v1"
 SCHEMA_PREFIX = "casruns/manifest/v"
@@ -49,7 +60,17 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     CANCELLED: frozenset(),
 }
 
-CACHE_SCHEMA = "casruns/manifest-cache/v1"
+CACHE_SCHEMA = "casruns/manifest-cache/v2"
+
+# A manifest larger than this is refused by readers (manifest_corrupt) and never written; a
+# cache larger than CACHE_LIMIT is ignored (JSON escapes non-ASCII text, so it may be larger).
+MANIFEST_LIMIT = 4 << 20
+CACHE_LIMIT = 4 * MANIFEST_LIMIT
+
+CHECKSUM_ALGORITHM = "blake2b-256"
+_CHECKSUM_LINE = b"# checksum: blake2b-256:"  # + 64 lowercase hex digits + LF, the file's first line
+_CACHE_HEAD = b'{"schema":"casruns/manifest-cache/v2","checksum":"blake2b-256:'  # + 64 hex + '",' + body
+_HEX = frozenset(b"0123456789abcdef")
 
 
 def is_terminal(status: str) -> bool:
@@ -83,7 +104,22 @@ def _strip_none(value):
     return value
 
 
+def _digest(data: bytes) -> bytes:
+    """BLAKE2b with a 32-byte digest, unkeyed, as lowercase hex (ASCII bytes)."""
+    try:
+        from _blake2 import blake2b  # what hashlib.blake2b is, without hashlib's OpenSSL import
+    except ImportError:  # pragma: no cover - another Python implementation
+        from hashlib import blake2b
+    return blake2b(data, digest_size=32).hexdigest().encode("ascii")
+
+
+def checksum(data: bytes) -> str:
+    """``blake2b-256:<hex>`` of ``data``: the form manifests and caches record."""
+    return f"{CHECKSUM_ALGORITHM}:{_digest(data).decode()}"
+
+
 def dumps(m: dict) -> bytes:
+    """The manifest file's bytes: the checksum line, then the TOML document it covers."""
     import tomli_w  # only writers pay for it
 
     # Scalars first, tables after: tomli_w requires nothing of the order, but a human
@@ -91,7 +127,31 @@ def dumps(m: dict) -> bytes:
     clean = _strip_none(m)
     ordered = {k: v for k, v in clean.items() if not isinstance(v, dict)}
     ordered.update({k: v for k, v in clean.items() if isinstance(v, dict)})
-    return tomli_w.dumps(ordered).encode("utf-8")
+    body = tomli_w.dumps(ordered).encode("utf-8")
+    return _CHECKSUM_LINE + _digest(body) + b"\n" + body
+
+
+def verify_checksum(data: bytes, where: str = "") -> bool:
+    """Check a manifest file's checksum line. True if it holds, False if the file has none
+    (written by casruns 0.2 or older); raises CorruptManifest if it does not hold."""
+    if not data.startswith(b"#"):
+        return False  # no writer that keeps the checksum starts a manifest any other way
+    end = data.find(b"\n")
+    line = data[:end] if end >= 0 else data
+    expected = line[len(_CHECKSUM_LINE) :]
+    if not line.startswith(_CHECKSUM_LINE) or len(expected) != 64 or not _HEX.issuperset(expected):
+        raise CorruptManifest(
+            f"manifest {where} has a damaged checksum line: it changed after casruns wrote it; run casruns verify",
+            path=where or None, reason="checksum",
+        )
+    actual = _digest(data[end + 1 :])
+    if actual != expected:
+        raise CorruptManifest(
+            f"manifest {where} does not match its checksum (recorded {expected.decode()}, content hashes to "
+            f"{actual.decode()}): it changed after casruns wrote it, and casruns will not act on it; run casruns verify",
+            path=where or None, reason="checksum",
+        )
+    return True
 
 
 def check_schema(m: object, where: str) -> dict:
@@ -117,39 +177,73 @@ def check_schema(m: object, where: str) -> dict:
 
 
 def loads(data: bytes, where: str = "") -> dict:
+    """Parse a manifest file's bytes, checking its checksum line (if it has one) and schema."""
+    return _loads(data, where)[0]
+
+
+def _loads(data: bytes, where: str) -> tuple[dict, bool]:
     import tomllib  # a reader with a fresh cache never needs it (~7 ms to import)
 
     try:
         m = tomllib.loads(data.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise CorruptManifest(f"manifest {where} cannot be parsed: {e}") from None
-    return check_schema(m, where)
+    # after the parse: damage that breaks the TOML is reported as such (verify: manifest_invalid),
+    # damage that leaves it valid is what only the checksum sees (manifest_checksum)
+    checked = verify_checksum(data, where)
+    return check_schema(m, where), checked
+
+
+def _read_bytes(path: str) -> tuple[bytes, os.stat_result]:
+    """The manifest file's bytes and the fstat of what was read. A FIFO, socket, directory or
+    symlink in its place raises StrayFile (never blocks, never follows); one over
+    MANIFEST_LIMIT is corrupt (casruns never writes one)."""
+    try:
+        return fsutil.read_regular_stat(path, MANIFEST_LIMIT)
+    except StrayFile:
+        raise
+    except RegistryError as e:  # over the limit
+        raise CorruptManifest(f"manifest {e.message}; casruns never writes one that large", path=path) from None
 
 
 def read(path: str) -> dict:
-    """Read a manifest from ``path`` (the TOML file), preferring a matching JSON cache."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise
-    cache = _read_cache(path, st)
-    if cache is not None:
-        return cache
-    with open(path, "rb") as f:
-        data = f.read()
-        fst = os.fstat(f.fileno())
+    """Read a manifest for display (``status``, ``list``): the cache when its own checksum holds
+    and its tag matches a fresh ``lstat`` of the TOML, else the TOML (checked), then the cache is
+    rebuilt best-effort. Only what nothing decides on may come from here (spec/format.md,
+    "What each reader trusts")."""
+    st = os.lstat(path)  # FileNotFoundError: no run. lstat: a symlink never matches a tag.
+    doc = _read_cache(path)
+    if doc is not None and doc["tag"] == _tag(st):
+        return doc["manifest"]
+    data, fst = _read_bytes(path)
     m = loads(data, path)
-    # Rebuild a missing or stale cache, tagged with the file we actually read.
-    try:
-        _store_cache(path, m, fst)
-    except OSError:
-        pass  # read-only registry: stay correct, only slower
+    _store_cache(path, m, fst, data)
     return m
 
 
-def read_toml(path: str) -> dict:
-    with open(path, "rb") as f:
-        return loads(f.read(), path)
+def read_toml(path: str, *, cache: bool = True) -> dict:
+    """Read a manifest to act on it: always the TOML file's bytes, checksum checked.
+
+    The parsed form may come from the cache, but only when the cache's own checksum holds and it
+    records exactly the checksum of the bytes just read: it was built from this very content
+    (which was checked when it was), so it saves the TOML parse and nothing else. ``cache=False``
+    (verify) parses the TOML and writes nothing.
+    """
+    return read_toml_checked(path, cache=cache)[0]
+
+
+def read_toml_checked(path: str, *, cache: bool = True) -> tuple[dict, bool | None]:
+    """:func:`read_toml`, and whether the file carries a checksum (True: checked, False: a
+    manifest from casruns 0.2 or older, unchecked, None: it came via the cache, so not known)."""
+    data, fst = _read_bytes(path)
+    if cache:
+        doc = _read_cache(path)
+        if doc is not None and doc["toml"] == checksum(data):
+            return doc["manifest"], None
+    m, checked = _loads(data, path)
+    if cache:
+        _store_cache(path, m, fst, data)
+    return m, checked
 
 
 def _tag(st: os.stat_result) -> list[int]:
@@ -160,42 +254,66 @@ def _cache_path(path: str) -> str:
     return path[: -len(".toml")] + ".json" if path.endswith(".toml") else path + ".json"
 
 
-def _read_cache(path: str, st: os.stat_result) -> dict | None:
+def _read_cache(path: str) -> dict | None:
+    """The cache document if it is intact (its checksum holds) and well-formed, else None."""
     try:
-        with open(_cache_path(path), "rb") as f:
-            doc = json.loads(f.read())
-    except (OSError, ValueError):
+        data = fsutil.read_regular(_cache_path(path), CACHE_LIMIT)
+    except (OSError, CasrunsError):  # missing, a stray, too large: as good as absent
         return None
-    if not isinstance(doc, dict) or doc.get("schema") != CACHE_SCHEMA or doc.get("tag") != _tag(st):
+    return parse_cache(data)
+
+
+def parse_cache(data: bytes) -> dict | None:
+    """A ``manifest.json`` document, or None unless its checksum covers exactly its body."""
+    n = len(_CACHE_HEAD)
+    if not data.startswith(_CACHE_HEAD) or data[n + 64 : n + 66] != b'",' or _digest(data[n + 66 :]) != data[n : n + 64]:
         return None
-    m = doc.get("manifest")
-    return m if isinstance(m, dict) and m.get("schema") == SCHEMA else None
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return None
+    m = doc.get("manifest") if isinstance(doc, dict) else None
+    if not isinstance(m, dict) or m.get("schema") != SCHEMA or not isinstance(doc.get("tag"), list) or not isinstance(doc.get("toml"), str):
+        return None
+    return doc
 
 
 def write(path: str, m: dict, *, dirs: fsutil.DirSync | None = None) -> None:
     """Write the manifest durably (temp, fsync, rename, fsync dir), then refresh its cache."""
     check_schema(m, path)
-    fsutil.atomic_write(path, dumps(m), dirs=dirs)
-    write_cache(path, m)
+    data = dumps(m)
+    if len(data) > MANIFEST_LIMIT:
+        raise RegistryError(f"manifest {path} would be {len(data)} bytes, over the limit of {MANIFEST_LIMIT}; not written", path=path)
+    fsutil.atomic_write(path, data, dirs=dirs)
+    write_cache(path, m, data)
 
 
-def write_cache(path: str, m: dict) -> None:
-    """The cache is rebuilt from the manifest by the next reader if lost, so it needs no fsync."""
+def write_cache(path: str, m: dict, data: bytes) -> None:
+    """Cache ``m``, which was just written to ``path`` as ``data``. The cache is rebuilt from the
+    manifest by the next reader if lost, so it needs no fsync; any failure only costs speed."""
     try:
-        _store_cache(path, m, os.stat(path))
+        st = os.stat(path)
     except OSError:
-        pass  # a cache that cannot be written is only a slower read
+        return
+    _store_cache(path, m, st, data)
 
 
-def _store_cache(path: str, m: dict, st: os.stat_result) -> None:
+def _store_cache(path: str, m: dict, st: os.stat_result, toml: bytes) -> None:
+    """Best-effort: a cache that cannot be written (full disk, read-only registry, a stray in
+    its place) is only a slower read next time, never an error."""
     try:
-        data = json.dumps({"schema": CACHE_SCHEMA, "tag": _tag(st), "manifest": _strip_none(m)}, separators=(",", ":"))
+        body = json.dumps({"tag": _tag(st), "toml": checksum(toml), "manifest": _strip_none(m)}, separators=(",", ":")).encode()
     except (TypeError, ValueError):
-        # a value JSON cannot hold (a TOML datetime a newer writer used): no cache, and no
-        # stale one either, so readers parse the TOML.
+        body = None  # a value JSON cannot hold (a TOML datetime a newer writer used)
+    if body is None or len(body) + len(_CACHE_HEAD) + 66 > CACHE_LIMIT:
+        # no cache, and no stale one either, so readers parse the TOML.
         try:
             os.unlink(_cache_path(path))
         except OSError:
             pass
         return
-    fsutil.atomic_write(_cache_path(path), data.encode(), durable=False)
+    rest = body[1:]  # the object's members after its opening brace
+    try:
+        fsutil.atomic_write(_cache_path(path), _CACHE_HEAD + _digest(rest) + b'",' + rest, durable=False)
+    except (OSError, CasrunsError):
+        pass

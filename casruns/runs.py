@@ -80,24 +80,34 @@ class RunDir:
         return os.path.isfile(self.manifest_path)
 
     def read(self) -> dict:
-        """The manifest, via its cache when fresh. Raises RunNotFound."""
+        """The manifest for display (``status``, ``list``): via its cache when the cache's checksum
+        holds and its tag matches, else the TOML. Nothing that deletes or rewrites may decide on
+        it: use :meth:`read_fresh`. Raises RunNotFound, CorruptManifest, StrayFile."""
+        return self._read(lambda path: (manifest.read(path), None))[0]
+
+    def read_fresh(self, *, cache: bool = True) -> dict:
+        """The manifest as ``manifest.toml`` holds it now, checksum checked (spec/format.md, "What
+        each reader trusts"): what gc, retention, every locked update and verify decide on. The
+        cache may stand in for the parse only when it was built from exactly these bytes."""
+        return self._read(lambda path: manifest.read_toml_checked(path, cache=cache))[0]
+
+    def read_checked(self) -> tuple[dict, bool]:
+        """For verify: the TOML parsed (never the cache, nothing written), and whether it carries
+        a checksum (False for a manifest written by casruns 0.2 or older)."""
+        m, checked = self._read(lambda path: manifest.read_toml_checked(path, cache=False))
+        return m, bool(checked)
+
+    def _read(self, reader) -> tuple[dict, bool | None]:
         self._check_not_link()
         try:
-            m = manifest.read(self.manifest_path)
+            m, extra = reader(self.manifest_path)
         except FileNotFoundError:
             raise RunNotFound(f"no run {self.run_id} in this registry", run_id=self.run_id) from None
         except OSError as e:
             raise RegistryError(f"cannot read {self.manifest_path}: {e.strerror}", path=self.manifest_path) from e
         if m.get("run_id") != self.run_id:
             raise CorruptManifest(f"manifest {self.manifest_path} names run {m.get('run_id')!r}")
-        return m
-
-    def read_fresh(self) -> dict:
-        self._check_not_link()
-        try:
-            return manifest.read_toml(self.manifest_path)
-        except FileNotFoundError:
-            raise RunNotFound(f"no run {self.run_id} in this registry", run_id=self.run_id) from None
+        return m, extra
 
     @contextmanager
     def locked(self) -> Iterator[None]:

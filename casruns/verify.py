@@ -1,6 +1,7 @@
 """Integrity verification: ``casruns verify``.
 
-Checks, per run: the manifest parses and has the fields and types spec/format.md requires;
+Checks, per run: the manifest (the TOML, never its cache) matches its checksum
+(``manifest_checksum``), parses and has the fields and types spec/format.md requires;
 every blob it references exists (log blobs, the artifact tree, each file the tree lists);
 with ``read_data`` every referenced blob is decompressed and re-hashed. Verifying the whole
 registry also reports orphaned blobs (unreferenced: gc's business, not an error) and, with
@@ -75,6 +76,7 @@ def verify(registry: "Registry", run_ids: list[str] | None = None, *, read_data:
     problems: list[dict] = []
     referenced: set[str] = set()
     checked: dict[str, str | None] = {}  # address -> problem kind or None (blobs shared by runs are read once)
+    unchecked = 0  # manifests without a checksum (written by casruns 0.2 or older)
 
     def check_blob(address: str, run_id: str, what: str) -> bool:
         if address not in checked:
@@ -102,10 +104,13 @@ def verify(registry: "Registry", run_ids: list[str] | None = None, *, read_data:
             progress("verifying runs", i + 1, len(ids))
         run = registry.run_dir(rid)
         try:
-            m = run.read_fresh()
+            m, has_checksum = run.read_checked()  # the TOML, never the cache
         except CasrunsError as e:
-            problems.append({"kind": "manifest_invalid", "run_id": rid, "message": e.message})
+            kind = "manifest_checksum" if e.details.get("reason") == "checksum" else "manifest_invalid"
+            problems.append({"kind": kind, "run_id": rid, "message": e.message})
             continue
+        if not has_checksum:
+            unchecked += 1
         for p in check_manifest(m):
             problems.append({"kind": "manifest_invalid", "run_id": rid, "message": p})
         for stream, ref in (m.get("logs") or {}).items() if isinstance(m.get("logs"), dict) else ():
@@ -172,6 +177,7 @@ def verify(registry: "Registry", run_ids: list[str] | None = None, *, read_data:
     return {
         "schema": SCHEMA,
         "runs_checked": len(ids),
+        "manifests_unchecked": unchecked,
         "blobs_checked": len(checked),
         "read_data": read_data,
         "orphans": orphans,
