@@ -22,6 +22,7 @@ from .errors import (
     CasrunsError,
     InvalidInput,
     NoSpace,
+    RegistryError,
     RunIdConflict,
     RunNotFound,
     UnknownProvider,
@@ -949,7 +950,18 @@ class Registry:
         return self.store.iter_chunks(entry.blake3)
 
     def export(self, run_id: str, dest: str, progress=None) -> dict:
-        """Materialize artifacts under ``DEST/artifacts`` and logs under ``DEST/logs``."""
+        """Materialize artifacts under ``DEST/artifacts``, logs under ``DEST/logs`` and the record
+        as ``DEST/run.json``.
+
+        DEST may exist (a real directory, never a symlink or a file), but none of the three
+        entries may: they are built in a fresh directory inside DEST and renamed into place, so
+        nothing already standing there (a symlink planted as ``DEST/logs``, say) is followed.
+        """
+        import shutil
+        import stat as stat_mod
+        import tempfile
+
+        from .errors import UnsafePath
         from .tree import materialize
 
         record = self.get(run_id)
@@ -957,15 +969,36 @@ class Registry:
         if not m["status"] in mf.TERMINAL:
             raise InvalidInput(f"run {run_id} is {m['status']}; export needs a finished run (try wait first)")
         dest = os.path.abspath(dest)
-        os.makedirs(dest, exist_ok=True)
-        report = materialize(self.tree(run_id), self.store, os.path.join(dest, "artifacts"), progress=progress)
-        logs_dir = os.path.join(dest, "logs")
-        os.makedirs(logs_dir, exist_ok=True)
-        for stream, ref in (m.get("logs") or {}).items():
-            if stream in LOG_STREAMS and ref:
-                self.store.copy_to(ref["blake3"], os.path.join(logs_dir, f"{stream}.log"), mode=0o644)
-        with open(os.path.join(dest, "run.json"), "w") as f:  # export target, outside the registry
-            json.dump(record, f, indent=2)
+        try:
+            st = os.lstat(dest)
+        except FileNotFoundError:
+            os.makedirs(dest)
+        else:
+            if not stat_mod.S_ISDIR(st.st_mode):
+                raise UnsafePath(f"export destination {dest} exists and is not a directory (a symlink or a file); refusing to write through it", path=dest)
+        entries = ("artifacts", "logs", "run.json")
+        for name in entries:
+            if os.path.lexists(os.path.join(dest, name)):
+                raise InvalidInput(f"{os.path.join(dest, name)} already exists; export into an empty or new directory", path=dest)
+        staging = tempfile.mkdtemp(prefix=".casruns-export-", dir=dest)
+        try:
+            report = materialize(self.tree(run_id), self.store, os.path.join(staging, "artifacts"), progress=progress)
+            logs_dir = os.path.join(staging, "logs")
+            os.mkdir(logs_dir, 0o755)
+            for stream, ref in (m.get("logs") or {}).items():
+                if stream in LOG_STREAMS and ref:
+                    self.store.copy_to(ref["blake3"], os.path.join(logs_dir, f"{stream}.log"), mode=0o644)
+            fsutil.atomic_write(os.path.join(staging, "run.json"), json.dumps(record, indent=2).encode() + b"\n", mode=0o644)
+            for name in entries:
+                # rename never follows a symlink at the target; a directory planted there since
+                # the check above makes it fail (ENOTEMPTY/EISDIR) instead of writing into it
+                os.rename(os.path.join(staging, name), os.path.join(dest, name))
+            os.chmod(os.path.join(dest, "artifacts"), 0o755)
+            os.chmod(logs_dir.replace(staging, dest), 0o755)
+        except OSError as e:
+            raise RegistryError(f"cannot export to {dest}: {e.strerror}", path=dest) from e
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return {"schema": "casruns/export/v1", "run_id": run_id, "dest": dest, **report}
 
 

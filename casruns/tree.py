@@ -301,7 +301,8 @@ def materialize(tree: Tree, store: "BlobStore", dest: str | os.PathLike, progres
             continue
         if e.type == "file":
             assert e.blake3 is not None
-            report["bytes"] += store.copy_to(e.blake3, target_path, mode=(e.mode & 0o777) or 0o600)
+            # never group- or world-writable, whatever a (pulled, crafted) tree says
+            report["bytes"] += store.copy_to(e.blake3, target_path, mode=(e.mode & 0o755) or 0o600)
             report["files"] += 1
         else:
             assert e.target is not None

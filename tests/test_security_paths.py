@@ -77,3 +77,51 @@ def test_a_planted_heartbeat_symlink_is_not_followed(tmp_path):
     (tmp_path / "heartbeat").symlink_to(victim)
     fsutil.touch(tmp_path / "heartbeat")
     assert victim.stat().st_mtime == 1_000_000
+
+
+# -- export never writes through what already stands in DEST (issue 14, item 2) -----------
+
+
+def _finished(registry, tmp_path):
+    from casruns import fsutil  # noqa: F401
+
+    rid = registry.submit(["sh", "-c", 'echo out; echo art > "$CASRUNS_ARTIFACTS_DIR/a.txt"'])["run_id"]
+    records, done = registry.wait([rid], timeout=60)
+    assert done and records[0]["status"] == "succeeded"
+    return rid
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("planted", ["run.json", "artifacts", "logs"])
+def test_export_refuses_a_planted_symlink_at_the_top_of_dest(registry, tmp_path, planted):
+    rid = _finished(registry, tmp_path)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.txt"
+    victim.write_text("precious\n")
+    (dest / planted).symlink_to(victim if planted == "run.json" else outside)
+    proc, out = cli_json("export", rid, str(dest))
+    assert proc.returncode == 3, proc.stdout
+    assert "already exists" in out[0]["error"]["message"]
+    assert victim.read_text() == "precious\n"
+    assert sorted(p.name for p in outside.iterdir()) == ["victim.txt"]
+    assert sorted(p.name for p in dest.iterdir()) == [planted]  # no staging directory left behind
+
+
+@pytest.mark.slow
+def test_export_refuses_a_dest_that_is_a_symlink_and_writes_a_fresh_one_whole(registry, tmp_path):
+    rid = _finished(registry, tmp_path)
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    proc, out = cli_json("export", rid, str(tmp_path / "link"))
+    assert proc.returncode == 3 and out[0]["error"]["code"] == "unsafe_path"
+    assert not list(real.iterdir())
+    proc, out = cli_json("export", rid, str(tmp_path / "fresh"), check=0)
+    assert out[0]["refused"] == []
+    assert (tmp_path / "fresh" / "artifacts" / "a.txt").read_text() == "art\n"
+    assert (tmp_path / "fresh" / "logs" / "stdout.log").read_text() == "out\n"
+    assert json.loads((tmp_path / "fresh" / "run.json").read_text())["run_id"] == rid
+    assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["artifacts", "logs", "run.json"]
