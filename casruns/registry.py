@@ -189,6 +189,26 @@ class Registry:
         the existing run; a different request under that id raises RunIdConflict.
         """
         environ = os.environ if environ is None else environ
+        try:
+            return self._submit(
+                argv, provider=provider, timeout=timeout, labels=labels, env=env, secret_env=secret_env, cwd=cwd,
+                recipe=recipe, run_id=run_id, retain_for=retain_for, environ=environ, spawn=spawn, _chain=_chain,
+            )
+        except CasrunsError as e:
+            # An error about --cwd, --timeout, --run-id, --provider, a label or a plugin may quote
+            # a value that holds a declared secret: it passes the redactor before anyone sees it.
+            from .redaction import split_secrets
+
+            declared = {n: environ[n] for n in secret_env if isinstance(n, str) and n in environ}
+            used = split_secrets(declared)[0]
+            if used:
+                redactor = self.redactor(used)
+                e.message = redactor.text(e.message)
+                e.details = redactor.metadata(e.details)
+                e.args = (e.message,)
+            raise
+
+    def _submit(self, argv, *, provider, timeout, labels, env, secret_env, cwd, recipe, run_id, retain_for, environ, spawn, _chain) -> dict:
         argv = [str(a) for a in argv]
         if not argv or not argv[0]:
             raise InvalidInput("no command given: put it after --, e.g. casruns submit -- make test")
@@ -276,7 +296,13 @@ class Registry:
         for k, v in ((_chain or {}).get("env") or {}).items():  # resume: CASRUNS_RESUMED_FROM, plugin env
             payload["env"][k] = str(v)
         # what a restart by reap needs to run it exactly as submitted (secrets aside: those fail it)
-        env_file = json.dumps({"env": env_values, "umask": umask}).encode()
+        # A --env value may embed a declared secret (DATABASE_URL=postgres://app:$TOKEN@db): env.json
+        # then stores it redacted and says so, and a restart by reap fails the run rather than run
+        # it with the masked value, as for a redacted argv.
+        stored_env = {k: redactor.text(v) for k, v in env_values.items()}
+        if stored_env != env_values:
+            request["env_redacted"] = sorted(k for k in env_values if stored_env[k] != env_values[k])
+        env_file = json.dumps({"env": stored_env, "umask": umask}).encode()
         try:
             run, lock = _create(self.runs_dir, m, env_file)
         except RunExists:
@@ -845,7 +871,8 @@ class Registry:
         if not lock.acquire(blocking=False, timeout=0.2):  # a probe holds it shared for an instant
             return True  # someone else restarted it
         try:
-            if (m.get("request") or {}).get("secret_env") or (m.get("request") or {}).get("argv_redacted"):
+            req = m.get("request") or {}
+            if req.get("secret_env") or req.get("argv_redacted") or req.get("env_redacted"):
                 with run.update() as mm:
                     if mm["status"] == mf.QUEUED:
                         mm["error"] = {
