@@ -174,6 +174,23 @@ class PluginError(CasrunsError):
     exit_code = EXIT_PLUGIN
 
 
+def from_unexpected(e: BaseException) -> CasrunsError:
+    """The one-line error for an exception nobody raised on purpose: an OSError becomes a
+    registry error naming the path and what the system said (``no_space`` for a full disk, a
+    read-only filesystem named as such); anything else is ``error`` ("internal error")."""
+    import errno as errno_mod
+
+    if isinstance(e, OSError) and e.errno is not None:
+        where = f" ({e.filename})" if e.filename else ""
+        reason = e.strerror or str(e)
+        if e.errno in (errno_mod.ENOSPC, errno_mod.EDQUOT):
+            return NoSpace(f"the filesystem is full: {reason}{where}", path=e.filename)
+        if e.errno == errno_mod.EROFS:
+            return RegistryError(f"the registry is on a read-only filesystem; this command must write{where}", path=e.filename)
+        return RegistryError(f"{reason}{where}", path=e.filename)
+    return CasrunsError(f"internal error: {type(e).__name__}: {e}")
+
+
 def all_error_classes() -> list[type[CasrunsError]]:
     """Every error class, base first; used to generate and check the table in spec/cli.md."""
     out: list[type[CasrunsError]] = []

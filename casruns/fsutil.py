@@ -199,6 +199,24 @@ def open_private(path: str | os.PathLike, flags: int, mode: int = FILE_MODE) -> 
     return fd
 
 
+def open_lock_file(path: str | os.PathLike) -> int | None:
+    """Open (creating if needed) a lock file to flock; ``None`` when there is nothing to lock.
+
+    On a read-only registry (a snapshot, an archived disk) the file is opened read-only, which
+    flock allows, so readers still exclude writers that reach the same inode through another
+    mount. A lock file missing there cannot be held by anyone: ``None``.
+    """
+    try:
+        return open_private(path, os.O_RDWR | os.O_CREAT)
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise
+    try:
+        return open_regular(path)
+    except FileNotFoundError:
+        return None
+
+
 def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY) -> int:
     """Open an existing registry file that must be a regular file, never following a symlink.
 

@@ -103,7 +103,10 @@ class FileLock:
         self.fd: int | None = None
 
     def acquire(self, *, blocking: bool = True, timeout: float | None = None) -> bool:
-        fd = fsutil.open_private(self.path, os.O_RDWR | os.O_CREAT)
+        fd = fsutil.open_lock_file(self.path)
+        if fd is None:  # a read-only registry without this lock file: nobody can hold it
+            self.fd = None
+            return True
         op = fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH
         try:
             if blocking and timeout is None:

@@ -334,7 +334,7 @@ class DiskStore(BlobStore):
         if self._share is None:
             if not self.path.is_dir():
                 fsutil.ensure_dir(self.path)
-            self._share = _SharedSweep(fsutil.open_private(self.sweep_lock_path(), os.O_RDWR | os.O_CREAT))
+            self._share = _SharedSweep(fsutil.open_lock_file(self.sweep_lock_path()))
         return self._share
 
     def exclusive(self):
@@ -1027,21 +1027,21 @@ class _SharedSweep:
 
     __slots__ = ("fd", "holders", "mutex")
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd  # None: a read-only registry without the lock file (nobody can sweep it)
         self.holders = 0
         self.mutex = threading.Lock()
 
     def __enter__(self) -> None:
         with self.mutex:
-            if not self.holders:
+            if not self.holders and self.fd is not None:
                 fcntl.flock(self.fd, fcntl.LOCK_SH)
             self.holders += 1
 
     def __exit__(self, *exc) -> None:
         with self.mutex:
             self.holders -= 1
-            if not self.holders:
+            if not self.holders and self.fd is not None:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 

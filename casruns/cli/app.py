@@ -79,8 +79,7 @@ def run_cli(args: list[str]) -> int:
         return 0
     except Exception as e:  # noqa: BLE001 - an unexpected failure is still one line
         # An unexpected failure still gets one line and a documented code, not a traceback.
-        from ..errors import CasrunsError as Base
+        from ..errors import from_unexpected
 
-        err = Base(f"internal error: {type(e).__name__}: {e}")
-        return render.error(err, as_json)
+        return render.error(from_unexpected(e), as_json)
     return result if isinstance(result, int) else 0

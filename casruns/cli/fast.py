@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import CasrunsError
+from ..errors import CasrunsError, from_unexpected
 
 
 def _take_root(args: list[str]) -> tuple[str | None, list[str]] | None:
@@ -107,7 +107,7 @@ def _status(root, ids: list[str], as_json: bool) -> int:
         except CasrunsError as e:
             errors.append(e)
         except Exception as e:  # noqa: BLE001 - still one line, still JSON
-            errors.append(CasrunsError(f"internal error: {type(e).__name__}: {e}"))
+            errors.append(from_unexpected(e))
     return status_output(records, errors, as_json)
 
 
@@ -130,5 +130,5 @@ def _list(root, opts: dict, limit) -> int:
     except CasrunsError as e:
         return error(e, as_json)
     except Exception as e:  # noqa: BLE001 - the click path says the same
-        return error(CasrunsError(f"internal error: {type(e).__name__}: {e}"), as_json)
+        return error(from_unexpected(e), as_json)
     return list_output(records, as_json, errors)
