@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, BinaryIO
 from . import faults, fsutil
 from . import manifest as mf
 from .errors import (
-    BackendMissing, BlobNotFound, CasrunsError, IntegrityError, InvalidInput, NoSpace, RegistryError, RunNotFound, StrayFile,
+    BackendMissing, BlobNotFound, CasrunsError, CorruptManifest, IntegrityError, InvalidInput, InvalidRunId, NoSpace,
+    RegistryError, RunNotFound, StrayFile, UnsupportedFormat,
 )
 from .ids import is_run_id, validate_address, validate_run_id
 
@@ -430,12 +431,19 @@ def list_archive(registry: "Registry", src: str) -> dict:
 
     remote = open_remote(src, registry)
     _check_marker(remote)
-    runs = []
+    runs, errors = [], []
     for rid in remote.list_runs():
-        m = remote_manifest(remote, rid)
-        r = build(m, registry.config)
+        try:
+            m = remote_manifest(remote, rid)
+            r = build(m, registry.config)
+        except (CorruptManifest, UnsupportedFormat, RunNotFound, InvalidRunId) as e:
+            errors.append({"run_id": rid, "code": e.code, "message": e.message})  # hides only that run
+            continue
         runs.append({"run_id": rid, "status": m["status"], "promoted": r["retention"]["promoted"], "created_at": m.get("created_at"), "labels": r["labels"]})
-    return {"schema": "casruns/archive-list/v1", "src": remote.url, "runs": runs}
+    out = {"schema": "casruns/archive-list/v1", "src": remote.url, "runs": runs}
+    if errors:
+        out["errors"] = errors
+    return out
 
 
 def pull(registry: "Registry", src: str, run_ids: list[str] | None, *, progress=None, jobs: int = JOBS) -> dict:
@@ -454,7 +462,12 @@ def pull(registry: "Registry", src: str, run_ids: list[str] | None, *, progress=
         for i, rid in enumerate(ids):
             if progress:
                 progress("pulling runs", i + 1, len(ids))
-            _pull_run(registry, remote, rid, report, jobs)
+            try:
+                _pull_run(registry, remote, rid, report, jobs)
+            except (CorruptManifest, UnsupportedFormat, RunNotFound, InvalidRunId) as e:
+                # one bad run in the archive is skipped and reported, never half-stored, and
+                # never stops the runs after it (the CLI then exits 6, as list does)
+                report.setdefault("errors", []).append({"run_id": rid, "code": e.code, "message": e.message})
     except Exception as e:
         where = f"of the registry {registry.root}" + (f" while pulling run {rid} from {remote.url}" if rid else "")
         _raise_interrupted(e, report, where, f"{report['runs']} runs were pulled whole")
@@ -470,9 +483,10 @@ def _pull_run(registry: "Registry", remote: Remote, rid: str, report: dict, jobs
         report["runs_present"] += 1
         _repair(registry, remote, rid, report)
         return
-    m = remote_manifest(remote, rid)
+    m = remote_manifest(remote, rid)  # checked like a local manifest before anything of it is stored
     if m["status"] not in mf.TERMINAL or m.get("collection_pending"):
-        raise RegistryError(f"{remote.url}: run {rid} is {m['status']} or not fully collected; an archive holds finished runs only")
+        raise CorruptManifest(f"{remote.url}: run {rid} is {m['status']} or not fully collected; an archive holds finished runs only")
+    m = _redact_pulled(registry, m)
     with store.pin() as pin:
         with store.batch(pin) as batch:
             wanted: list[str] = [ref["blake3"] for ref in (m.get("logs") or {}).values() if isinstance(ref, dict) and ref.get("blake3")]
@@ -502,6 +516,26 @@ def _pull_run(registry: "Registry", remote: Remote, rid: str, report: dict, jobs
         run.remove_workspace()
     report["runs"] += 1
     report["pulled"].append(rid)
+
+
+def _redact_pulled(registry: "Registry", m: dict) -> dict:
+    """An archive written by an older casruns (or by hand) must not plant a credential: the
+    strings a record shows pass today's detectors before the manifest is stored."""
+    redactor = registry.redactor()
+    out = dict(m)
+    for key in ("labels", "runtime", "preview", "error", "cancel"):
+        if isinstance(out.get(key), dict):
+            out[key] = redactor.metadata(out[key])
+    ret = out.get("retention")
+    if isinstance(ret, dict) and isinstance(ret.get("history"), list):
+        out["retention"] = {**ret, "history": redactor.metadata(ret["history"])}
+    req = out.get("request")
+    if isinstance(req, dict) and isinstance(req.get("argv"), list):
+        argv = [redactor.text(a) for a in req["argv"]]
+        if argv != req["argv"]:
+            out["request"] = {**req, "argv": argv, "argv_redacted": True}
+    mf.check_schema(out, f"pulled manifest of {m.get('run_id')}")
+    return out
 
 
 def _repair(registry: "Registry", remote: Remote, run_id: str, report: dict) -> None:

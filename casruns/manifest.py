@@ -154,6 +154,87 @@ def verify_checksum(data: bytes, where: str = "") -> bool:
     return True
 
 
+_TIMESTAMPS = ("created_at", "updated_at", "started_at", "finished_at", "deadline_at", "heartbeat_at", "last_activity_at")
+_TABLES = ("labels", "request", "retention", "logs", "artifacts", "runtime", "preview", "error", "cancel", "supervisor", "process")
+
+
+def structural_problems(m: dict) -> list[str]:
+    """What makes a parsed manifest unusable by readers, beyond its schema line: fields of the
+    wrong type (a TOML datetime where a timestamp string belongs, a string where a table does),
+    malformed timestamps and refs. One list serves local reads, verify and pulls (an archive's
+    manifests are checked like local ones before anything of theirs is stored)."""
+    problems = []
+    for key in ("run_id", "status", "created_at", "updated_at"):
+        if not isinstance(m.get(key), str):
+            problems.append(f"field {key} is missing or not a string")
+    if m.get("status") not in STATUSES:
+        problems.append(f"unknown status {m.get('status')!r}")
+    for key in _TABLES:
+        if key in m and not isinstance(m[key], dict):
+            problems.append(f"field {key} is not a table")
+    for key, value in (m.get("labels") if isinstance(m.get("labels"), dict) else {}).items():
+        if not isinstance(value, str):
+            problems.append(f"label {key} is not a string")
+    req = m.get("request") if isinstance(m.get("request"), dict) else {}
+    if not isinstance(req.get("argv", []), list) or not all(isinstance(a, str) for a in req.get("argv", [])):
+        problems.append("request.argv is not a list of strings")
+    for stream, ref in (m.get("logs") if isinstance(m.get("logs"), dict) else {}).items():
+        if not isinstance(ref, dict) or not _is_address(ref.get("blake3")):
+            problems.append(f"logs.{stream} has no blake3 address")
+    arts = m.get("artifacts") if isinstance(m.get("artifacts"), dict) else {}
+    if "tree" in arts and not _is_address(arts["tree"]):
+        problems.append("artifacts.tree is not a blake3 address")
+    err = m.get("error")
+    if isinstance(err, dict) and not isinstance(err.get("code"), str):
+        problems.append("error.code is missing or not a string")
+    from .timefmt import parse_ts
+
+    for key in _TIMESTAMPS:
+        if m.get(key) is not None:
+            if not isinstance(m[key], str):
+                problems.append(f"field {key} is not an RFC 3339 timestamp string")
+                continue
+            try:
+                parse_ts(m[key])
+            except CasrunsError:
+                problems.append(f"field {key} is not an RFC 3339 timestamp")
+    for key in ("attempt", "exit_code", "signal"):
+        if m.get(key) is not None and (isinstance(m[key], bool) or not isinstance(m[key], int)):
+            problems.append(f"field {key} is not an integer")
+    return problems
+
+
+def _is_address(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def jsonable(value, depth: int = 0):
+    """A plugin's return value made safe to store and to print as JSON: strings, finite numbers,
+    booleans, None, lists and string-keyed tables; datetimes become RFC 3339 strings, NaN and
+    infinities and anything else their ``str``. (A ``datetime`` from a plugin used to make every
+    later JSON output a traceback.)"""
+    import math
+
+    if depth > 32:
+        return str(value)
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**63 else str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v, depth + 1) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v, depth + 1) for v in value if v is not None]
+    if hasattr(value, "isoformat"):
+        try:
+            return value.isoformat()
+        except Exception:  # noqa: BLE001 - a plugin's odd object is stored as text
+            pass
+    return str(value)
+
+
 def check_schema(m: object, where: str) -> dict:
     if not isinstance(m, dict):
         raise CorruptManifest(f"manifest {where} is not a table")
@@ -173,6 +254,9 @@ def check_schema(m: object, where: str) -> dict:
         raise CorruptManifest(f"manifest {where} has unknown status {m.get('status')!r}")
     if not isinstance(m.get("run_id"), str):
         raise CorruptManifest(f"manifest {where} has no run_id")
+    problems = structural_problems(m)
+    if problems:
+        raise CorruptManifest(f"manifest {where}: {'; '.join(problems[:3])}")
     return m
 
 

@@ -656,7 +656,7 @@ class Registry:
             "at": now_ts(),
             "reason": redactor.text(reason),
             "by": redactor.text(by) if by else None,
-            "metadata": redactor.metadata(metadata) or None,
+            "metadata": redactor.metadata(mf.jsonable(metadata)) or None,
         }
         with self.run_dir(run_id).update() as m:
             ret = m.setdefault("retention", {})

@@ -582,7 +582,8 @@ class Supervisor:
             if isinstance(res, dict):
                 runtime.update(res.get("runtime") or {})
                 preview.update(res.get("preview") or {})
-        meta = {"runtime": self.redactor.metadata(runtime), "preview": self.redactor.metadata(preview)}
+        # normalised first: a datetime or NaN from a plugin must not make every later JSON output fail
+        meta = {"runtime": self.redactor.metadata(mf.jsonable(runtime)), "preview": self.redactor.metadata(mf.jsonable(preview))}
         with self.run.update() as mm:
             mm.update({k: v for k, v in meta.items() if v})
         argv = [str(a) for a in self.ctx.argv]

@@ -101,3 +101,18 @@ def validate():
         return instance
 
     return check
+
+
+def damage_manifest(run, mutate) -> None:
+    """Rewrite a run's manifest with ``mutate`` applied, bypassing the writers' own checks (they
+    refuse a manifest readers could not use): how a crafted or damaged manifest gets on disk."""
+    from casruns import fsutil
+    from casruns import manifest as mf
+
+    m = run.read_fresh()
+    mutate(m)
+    fsutil.atomic_write(run.manifest_path, mf.dumps(m))
+    try:
+        os.unlink(os.path.join(run.path, "manifest.json"))
+    except FileNotFoundError:
+        pass

@@ -11,7 +11,7 @@ import pytest
 from casruns import manifest as mf, scheduler
 from casruns.store import DiskStore
 from casruns.tree import MAX_DEPTH, Tree, collect, materialize
-from conftest import cli, cli_json
+from conftest import damage_manifest, cli, cli_json
 
 
 def test_non_utf8_symlink_target_is_skipped_not_fatal(tmp_path):
@@ -83,7 +83,7 @@ def test_dequeue_removes_exactly_one_run(tmp_path):
 
 def test_manifest_with_a_toml_datetime_stays_writable(tmp_path):
     path = str(tmp_path / "manifest.toml")
-    m = {"schema": mf.SCHEMA, "run_id": "r", "status": "queued", "created_at": "x", "updated_at": "x",
+    m = {"schema": mf.SCHEMA, "run_id": "r", "status": "queued", "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z",
          "future_when": datetime.datetime(2030, 1, 1, tzinfo=datetime.timezone.utc)}
     mf.write(path, m)
     assert not (tmp_path / "manifest.json").exists()
@@ -92,7 +92,7 @@ def test_manifest_with_a_toml_datetime_stays_writable(tmp_path):
 
 def test_a_reader_rebuilds_a_missing_cache(tmp_path):
     path = str(tmp_path / "manifest.toml")
-    mf.write(path, {"schema": mf.SCHEMA, "run_id": "r", "status": "queued", "created_at": "x", "updated_at": "x"})
+    mf.write(path, {"schema": mf.SCHEMA, "run_id": "r", "status": "queued", "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"})
     os.unlink(tmp_path / "manifest.json")
     mf.read(path)
     assert (tmp_path / "manifest.json").exists()
@@ -296,8 +296,11 @@ def test_one_bad_retention_field_hides_only_its_run(registry):
 
 def test_fast_path_errors_are_json_too(registry):
     rid = registry.submit(["true"], spawn=False)["run_id"]
-    with registry.run_dir(rid).update() as m:
-        m["labels"] = "not a table"
+    # writers refuse such a manifest now, so damage the file itself (dropping its checksum line)
+    path = registry.run_dir(rid).manifest_path
+    lines = open(path).read().splitlines()
+    lines = [lines[1], 'labels = "not a table"', *[l for l in lines[2:] if not l.startswith("labels")]]
+    open(path, "w").write("\n".join(lines) + "\n")
     for env in ({}, {"CASRUNS_NO_FASTPATH": "1"}):
         proc = cli("list", "--json", "--label", "a=b", env=env)
         assert proc.stdout.startswith("{") and proc.returncode != 0, (env, proc.stdout, proc.stderr)
@@ -305,8 +308,7 @@ def test_fast_path_errors_are_json_too(registry):
 
 def test_verify_reports_a_malformed_address_instead_of_stopping(registry):
     rid = registry.submit(["true"], spawn=False)["run_id"]
-    with registry.run_dir(rid).update() as m:
-        m["logs"] = {"stdout": {"blake3": "../../../../etc/passwd", "size": 1}}
+    damage_manifest(registry.run_dir(rid), lambda m: m.update(logs={"stdout": {"blake3": "../../../../etc/passwd", "size": 1}}))
     proc, out = cli_json("verify")
     assert proc.returncode == 14 and out[0]["problems"][0]["kind"] == "manifest_invalid"
 

@@ -62,6 +62,9 @@ def register(cli: click.Group) -> None:
                 f"{report['blobs_received']} blobs received ({report['bytes_received']} bytes), "
                 f"{report['blobs_present']} already here"
             )
+        for e in report.get("errors", []):
+            click.echo(f"casruns: error: {e['run_id']}: {e['message']}", err=True)
+        return 6 if report.get("errors") else 0
 
     @archive.command(name="list")
     @click.argument("src")
@@ -72,7 +75,10 @@ def register(cli: click.Group) -> None:
         report = obj.registry.archive_list(src)
         if as_json:
             render.emit_json(report)
-            return
-        for r in report["runs"]:
-            click.echo(f"{r['run_id']}  {r['status']}{'  promoted' if r['promoted'] else ''}")
-        click.echo(f"{len(report['runs'])} runs in {report['src']}")
+        else:
+            for r in report["runs"]:
+                click.echo(f"{r['run_id']}  {r['status']}{'  promoted' if r['promoted'] else ''}")
+            click.echo(f"{len(report['runs'])} runs in {report['src']}")
+            for e in report.get("errors", []):
+                click.echo(f"casruns: error: {e['run_id']}: {e['message']}", err=True)
+        return 6 if report.get("errors") else 0
