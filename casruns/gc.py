@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 SCHEMA = "casruns/gc/v1"
 CHUNK = 1000
 FUTURE_LIMIT = 86400.0  # an mtime further ahead than this is no one's honest clock: reset to now
+CLOCK_SLACK = 60.0  # a clock this far behind the previous gc's has gone backwards
 MISSING_LIMIT = 1000  # missing references listed in the report (all are counted)
 
 
@@ -106,22 +107,26 @@ def collect_garbage(registry: "Registry", *, dry_run: bool = False, wait: bool =
     fsutil.ensure_dir(os.path.join(registry.root, "locks"))
     lock_path = os.path.join(registry.root, "locks", "gc.lock")
     lock = locking.FileLock(lock_path, record=True)
+    previous = locking.read_record(lock_path) or {}  # the last gc's record, before ours replaces it
     if not lock.acquire(blocking=wait):
         rec = locking.read_record(lock_path) or {}
         raise Busy(f"another gc is running (pid {rec.get('pid', '?')} on {rec.get('host', '?')}); try again or use --wait")
     try:
-        _run(registry, stats, dry_run, progress)
+        _run(registry, stats, dry_run, progress, previous.get("acquired_at"))
     finally:
         lock.release()
     stats.duration_s = round(time.monotonic() - t0, 3)
     return stats.to_json()
 
 
-def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
+def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress, previous_at=None) -> None:
     store = registry.store
     config = registry.config
     runs_dir = registry.runs_dir
     grace = config.gc_grace
+    # A clock behind the one the previous gc had has gone backwards since: whatever this gc
+    # stamps now (first sightings, reset mtimes) would later look older than it is.
+    clock_behind = isinstance(previous_at, (int, float)) and retention.wall_clock() < previous_at - CLOCK_SLACK
 
     # 0. finish interrupted deletions
     for name in os.listdir(runs_dir) if os.path.isdir(runs_dir) else []:
@@ -151,7 +156,7 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
     sightings = {}
     for rid, m in manifests.items():
         if m.get("status") in mf.TERMINAL:
-            sightings[rid] = _sighting(registry.run_dir(rid).path, m, config, now, boot, stats, dry_run)
+            sightings[rid] = _sighting(registry.run_dir(rid).path, m, config, now, boot, stats, dry_run or clock_behind)
 
     def retention_now(rid: str, m: dict) -> dict:
         return safe_retention_of(m, config, now=now, kept_by=kept.get(rid), sighting=sightings.get(rid), boot=boot) or {}
@@ -252,7 +257,7 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
                     st = path.stat()
                 except FileNotFoundError:
                     continue
-                if _young(path, st, now, grace, stats, dry_run):
+                if _young(path, st, now, grace, stats, dry_run, clock_behind):
                     stats.blobs_in_grace += 1
                     continue
                 if not _remove(path, dry_run):
@@ -261,7 +266,7 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
                 stats.bytes_freed += st.st_size
                 if stats.blobs_removed == 1:
                     _fault("after_first_delete")
-    _sweep_packs(store, reachable, settled, grace, now, stats, dry_run, progress)
+    _sweep_packs(store, reachable, settled, grace, now, stats, dry_run, progress, clock_behind)
     stats.blobs_kept += stats.blobs_pinned + stats.blobs_in_grace
 
     # 5. temp files, settled pins, leftovers
@@ -273,7 +278,7 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
         pid = path.name.split("-", 1)[0]
         if pid.isdigit() and os.path.exists(f"/proc/{pid}"):
             continue  # its writer is alive
-        if not _young(path, st, now, grace, stats, dry_run):
+        if not _young(path, st, now, grace, stats, dry_run, clock_behind):
             if not dry_run:
                 path.unlink(missing_ok=True)
             stats.temps_removed += 1
@@ -294,21 +299,23 @@ def _finish(registry, store, pins_dir, settled_at_start, now: float, grace: floa
         stats.temps_removed += registry._clean_leftovers(grace)
 
 
-def _young(path, st, now: float, grace: float, stats: GCStats, dry_run: bool) -> bool:
+def _young(path, st, now: float, grace: float, stats: GCStats, dry_run: bool, clock_behind: bool) -> bool:
     """Whether a blob, pack or temp file is too young to delete (a future mtime counts as young).
 
     An mtime more than FUTURE_LIMIT ahead was not written by an honest clock (a clock that far
     ahead, since corrected, or a tampered file); kept as it is, it would never be collected.
     It is set to now, so the grace period runs from now and a later gc judges it as usual: a
-    writer that put the file is then protected as long as one that put it this moment.
+    writer that put the file is then protected as long as one that put it this moment. Not
+    when this gc's own clock went backwards since the previous gc (``clock_behind``): then the
+    file may be young and our "now" old.
     """
     age = now - st.st_mtime
-    if age < -FUTURE_LIMIT:
+    if age < -FUTURE_LIMIT and not clock_behind:
         if not dry_run:
             try:
                 os.utime(path, (now, now))
             except OSError:
-                pass  # (read-only, or gone): kept, and tried again next time
+                return True  # (read-only, or gone): kept, and tried again next time
         stats.mtimes_reset += 1
         return True
     return age < grace
@@ -365,7 +372,7 @@ def _sighting(run_path: str, m: dict, config, now: float, boot, stats: GCStats, 
 
     A sighting in the future (made by a clock ahead of this one) is replaced by one made now.
     Only a run whose record says its time is up needs the sighting read; for the others it is
-    enough that one exists. Returns the sighting, or None (judged as seen now) when none could
+    enough that one exists and is not in the future (its mtime is the time it records). Returns the sighting, or None (judged as seen now) when none could
     be written (a dry run, a stray in its place, a read-only registry)."""
     try:
         by_record = retention.record_until(m, config)
@@ -375,8 +382,12 @@ def _sighting(run_path: str, m: dict, config, now: float, boot, stats: GCStats, 
         existing = retention.read_sighting(run_path)
         if existing is not None and existing.elapsed(now, boot) is not None:
             return existing
-    elif os.path.lexists(retention.sighting_path(run_path)):
-        return None  # its time is not up by its own record, so the sighting cannot matter yet
+    else:
+        try:
+            if os.lstat(retention.sighting_path(run_path)).st_mtime <= now:
+                return None  # its time is not up by its own record, so what the sighting says cannot matter yet
+        except OSError:
+            pass  # none yet
     if dry_run:
         return None
     try:
@@ -413,7 +424,9 @@ def _remove(path, dry_run: bool) -> bool:
 REWRITE_FRACTION = 0.2  # a pack is rewritten once this share of its stored bytes is garbage
 
 
-def _sweep_packs(store, reachable: set[str], settled: set[str], grace: float, now: float, stats: GCStats, dry_run: bool, progress) -> None:
+def _sweep_packs(
+    store, reachable: set[str], settled: set[str], grace: float, now: float, stats: GCStats, dry_run: bool, progress, clock_behind: bool = False
+) -> None:
     """Delete packs whose blobs are all garbage; rewrite packs with enough garbage.
 
     A rewrite copies the live frames into a new pack that is durable before the old one is
@@ -437,8 +450,7 @@ def _sweep_packs(store, reachable: set[str], settled: set[str], grace: float, no
             st = os.stat(path)
         except FileNotFoundError:
             continue
-        age = now - st.st_mtime
-        if age < grace or age < 0:
+        if _young(path, st, now, grace, stats, dry_run, clock_behind):
             stats.blobs_in_grace += len(dead)
             continue
         dead_bytes = sum(index[a].length for a in dead)

@@ -41,26 +41,18 @@ def wall_clock() -> float:
     return time.time()
 
 
-_boot_id: str | None = None
-
-
 def boot_clock() -> tuple[str | None, float | None]:
     """(this boot's id, seconds since boot including suspend), or Nones where unavailable.
 
     ``CLOCK_BOOTTIME`` only moves forward at the real rate, whatever is done to the wall
     clock, so within one boot it measures elapsed time that no clock jump can inflate."""
-    global _boot_id
-    if _boot_id is None:
-        try:
-            with open("/proc/sys/kernel/random/boot_id", "rb") as f:
-                _boot_id = f.read(64).decode("ascii", "replace").strip()
-        except OSError:
-            _boot_id = ""
+    from .locking import boot_id
+
     try:
         since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
     except (AttributeError, OSError):
         since_boot = None
-    return (_boot_id or None), since_boot
+    return (boot_id() or None), since_boot
 
 
 class Sighting:
@@ -122,7 +114,12 @@ def write_sighting(run_path: str, now: float, boot: tuple[str | None, float | No
     from . import fsutil
 
     s = Sighting(now, boot[0], boot[1])
-    fsutil.atomic_write(sighting_path(run_path), s.to_bytes(), durable=False)
+    path = sighting_path(run_path)
+    fsutil.atomic_write(path, s.to_bytes(), durable=False)
+    try:
+        os.utime(path, (now, now))  # its mtime is the time it records: a stat tells a sighting in the future
+    except OSError:
+        pass
     return s
 
 
