@@ -372,8 +372,9 @@ def _sighting(run_path: str, m: dict, config, now: float, boot, stats: GCStats, 
 
     A sighting in the future (made by a clock ahead of this one) is replaced by one made now.
     Only a run whose record says its time is up needs the sighting read; for the others it is
-    enough that one exists and is not in the future (its mtime is the time it records). Returns the sighting, or None (judged as seen now) when none could
-    be written (a dry run, a stray in its place, a read-only registry)."""
+    enough that one exists and is not in the future (its mtime is the time it records).
+    Returns the sighting, or None (judged as seen now) when it was not read or none could be
+    written (a dry run, a clock gone backwards, a stray in its place, a read-only registry)."""
     try:
         by_record = retention.record_until(m, config)
     except (CasrunsError, TypeError, ValueError):
