@@ -187,10 +187,19 @@ def retention_of(
         sighting = read_sighting(os.path.join(root, "runs", m["run_id"])) if root else None
     boot = boot_clock() if boot is None else boot
     elapsed = sighting.elapsed(now, boot) if isinstance(sighting, Sighting) else None
-    seen_at = sighting.seen_at if isinstance(sighting, Sighting) and elapsed is not None else now
+    if elapsed is None:
+        # not seen yet (or seen by a clock ahead of ours): judged as if seen now, and no fixed
+        # time to announce until a gc has seen it
+        hold = until - now if keep is None else keep
+        out["cleanup_eligible"] = hold <= 0
+        out["cleanup_eligible_at"] = out["retain_until"] if hold <= 0 else None
+        return out
+    seen_at = sighting.seen_at
     hold = until - seen_at if keep is None else keep  # retain_until: the time left when gc first saw it
-    left = max(hold - (elapsed or 0.0), 0.0)
-    out["cleanup_eligible_at"] = format_ts(max(until, now + left))
+    left = hold - elapsed
+    # by the wall clock, unless the boot clock says less time has passed (a wall clock set forward)
+    at = seen_at + hold if elapsed > now - seen_at - 1.0 else now + left
+    out["cleanup_eligible_at"] = format_ts(max(until, at))
     out["cleanup_eligible"] = left <= 0
     return out
 
