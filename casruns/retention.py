@@ -37,7 +37,8 @@ SEEN_SCHEMA = "casruns/gc-seen/v1"
 
 
 def wall_clock() -> float:
-    """The wall clock retention and gc judge by (tests replace it to skew gc's clock)."""
+    """The wall clock retention and gc judge by: ``time.time``, read in one place (tests skew
+    it by replacing ``time.time``, which is what a gc whose clock is wrong sees)."""
     return time.time()
 
 
