@@ -27,6 +27,7 @@ POINTS: dict[str, str] = {
     "reap_after_spawn": "reap restarted a queued run's supervisor and dies before handing it the payload",
     "supervisor_before_collect": "the supervisor dies after the command ended, before collection",
     "gc_after_trash": "gc dies after finishing a killed gc's trash",
+    "gc_after_sightings": "gc dies after recording first sightings of terminal runs, before removing any",
     "gc_after_run_rename": "gc dies after renaming a run to its trash, before deleting it",
     "gc_after_runs_removed": "gc dies after removing runs, before the mark",
     "gc_after_mark": "gc dies after the mark, before the sweep",

@@ -157,6 +157,7 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress, previous
     for rid, m in manifests.items():
         if m.get("status") in mf.TERMINAL:
             sightings[rid] = _sighting(registry.run_dir(rid).path, m, config, now, boot, stats, dry_run or clock_behind)
+    _fault("after_sightings")
 
     def retention_now(rid: str, m: dict) -> dict:
         return safe_retention_of(m, config, now=now, kept_by=kept.get(rid), sighting=sightings.get(rid), boot=boot) or {}

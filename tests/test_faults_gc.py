@@ -202,6 +202,21 @@ def test_a_zero_hold_and_retain_until_need_no_earlier_sighting(registry):
     assert registry.gc()["runs_removed"] == 2
 
 
+def test_gc_killed_after_recording_sightings_loses_nothing_and_keeps_them(registry):
+    config(registry, 'gc_grace = "0s"\n[retention]\nsucceeded = "7d"\nfailed = "0s"\n')
+    held = finished_run(registry, files={"h.txt": b"held"})
+    gone = finished_run(registry, status="failed", files={"g.txt": b"gone"})
+    before = evidence(registry, held)
+    make_old(registry)
+    proc = cli("gc", env={"CASRUNS_TEST_FAULT": "gc_after_sightings"})
+    assert proc.returncode == -9, proc.stderr
+    assert seen_file(registry, held).is_file() and registry.run_dir(gone).exists()
+    assert registry.verify(read_data=True)["ok"]
+    report = registry.gc()
+    assert report["runs_first_seen"] == 0 and report["runs_removed"] == 1 and evidence(registry, held) == before
+    assert registry.verify(read_data=True)["ok"]
+
+
 @pytest.mark.parametrize("offset", [-400 * DAY, -30 * DAY, 30 * DAY, 400 * DAY])
 def test_live_and_promoted_runs_survive_every_clock_skew(registry, monkeypatch, offset):
     config(registry, 'gc_grace = "0s"\n[retention]\nsucceeded = "0s"\nfailed = "0s"\n')
