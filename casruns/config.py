@@ -63,6 +63,7 @@ class Config:
         self.plugins: list[str] = []
         self.retention: dict[str, float] = {k: parse_duration(v) for k, v in DEFAULT_RETENTION.items()}
         self.raw: dict = raw or {}
+        self.root: str | None = None  # the registry it was loaded from (retention reads gc's sightings there)
 
     @classmethod
     def load(cls, root: str | os.PathLike) -> "Config":
@@ -71,14 +72,17 @@ class Config:
             with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            return cls()
-        import tomllib
+            c = cls()
+        else:
+            import tomllib
 
-        try:
-            raw = tomllib.loads(data.decode("utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise RegistryError(f"cannot parse {path}: {e}", path=path) from None
-        return cls.from_dict(raw, path)
+            try:
+                raw = tomllib.loads(data.decode("utf-8"))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                raise RegistryError(f"cannot parse {path}: {e}", path=path) from None
+            c = cls.from_dict(raw, path)
+        c.root = os.fspath(root)
+        return c
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "config") -> "Config":

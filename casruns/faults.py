@@ -31,6 +31,7 @@ POINTS: dict[str, str] = {
     "supervisor_before_collect": "the supervisor dies after the command ended, before collection",
     "supervisor_collect": "the supervisor's collection of logs and artifacts into the store (enospc: a full disk)",
     "gc_after_trash": "gc dies after finishing a killed gc's trash",
+    "gc_after_sightings": "gc dies after recording first sightings of terminal runs, before removing any",
     "gc_after_run_rename": "gc dies after renaming a run to its trash, before deleting it",
     "gc_after_runs_removed": "gc dies after removing runs, before the mark",
     "gc_after_mark": "gc dies after the mark, before the sweep",

@@ -6,12 +6,17 @@ the whole run (a second gc waits with ``wait=True`` or fails with ``busy``):
 0. **Finish** deletions a killed gc left: ``runs/.trash-*`` directories.
 1. **Remove runs** retention makes eligible. Each is re-checked under its run lock, then its
    directory is renamed to ``runs/.trash-*`` (atomic: the run is whole or gone) and deleted.
+   Strays (a run-id name that is not a directory holding a regular ``manifest.toml``) are
+   reported and skipped. Every terminal run's first sighting is recorded (retention.py):
+   a run is eligible only once gc itself has seen it terminal for the rule's hold.
 2. **Snapshot pins**: the pin files in ``blobs/pins/`` present now. Pins that are settled
    (their flock is free; ``*.done`` from casruns 0.1) or whose writer is dead were committed (or abandoned) before the mark, so
    the mark covers them: they are not roots, and they are deleted at the end.
 3. **Mark**: every blob reachable from the remaining manifests (log refs, artifact trees and
-   the files they list), plus plugin gc roots. An unreadable tree aborts the sweep: gc never
-   deletes what it cannot prove unreferenced.
+   the files they list), plus plugin gc roots. An unreadable manifest or corrupt tree aborts
+   gc; a referenced blob that is missing (a damaged reference, a lost blob) skips phases 4
+   and 5's blob deletions and is reported: the blob meant may be any unreferenced one, so
+   gc never deletes what it cannot prove unreferenced.
 4. **Sweep**, in chunks under the exclusive sweep lock: re-read every pin file not settled
    at the snapshot (live ones, and any that settled or died since: a reference added after
    the mark),
@@ -26,7 +31,8 @@ the whole run (a second gc waits with ``wait=True`` or fails with ``busy``):
    small packs are merged (every entry copied, the new pack durable and read back first).
 
 Clock jumps: correctness rests on pins and locks, not time. The grace period is a second
-line (puts made without a pin); a blob or temp file with an mtime in the future is kept.
+line (puts made without a pin); a blob, pack or temp file with an mtime in the future is kept,
+but one more than FUTURE_LIMIT ahead gets its mtime set to now (so the grace runs from now).
 Crash safety: every step is idempotent; SIGKILL at any point leaves every manifest's blobs
 in place and the next gc completes the work.
 """
@@ -35,13 +41,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from . import faults, fsutil, locking
 from . import manifest as mf
-from .errors import Busy, CasrunsError, CorruptManifest, RegistryError
+from . import retention
+from .errors import BlobNotFound, Busy, CasrunsError, CorruptManifest, RegistryError
 from .retention import keep_last_protected, safe_retention_of
 from .ids import is_address
 from .runs import iter_run_ids
@@ -51,6 +59,9 @@ if TYPE_CHECKING:
 
 SCHEMA = "casruns/gc/v1"
 CHUNK = 1000
+FUTURE_LIMIT = 86400.0  # an mtime further ahead than this is no one's honest clock: reset to now
+CLOCK_SLACK = 60.0  # a clock this far behind the previous gc's has gone backwards
+MISSING_LIMIT = 1000  # missing references listed in the report (all are counted)
 
 
 @dataclass
@@ -73,6 +84,12 @@ class GCStats:
     packs_unreadable: int = 0
     packs_merged: int = 0
     duration_s: float = 0.0
+    swept: bool = True  # False: a referenced blob is missing, so nothing was swept
+    blobs_missing: int = 0
+    missing: list = field(default_factory=list)  # [{run_id, address, where}]
+    strays: list = field(default_factory=list)  # [{path, kind}]
+    runs_first_seen: int = 0
+    mtimes_reset: int = 0
 
     def to_json(self) -> dict:
         return {"schema": SCHEMA, **asdict(self)}
@@ -90,22 +107,26 @@ def collect_garbage(registry: "Registry", *, dry_run: bool = False, wait: bool =
     fsutil.ensure_dir(os.path.join(registry.root, "locks"))
     lock_path = os.path.join(registry.root, "locks", "gc.lock")
     lock = locking.FileLock(lock_path, record=True)
+    previous = locking.read_record(lock_path) or {}  # the last gc's record, before ours replaces it
     if not lock.acquire(blocking=wait):
         rec = locking.read_record(lock_path) or {}
         raise Busy(f"another gc is running (pid {rec.get('pid', '?')} on {rec.get('host', '?')}); try again or use --wait")
     try:
-        _run(registry, stats, dry_run, progress)
+        _run(registry, stats, dry_run, progress, previous.get("acquired_at"))
     finally:
         lock.release()
     stats.duration_s = round(time.monotonic() - t0, 3)
     return stats.to_json()
 
 
-def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
+def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress, previous_at=None) -> None:
     store = registry.store
     config = registry.config
     runs_dir = registry.runs_dir
     grace = config.gc_grace
+    # A clock behind the one the previous gc had has gone backwards since: whatever this gc
+    # stamps now (first sightings, reset mtimes) would later look older than it is.
+    clock_behind = isinstance(previous_at, (int, float)) and retention.wall_clock() < previous_at - CLOCK_SLACK
 
     # 0. finish interrupted deletions
     for name in os.listdir(runs_dir) if os.path.isdir(runs_dir) else []:
@@ -119,18 +140,29 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
     plugin_roots = [str(r) for _, roots in registry.plugins.call("casruns_gc_roots", registry_root=registry.root) for r in roots or ()]
     protected_runs = {r for r in plugin_roots if not is_address(r)}
 
-    # 1. remove eligible runs
+    # 1. remove eligible runs (recording gc's own first sighting of every terminal run)
+    strays: dict[str, str] = {}
     manifests = {}
     for rid in iter_run_ids(runs_dir):
         try:
-            manifests[rid] = registry.run_dir(rid).read()
+            m = _read_run(registry, rid, strays)
         except CasrunsError:
             continue  # unreadable: never eligible, and verify reports it
+        if m is not None:
+            manifests[rid] = m
     kept = keep_last_protected(manifests.values(), config)
-    eligible = [
-        rid for rid, m in manifests.items()
-        if rid not in protected_runs and (safe_retention_of(m, config, kept_by=kept.get(rid)) or {}).get("cleanup_eligible")
-    ]
+    now = retention.wall_clock()
+    boot = retention.boot_clock()
+    sightings = {}
+    for rid, m in manifests.items():
+        if m.get("status") in mf.TERMINAL:
+            sightings[rid] = _sighting(registry.run_dir(rid).path, m, config, now, boot, stats, dry_run or clock_behind)
+    _fault("after_sightings")
+
+    def retention_now(rid: str, m: dict) -> dict:
+        return safe_retention_of(m, config, now=now, kept_by=kept.get(rid), sighting=sightings.get(rid), boot=boot) or {}
+
+    eligible = [rid for rid, m in manifests.items() if rid not in protected_runs and retention_now(rid, m).get("cleanup_eligible")]
     dirs = fsutil.DirSync()
     trash = []
     would_remove: set[str] = set()  # dry run: what the mark must treat as gone
@@ -140,8 +172,8 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
         run = registry.run_dir(rid)
         try:
             with run.locked():
-                m = run.read()  # the cache's tag proves it matches the TOML (a parse costs 0.75 ms)
-                if not (safe_retention_of(m, config, kept_by=kept.get(rid)) or {}).get("cleanup_eligible"):
+                m = _read_run(registry, rid, strays)  # the cache's tag proves it matches the TOML (a parse costs 0.75 ms)
+                if m is None or not retention_now(rid, m).get("cleanup_eligible"):
                     continue  # promoted or retained since we looked
                 if dry_run:
                     stats.runs_removed += 1
@@ -161,8 +193,6 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
         shutil.rmtree(target, ignore_errors=True)
     _fault("after_runs_removed")
 
-    stats.runs_kept = len(set(iter_run_ids(runs_dir)) - would_remove)
-
     # 2. snapshot pins (2a: done/dead pins are covered by the mark and removed at the end)
     pins_dir = store.pins_dir
     settled_at_start = [p for p in _pin_files(pins_dir) if p.endswith(".done") or not locking.is_held(p)]
@@ -171,28 +201,48 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
     # 3. mark
     reachable: set[str] = set()
     ids = sorted(set(iter_run_ids(runs_dir)) - would_remove)
+    marked = []
     for i, rid in enumerate(ids):
         if progress:
             progress("marking", i + 1, len(ids))
         try:
-            m = registry.run_dir(rid).read()
+            m = _read_run(registry, rid, strays)
         except CasrunsError as e:
             raise CorruptManifest(f"gc stopped before sweeping: run {rid} cannot be read ({e.message}); run casruns verify") from None
+        if m is None:
+            continue  # a stray: not a run, references nothing
+        marked.append((rid, m))
         reachable.update(referenced_addresses(registry, m))
+    stats.runs_kept = len(marked)
     for root in plugin_roots:
-        if is_address(root):
-            reachable.add(root)
-        else:
+        if not is_address(root):
             try:
-                reachable.update(referenced_addresses(registry, registry.run_dir(root).read()))
+                m = _read_run(registry, root, {})
             except CasrunsError:
-                pass  # a run that is gone has nothing left to keep
+                m = None
+            if m is not None:
+                reachable.update(referenced_addresses(registry, m))
+    stats.strays = [{"path": p, "kind": k} for p, k in sorted(strays.items())]
     _fault("after_mark")
 
-    # 4. sweep: loose blobs, then packs
-    candidates = [a for a in store.iter_loose_addresses() if a not in reachable]
+    # Every referenced blob must be present (loose, or in a readable pack) before anything is
+    # swept: a reference to a missing blob may be a damaged copy of an unreferenced blob's
+    # address, which is then the only copy of the run's data (spec: "Missing references").
+    loose = list(store.iter_loose_addresses())
+    present = set(loose)
+    for name in store.pack_names():  # a fresh look at blobs/packs/, after the mark
+        present.update(store.pack_index(name))
+    if not reachable <= present:
+        _report_missing(registry, marked, reachable - present, stats)
+    reachable.update(r for r in plugin_roots if is_address(r))
     stats.blobs_kept = len(reachable)
     now = time.time()
+    if not stats.swept:
+        _finish(registry, store, pins_dir, settled_at_start, now, grace, stats, dry_run)
+        return
+
+    # 4. sweep: loose blobs, then packs
+    candidates = [a for a in loose if a not in reachable]
     for start in range(0, len(candidates), CHUNK):
         chunk = candidates[start : start + CHUNK]
         if progress:
@@ -208,8 +258,7 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
                     st = path.stat()
                 except FileNotFoundError:
                     continue
-                age = now - st.st_mtime
-                if age < grace or age < 0:
+                if _young(path, st, now, grace, stats, dry_run, clock_behind):
                     stats.blobs_in_grace += 1
                     continue
                 if not _remove(path, dry_run):
@@ -218,7 +267,7 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
                 stats.bytes_freed += st.st_size
                 if stats.blobs_removed == 1:
                     _fault("after_first_delete")
-    _sweep_packs(store, reachable, settled, grace, now, stats, dry_run, progress)
+    _sweep_packs(store, reachable, settled, grace, now, stats, dry_run, progress, clock_behind)
     stats.blobs_kept += stats.blobs_pinned + stats.blobs_in_grace
 
     # 5. temp files, settled pins, leftovers
@@ -228,11 +277,17 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
         except FileNotFoundError:
             continue
         pid = path.name.split("-", 1)[0]
-        alive = pid.isdigit() and os.path.exists(f"/proc/{pid}")
-        if not alive and 0 <= now - st.st_mtime >= grace:
+        if pid.isdigit() and os.path.exists(f"/proc/{pid}"):
+            continue  # its writer is alive
+        if not _young(path, st, now, grace, stats, dry_run, clock_behind):
             if not dry_run:
                 path.unlink(missing_ok=True)
             stats.temps_removed += 1
+    _finish(registry, store, pins_dir, settled_at_start, now, grace, stats, dry_run)
+
+
+def _finish(registry, store, pins_dir, settled_at_start, now: float, grace: float, stats: GCStats, dry_run: bool) -> None:
+    """The end of every gc, swept or not: settled and stale pins, leftovers."""
     # pins of writers killed while creating them, and pins the mark covered
     for p in [*_stale_new_pins(pins_dir, now), *settled_at_start]:
         if not dry_run:
@@ -243,6 +298,118 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress) -> None:
         stats.pins_removed += 1
     if not dry_run:
         stats.temps_removed += registry._clean_leftovers(grace)
+
+
+def _young(path, st, now: float, grace: float, stats: GCStats, dry_run: bool, clock_behind: bool) -> bool:
+    """Whether a blob, pack or temp file is too young to delete (a future mtime counts as young).
+
+    An mtime more than FUTURE_LIMIT ahead was not written by an honest clock (a clock that far
+    ahead, since corrected, or a tampered file); kept as it is, it would never be collected.
+    It is set to now, so the grace period runs from now and a later gc judges it as usual: a
+    writer that put the file is then protected as long as one that put it this moment. Not
+    when this gc's own clock went backwards since the previous gc (``clock_behind``): then the
+    file may be young and our "now" old.
+    """
+    age = now - st.st_mtime
+    if age < -FUTURE_LIMIT and not clock_behind:
+        if not dry_run:
+            try:
+                os.utime(path, (now, now))
+            except OSError:
+                return True  # (read-only, or gone): kept, and tried again next time
+        stats.mtimes_reset += 1
+        return True
+    return age < grace
+
+
+def _read_run(registry: "Registry", rid: str, strays: dict[str, str]) -> dict | None:
+    """The manifest of run ``rid``, or None (noted in ``strays``) when the name is not a run.
+
+    A *stray* is a run-id name in ``runs/`` that is not a directory (a regular file, a FIFO, a
+    socket, a symlink, even to a directory), or a directory whose ``manifest.toml`` is missing
+    or not a regular file. Every check is an ``lstat``: nothing is opened that could block (a
+    FIFO) or lead outside the registry (a symlink). A directory with a regular
+    ``manifest.toml`` is a run: if that file cannot be read or parsed, the error propagates.
+    A ``manifest.json`` cache that is not a regular file is a stray too; the TOML is read.
+    """
+    path = os.path.join(registry.runs_dir, rid)
+    rel = f"runs/{rid}"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None  # gone since the listing: nothing to keep
+    if not stat.S_ISDIR(st.st_mode):
+        strays[rel] = _kind(st.st_mode)
+        return None
+    try:
+        mst = os.lstat(os.path.join(path, "manifest.toml"))
+    except (FileNotFoundError, NotADirectoryError):
+        strays[rel] = "a directory without manifest.toml"
+        return None
+    if not stat.S_ISREG(mst.st_mode):
+        strays[rel] = f"a directory whose manifest.toml is {_kind(mst.st_mode)}"
+        return None
+    run = registry.run_dir(rid)
+    try:
+        cst = os.lstat(os.path.join(path, "manifest.json"))
+    except (FileNotFoundError, NotADirectoryError):
+        return run.read()
+    if stat.S_ISREG(cst.st_mode):
+        return run.read()
+    strays[rel + "/manifest.json"] = _kind(cst.st_mode)
+    return run.read_fresh()
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    return fsutil._kind(mode)
+
+
+def _sighting(run_path: str, m: dict, config, now: float, boot, stats: GCStats, dry_run: bool):
+    """gc's first sighting of terminal run ``m``, recorded now if there is none yet.
+
+    A sighting in the future (made by a clock ahead of this one) is replaced by one made now.
+    Only a run whose record says its time is up needs the sighting read; for the others it is
+    enough that one exists and is not in the future (its mtime is the time it records).
+    Returns the sighting, or None (judged as seen now) when it was not read or none could be
+    written (a dry run, a clock gone backwards, a stray in its place, a read-only registry)."""
+    try:
+        by_record = retention.record_until(m, config)
+    except (CasrunsError, TypeError, ValueError):
+        by_record = None  # unparseable retention fields: never eligible, so a sighting cannot matter
+    if by_record is not None and by_record[1] <= now:
+        existing = retention.read_sighting(run_path)
+        if existing is not None and existing.elapsed(now, boot) is not None:
+            return existing
+    else:
+        try:
+            if os.lstat(retention.sighting_path(run_path)).st_mtime <= now:
+                return None  # its time is not up by its own record, so what the sighting says cannot matter yet
+        except OSError:
+            pass  # none yet
+    if dry_run:
+        return None
+    try:
+        s = retention.write_sighting(run_path, now, boot)
+    except (CasrunsError, OSError):
+        return None
+    stats.runs_first_seen += 1
+    return s
+
+
+def _report_missing(registry: "Registry", marked: list, missing: set[str], stats: GCStats) -> None:
+    """Skip the sweep, and name each missing blob with the runs and places that reference it."""
+    stats.swept = False
+    stats.blobs_missing = len(missing)
+    out = []
+    for rid, m in marked:
+        for where, address in _references(registry, m):
+            if address in missing and len(out) < MISSING_LIMIT:
+                out.append({"run_id": rid, "address": address, "where": where})
+    stats.missing = out
 
 
 def _remove(path, dry_run: bool) -> bool:
@@ -259,7 +426,9 @@ def _remove(path, dry_run: bool) -> bool:
 REWRITE_FRACTION = 0.2  # a pack is rewritten once this share of its stored bytes is garbage
 
 
-def _sweep_packs(store, reachable: set[str], settled: set[str], grace: float, now: float, stats: GCStats, dry_run: bool, progress) -> None:
+def _sweep_packs(
+    store, reachable: set[str], settled: set[str], grace: float, now: float, stats: GCStats, dry_run: bool, progress, clock_behind: bool = False
+) -> None:
     """Delete packs whose blobs are all garbage; rewrite packs with enough garbage.
 
     A rewrite copies the live frames into a new pack that is durable before the old one is
@@ -283,8 +452,7 @@ def _sweep_packs(store, reachable: set[str], settled: set[str], grace: float, no
             st = os.stat(path)
         except FileNotFoundError:
             continue
-        age = now - st.st_mtime
-        if age < grace or age < 0:
+        if _young(path, st, now, grace, stats, dry_run, clock_behind):
             stats.blobs_in_grace += len(dead)
             continue
         dead_bytes = sum(index[a].length for a in dead)
@@ -379,23 +547,36 @@ def _merge_small_packs(store, stats: GCStats, progress) -> None:
 
 def referenced_addresses(registry: "Registry", m: dict) -> set[str]:
     """Every blob a manifest references: log blobs, the artifact tree and its files."""
+    return {address for _, address in _references(registry, m)}
+
+
+def _references(registry: "Registry", m: dict):
+    """(where, address) for every blob a manifest references: ``logs.<stream>``,
+    ``artifacts.tree`` and ``artifacts/<path>`` for each file the tree lists.
+
+    A missing tree yields only its own address (the caller finds it missing and sweeps
+    nothing); a tree that is present but cannot be read or parsed stops gc."""
     from .tree import Tree
 
-    out: set[str] = set()
-    for ref in (m.get("logs") or {}).values():
+    for stream, ref in (m.get("logs") or {}).items():
         if isinstance(ref, dict) and ref.get("blake3"):
-            out.add(ref["blake3"])
+            yield f"logs.{stream}", ref["blake3"]
     tree_ref = (m.get("artifacts") or {}).get("tree")
-    if tree_ref:
-        out.add(tree_ref)
-        try:
-            out.update(Tree.from_bytes(registry.store.read_bytes(tree_ref)).addresses())
-        except CasrunsError as e:
-            raise CorruptManifest(
-                f"gc stopped before sweeping: the artifact tree of run {m.get('run_id')} cannot be read ({e.message}); "
-                "run casruns verify"
-            ) from None
-    return out
+    if not tree_ref:
+        return
+    yield "artifacts.tree", tree_ref
+    try:
+        tree = Tree.from_bytes(registry.store.read_bytes(tree_ref))
+    except BlobNotFound:
+        return
+    except CasrunsError as e:
+        raise CorruptManifest(
+            f"gc stopped before sweeping: the artifact tree of run {m.get('run_id')} cannot be read ({e.message}); "
+            "run casruns verify"
+        ) from None
+    for e in tree.entries:
+        if e.type == "file" and e.blake3:
+            yield f"artifacts/{e.path}", e.blake3
 
 
 def _pin_files(pins_dir) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from casruns import Registry, collect, gc as gcmod, locking
+from casruns import Registry, collect, gc as gcmod, locking, retention
 from casruns import manifest as mf
 from casruns.store import DiskStore
 from conftest import casruns_exe, cli, cli_json, poll_until
@@ -101,6 +101,8 @@ def test_retention_rules_per_status_override_and_until(registry):
     ok = finished_run(registry, finished="2026-11-20T00:00:00.000000Z")
     bad = finished_run(registry, status="failed", finished="2026-11-20T00:00:00.000000Z")
     short = finished_run(registry, retain_for="1s", finished="2026-11-20T00:00:00.000000Z")
+    for rid in (ok, bad, short):  # a gc saw them finished 10 days ago (tests/test_faults_gc.py: the hold)
+        retention.write_sighting(registry.run_dir(rid).path, time.time() - 10 * 86400, (None, None))
     r_ok, r_bad, r_short = (registry.get(x)["retention"] for x in (ok, bad, short))
     assert r_ok["rule"] == "status:succeeded" and r_ok["retain_until"] == "2026-12-20T00:00:00.000000Z"
     assert not r_ok["cleanup_eligible"]

@@ -258,6 +258,16 @@ def register(cli: click.Group) -> None:
                     f"{report['pack_blobs_unused']} garbage blobs ({report['pack_bytes_unused']} bytes) left in packs too live to rewrite"
                     + (f"; {report['packs_unreadable']} unreadable packs kept (run casruns verify)" if report["packs_unreadable"] else "")
                 )
+            for s in report["strays"]:
+                click.echo(f"stray: {s['path']}: {s['kind']} (not a run; skipped)")
+            for m in report["missing"]:
+                click.echo(f"blob_missing: {m['run_id']}: {m['where']} {m['address']}")
+            if not report["swept"]:
+                click.echo(
+                    f"nothing swept: {report['blobs_missing']} referenced blobs are missing; every unreferenced blob is kept "
+                    "until they are restored (casruns archive pull) or the runs naming them are removed"
+                )
+        return 0 if report["swept"] else E.EXIT_FINDINGS
 
     @cli.command()
     @click.argument("run_ids", nargs=-1)

@@ -32,7 +32,9 @@ What it does
    Retention: ``config.toml`` sets ``gc_grace = "0s"`` and ``[retention] succeeded = "1d"``.
    Half the runs finished 30 days ago and are eligible (a tenth of those are ``failed``:
    the default 7 days applies); 10% finished as long ago but are promoted, 5% carry
-   ``retain_for`` 90 days, and 35% finished two hours ago. The builder computes what gc
+   ``retain_for`` 90 days, and 35% finished two hours ago. Every run carries the first
+   sighting (``gc-seen.json``) a gc would have recorded a minute after it finished, without a
+   boot id (so the wall clock measures the hold). The builder computes what gc
    must remove (runs, blobs, bytes) and the report is checked against it.
 
 2. **Times the real CLI** as a fresh subprocess (wall clock from spawn to exit, peak RSS
@@ -73,11 +75,11 @@ import sys
 import tempfile
 import time
 
-from casruns import Registry, locking, runs, scheduler
+from casruns import Registry, locking, retention, runs, scheduler
 from casruns import manifest as mf
 from casruns.ids import new_run_id
 from casruns.store import DiskStore
-from casruns.timefmt import format_ts
+from casruns.timefmt import format_ts, parse_ts
 from casruns.tree import Tree, TreeEntry
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -245,6 +247,8 @@ def _task(task: tuple) -> tuple[dict[str, int], list[tuple[str, list[str]]]]:
         run, lock = runs.create(reg.runs_dir, m)
         lock.release()
         run.remove_workspace()
+        # a gc saw it terminal a minute after it finished (retention holds a run until gc has)
+        retention.write_sighting(run.path, parse_ts(m["finished_at"]) + 60, (None, None))
         refs.append((cat, [*(r["blake3"] for r in logs.values()), tree_addr, *tree.addresses()]))
     return sizes, refs
 
