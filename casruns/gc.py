@@ -353,10 +353,11 @@ def _read_run(registry: "Registry", rid: str, strays: dict[str, str]) -> dict | 
     try:
         cst = os.lstat(os.path.join(path, "manifest.json"))
     except (FileNotFoundError, NotADirectoryError):
-        return run.read()
-    if stat.S_ISREG(cst.st_mode):
-        return run.read()
-    strays[rel + "/manifest.json"] = _kind(cst.st_mode)
+        cst = None
+    if cst is not None and not stat.S_ISREG(cst.st_mode):
+        strays[rel + "/manifest.json"] = _kind(cst.st_mode)
+    # Decisions that delete rest on the TOML's bytes, checksum checked; the cache only spares
+    # the parse when it was built from exactly these bytes (spec/format.md, "What each reader trusts").
     return run.read_fresh()
 
 
