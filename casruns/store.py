@@ -550,10 +550,8 @@ class DiskStore(BlobStore):
         return RegistryError(f"cannot store blob {address} at {final}: {e.strerror}", path=str(final))
 
     def iter_temp_files(self) -> Iterator[Path]:
-        try:
-            yield from (self.tmp_dir / n for n in sorted(os.listdir(self.tmp_dir)))
-        except FileNotFoundError:
-            return
+        """The temps in ``blobs/tmp/``: regular files only (gc deletes these; it skips strays)."""
+        yield from (self.tmp_dir / n for n in self._scan(self.tmp_dir, lambda n: True, stat.S_ISREG)[0])
 
     # -- reads -------------------------------------------------------------------------
     def iter_chunks(self, address: str) -> Iterator[bytes]:

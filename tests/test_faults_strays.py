@@ -256,6 +256,34 @@ def test_a_symlinked_shard_directory_is_never_followed(tmp_path):
     assert list(other.iter_loose_addresses()) == [address]  # nothing was written through the link
 
 
+def test_gc_skips_strays_in_the_store_and_deletes_none(registry):
+    """gc lists loose blobs, packs and temps through the store: strays are never candidates."""
+    from test_gc import evidence, make_old
+
+    rid = finished_run(registry, files={**many_files("k"), "big.bin": os.urandom(2 << 20)})
+    before = evidence(registry, rid)
+    store = registry.store
+    orphan = b3(b"no blob here")
+    strays = {
+        f"packs/{fake_pack_name('gc-fifo')}": "fifo",
+        f"packs/{fake_pack_name('gc-dir')}": "directory",
+        f"{orphan[:2]}/{orphan[2:]}": "fifo",
+        "tmp/1-0123456789abcdef.tmp": "directory",
+    }
+    old = 1_000_000_000
+    for rel, kind in strays.items():
+        path = store.path / rel
+        path.parent.mkdir(exist_ok=True)
+        path.mkdir() if kind == "directory" else os.mkfifo(path)
+        os.utime(path, (old, old), follow_symlinks=False)
+    make_old(registry)
+    proc = subprocess.run([sys.executable, "-m", "casruns", "--root", registry.root, "gc", "--json"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert all(os.path.lexists(store.path / rel) for rel in strays)  # a stray is the operator's to remove
+    assert dict(DiskStore(store.path).iter_strays()) == strays
+    assert evidence(Registry(registry.root), rid) == before
+
+
 # -- pins ----------------------------------------------------------------------------------------
 
 
