@@ -826,41 +826,7 @@ class DiskStore(BlobStore):
 
     # -- pins (read by gc) -----------------------------------------------------------------
     def pin_files(self) -> list[str]:
-        """The pin files of ``blobs/pins/`` (``*.pin``, and ``*.done`` left by casruns 0.1),
-        sorted. Only regular files: a stray with a pin's name pins nothing and is never opened."""
-        if self._scan(self.path, lambda n: n == "pins", stat.S_ISDIR)[0]:
-            named = lambda n: n.endswith(PIN_SUFFIXES)  # noqa: E731
-            return [os.path.join(self.pins_dir, n) for n in self._scan(self.pins_dir, named, stat.S_ISREG)[0]]
-        return []
-
-    def pin_settled(self, path: str | os.PathLike) -> bool:
-        """True unless a live writer holds the pin's flock (a ``*.pin`` is created locked and
-        the lock freed when the pin settles). A pin that is gone, or a stray, is settled."""
-        try:
-            fd = fsutil.open_regular(path)
-        except (FileNotFoundError, StrayFile):
-            return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        finally:
-            os.close(fd)
-        return True
-
-    @staticmethod
-    def read_pin(path: str | os.PathLike) -> set[str]:
-        """The addresses a pin file lists. A stray under a pin's name lists none; a pin that
-        is gone raises FileNotFoundError; any other failure RegistryError (gc stops)."""
-        try:
-            data = fsutil.read_regular(path)
-        except StrayFile:
-            return set()
-        except FileNotFoundError:
-            raise
-        except OSError as e:
-            raise RegistryError(f"cannot read pin {path}: {e.strerror}", path=os.fspath(path)) from None
-        return {a for a in data.decode("ascii", "replace").split() if is_address(a)}
+        return pin_files(self.pins_dir)
 
     def _add_pack(self, name: str, index: dict) -> None:
         # in place: a refresh (which builds aside from these dicts) cannot run meanwhile
@@ -1220,6 +1186,49 @@ class _SharedSweep:
             self.holders -= 1
             if not self.holders:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+
+def pin_files(pins_dir: str | os.PathLike) -> list[str]:
+    """The pin files of ``blobs/pins/`` (``*.pin``, and ``*.done`` left by casruns 0.1),
+    sorted. Only regular files: a stray with a pin's name pins nothing and is never opened
+    (spec/format.md, "Pins and the sweep lock"); nor is a ``pins`` that is not a directory."""
+    try:
+        if not stat.S_ISDIR(os.lstat(pins_dir).st_mode):
+            return []
+    except FileNotFoundError:
+        return []
+    names = DiskStore._scan(Path(pins_dir), lambda n: n.endswith(PIN_SUFFIXES), stat.S_ISREG)[0]
+    return [os.path.join(pins_dir, n) for n in names]
+
+
+def pin_settled(path: str | os.PathLike) -> bool:
+    """True unless a live writer holds the pin's flock (a ``*.pin`` is created locked and the
+    lock freed when the pin settles). A pin that is gone, or a stray, is settled."""
+    try:
+        fd = fsutil.open_regular(path)
+    except (FileNotFoundError, StrayFile):
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def read_pin(path: str | os.PathLike) -> set[str]:
+    """The addresses a pin file lists. A stray under a pin's name lists none; a pin that is
+    gone raises FileNotFoundError; any other failure RegistryError (gc stops)."""
+    try:
+        data = fsutil.read_regular(path)
+    except StrayFile:
+        return set()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise RegistryError(f"gc stopped: cannot read pin {path}: {e.strerror}", path=os.fspath(path)) from None
+    return {a for a in data.decode("ascii", "replace").split() if is_address(a)}
 
 
 def _is_shard(name: str) -> bool:

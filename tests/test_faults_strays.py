@@ -19,6 +19,7 @@ import blake3
 import pytest
 
 from casruns import Registry, locking
+from casruns import store as storemod
 from casruns.errors import BlobNotFound, StrayFile
 from casruns.store import DiskStore
 from conftest import cli, cli_json
@@ -295,7 +296,15 @@ def plant_stray_pins(store: DiskStore, tmp_path: Path) -> dict[str, str]:
     target.write_text(b3(b"not a pin") + "\n")
     (pins / "222-bbbbbbbbbbbbbbbb.pin").symlink_to(target)
     (pins / "333-cccccccccccccccc.done").mkdir()
-    return {"pins/111-aaaaaaaaaaaaaaaa.pin": "fifo", "pins/222-bbbbbbbbbbbbbbbb.pin": "symlink", "pins/333-cccccccccccccccc.done": "directory"}
+    os.mkfifo(pins / "444-dddddddddddddddd.pin.new")
+    old = 1_000_000_000  # old enough for gc's look at pins whose creator died
+    os.utime(pins / "444-dddddddddddddddd.pin.new", (old, old))
+    return {
+        "pins/111-aaaaaaaaaaaaaaaa.pin": "fifo",
+        "pins/222-bbbbbbbbbbbbbbbb.pin": "symlink",
+        "pins/333-cccccccccccccccc.done": "directory",
+        "pins/444-dddddddddddddddd.pin.new": "fifo",
+    }
 
 
 def test_stray_pins_are_no_pins_and_verify_reports_them(registry, validate, tmp_path, supervisors):
@@ -304,12 +313,12 @@ def test_stray_pins_are_no_pins_and_verify_reports_them(registry, validate, tmp_
     with store.pin() as live:
         live.add(b3(b"pinned"))
         assert store.pin_files() == [live.path]  # strays are not listed as pins
-        assert not store.pin_settled(live.path)
-        assert store.read_pin(live.path) == {b3(b"pinned")}
+        assert not storemod.pin_settled(live.path)
+        assert storemod.read_pin(live.path) == {b3(b"pinned")}
     for rel in expected:  # never opened for reading (a FIFO would block), never held
         path = str(store.path / rel)
-        assert store.read_pin(path) == set()
-        assert store.pin_settled(path)
+        assert storemod.read_pin(path) == set()
+        assert storemod.pin_settled(path)
     env = {"CASRUNS_HOME": registry.root}
     rid = submit_many_artifacts(env)  # a real ingest pins beside them
     proc, out = run_cli("verify", env=env)
@@ -320,7 +329,7 @@ def test_stray_pins_are_no_pins_and_verify_reports_them(registry, validate, tmp_
 
 
 @pytest.mark.xfail(strict=True, reason="gc.py reads pins with a blocking open and locking.is_held; it must list and "
-                   "read them through DiskStore.pin_files/pin_settled/read_pin (issue 13, gc's side). Remove this marker then.")
+                   "read them through casruns.store.pin_files/pin_settled/read_pin (issue 13, gc's side). Remove this marker then.")
 def test_gc_is_not_blocked_by_a_stray_pin(registry, tmp_path):
     finished_run(registry, files=many_files("g"))
     plant_stray_pins(registry.store, tmp_path)
