@@ -25,7 +25,7 @@ import os
 import time
 
 from . import fsutil
-from .errors import Busy
+from .errors import Busy, StrayFile
 
 _boot_id: str | None = None
 
@@ -173,10 +173,11 @@ def read_record(path: str | os.PathLike) -> dict | None:
 
 
 def is_held(path: str | os.PathLike) -> bool:
-    """True if some process holds an exclusive flock on ``path`` right now."""
+    """True if some process holds an exclusive flock on ``path`` right now. A lock file that is
+    gone, or a stray (a FIFO, a directory, a symlink: never opened or followed), is not held."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        fd = fsutil.open_regular(path)
+    except (FileNotFoundError, StrayFile):
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -542,7 +542,7 @@ class DiskStore(BlobStore):
 
     def _store_error(self, address: str, final: Path, e: OSError) -> RegistryError:
         """A failed rename of a blob to its address: a stray directory there, or an I/O error."""
-        if e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+        if e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):  # rename(2) onto a directory
             return StrayFile(
                 f"cannot store blob {address}: {final} is a directory, a stray (spec/format.md, \"Strays\"); remove it",
                 path=str(final),
@@ -1204,17 +1204,9 @@ def pin_files(pins_dir: str | os.PathLike) -> list[str]:
 def pin_settled(path: str | os.PathLike) -> bool:
     """True unless a live writer holds the pin's flock (a ``*.pin`` is created locked and the
     lock freed when the pin settles). A pin that is gone, or a stray, is settled."""
-    try:
-        fd = fsutil.open_regular(path)
-    except (FileNotFoundError, StrayFile):
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-    return True
+    from . import locking
+
+    return not locking.is_held(path)
 
 
 def read_pin(path: str | os.PathLike) -> set[str]:
