@@ -343,10 +343,10 @@ class DiskStore(BlobStore):
         if self._share is None:
             if not self.path.is_dir():
                 fsutil.ensure_dir(self.path)
-            fd = fsutil.open_private(self.sweep_lock_path(), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK)
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                raise StrayFile(f"{self.sweep_lock_path()} is not a regular file: a stray (spec/format.md, \"Strays\"); remove it")
+            try:
+                fd = fsutil.open_private(self.sweep_lock_path(), os.O_RDWR | os.O_CREAT)
+            except IsADirectoryError:
+                raise StrayFile(f"{self.sweep_lock_path()} is a directory, not a lock file; remove it") from None
             self._share = _SharedSweep(fd)
         return self._share
 
@@ -460,15 +460,14 @@ class DiskStore(BlobStore):
 
         A stray is an entry with a name the store gives meaning to but of the wrong type: a
         shard, ``packs/``, ``pins/`` or ``tmp/`` that is not a real directory (a symlink to
-        one included); a loose blob, pack, pin, temp or ``sweep.lock`` that is not a regular
-        file. Readers skip strays and writers never take one for a blob; only verify lists them.
+        one included); a loose blob, pack, pin or temp that is not a regular file. Readers skip
+        strays and writers never take one for a blob; only verify lists them.
         """
         special = {"packs": packs.is_pack_name, "pins": lambda n: n.endswith((*PIN_SUFFIXES, ".pin.new")), "tmp": lambda n: True}
         dirs, out = self._scan(self.path, lambda n: _is_shard(n) or n in special, stat.S_ISDIR)
         for name in dirs:
             named = special.get(name, _is_loose_name)
             out += [(f"{name}/{n}", kind) for n, kind in self._scan(self.path / name, named, stat.S_ISREG)[1]]
-        out += self._scan(self.path, lambda n: n == "sweep.lock", stat.S_ISREG)[1]
         yield from sorted(out)
 
     def loose_stray(self, address: str) -> tuple[str, str] | None:

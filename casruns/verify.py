@@ -239,5 +239,5 @@ def _run_stray(runs_dir: str, rid: str) -> dict | None:
 def _add_blob_stray(strays: dict[str, dict], rel: str, kind: str) -> None:
     """A stray of the blob store (``rel`` relative to ``blobs/``)."""
     path = f"blobs/{rel}"
-    want = "a regular file" if "/" in rel or rel == "sweep.lock" else "a directory"
+    want = "a regular file" if "/" in rel else "a directory"
     strays.setdefault(path, {"path": path, "kind": kind, "message": f"{path} is a {kind.replace('_', ' ')} where {want} should be; never read"})
