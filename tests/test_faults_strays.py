@@ -285,6 +285,23 @@ def test_gc_skips_strays_in_the_store_and_deletes_none(registry):
     assert evidence(Registry(registry.root), rid) == before
 
 
+@pytest.mark.parametrize("name", ["tmp", "pins", "packs"])
+def test_a_symlinked_store_directory_is_never_written_through(tmp_path, name):
+    store = DiskStore(tmp_path / "blobs")
+    store.path.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (store.path / name).symlink_to(elsewhere)
+    datas = [f"blob {i}\n".encode() * 20 for i in range(20)]  # enough to make a pack
+    with pytest.raises(StrayFile, match="symlink"):
+        with store.batch(store.pin()) as batch:
+            for d in datas:
+                batch.put_bytes(d)
+    assert list(elsewhere.iterdir()) == []  # no temp, pin or pack went through the link
+    assert dict(store.iter_strays()) == {name: "symlink"}
+    assert store.pack_names() == [] and not store.contains(b3(datas[0]))
+
+
 # -- pins ----------------------------------------------------------------------------------------
 
 
