@@ -26,6 +26,12 @@ Packs: a batch with many small blobs writes them into pack files (``blobs/packs/
 :mod:`casruns.packs`) instead of one file each. Readers look for a loose file first, then in
 the packs' indexes, which each process loads lazily and refreshes on a miss (a pack that gc
 rewrote has vanished; its live blobs are in a newer pack).
+
+Strays (spec/format.md, "Strays"): every blob, pack, pin and temp is opened ``O_NONBLOCK|O_NOFOLLOW``
+and checked to be a regular file (a loose blob through its shard directory's descriptor, so a
+symlinked shard is not followed either); listings keep regular files and real directories only.
+A FIFO, directory or symlink with a blob's or pack's name is therefore never waited on, followed
+or taken for a blob; :meth:`DiskStore.iter_strays` lists them for verify.
 """
 
 from __future__ import annotations
