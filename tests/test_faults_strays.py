@@ -25,7 +25,6 @@ from casruns.store import DiskStore
 from conftest import cli, cli_json
 from test_gc import finished_run
 
-HEX = "0123456789abcdef"
 TIMEOUT = 30  # seconds any command here may take before the test counts it as hung
 
 
