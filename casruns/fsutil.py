@@ -217,17 +217,18 @@ def open_lock_file(path: str | os.PathLike) -> int | None:
         return None
 
 
-def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY) -> int:
+def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY, *, dir_fd: int | None = None) -> int:
     """Open an existing registry file that must be a regular file, never following a symlink.
 
     ``O_NONBLOCK`` makes opening a FIFO return at once instead of waiting for a writer, and
     ``O_NOFOLLOW`` refuses a symlink planted in its place; the descriptor is then checked with
     ``fstat`` (the name may have been swapped after a ``stat``), and blocking mode restored.
     Raises :class:`StrayFile` for anything that is not a regular file (spec/format.md, "Strays")
-    and ``OSError`` (``FileNotFoundError`` included) as ``os.open`` does.
+    and ``OSError`` (``FileNotFoundError`` included) as ``os.open`` does. ``dir_fd``: ``path``
+    is relative to that open directory (so no symlinked parent directory is followed either).
     """
     try:
-        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise StrayFile(f"{os.fspath(path)} is a symlink, not a regular file; refusing to follow it", path=os.fspath(path)) from None
@@ -271,6 +272,18 @@ def read_regular_stat(path: str | os.PathLike, limit: int | None = None) -> tupl
         return b"".join(parts), st
     finally:
         os.close(fd)
+
+
+KINDS = ((stat.S_ISREG, "file"), (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symlink"), (stat.S_ISFIFO, "fifo"),
+         (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "char_device"), (stat.S_ISBLK, "block_device"))
+
+
+def kind_of(mode: int) -> str:
+    """The type of a file as the word verify reports for a stray (spec/format.md, "Strays")."""
+    for test, name in KINDS:
+        if test(mode):
+            return name
+    return "other"
 
 
 def _kind(mode: int) -> str:

@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from . import faults, fsutil, locking
+from . import store as storemod
 from . import manifest as mf
 from . import retention
 from .errors import BlobNotFound, Busy, CasrunsError, CorruptManifest, RegistryError
@@ -195,7 +196,7 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress, previous
 
     # 2. snapshot pins (2a: done/dead pins are covered by the mark and removed at the end)
     pins_dir = store.pins_dir
-    settled_at_start = [p for p in _pin_files(pins_dir) if p.endswith(".done") or not locking.is_held(p)]
+    settled_at_start = [p for p in _pin_files(pins_dir) if p.endswith(".done") or storemod.pin_settled(p)]
     settled = set(settled_at_start)
 
     # 3. mark
@@ -581,10 +582,7 @@ def _references(registry: "Registry", m: dict):
 
 
 def _pin_files(pins_dir) -> list[str]:
-    try:
-        return [os.path.join(pins_dir, n) for n in os.listdir(pins_dir) if n.endswith((".pin", ".done"))]
-    except FileNotFoundError:
-        return []
+    return storemod.pin_files(pins_dir)  # regular files only: a stray pins nothing
 
 
 def _stale_new_pins(pins_dir, now: float) -> list[str]:
@@ -596,7 +594,8 @@ def _stale_new_pins(pins_dir, now: float) -> list[str]:
     for n in names:
         p = os.path.join(pins_dir, n)
         try:
-            if now - os.stat(p).st_mtime > 60 and not locking.is_held(p):
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > 60 and storemod.pin_settled(p):
                 out.append(p)
         except OSError:
             continue
@@ -617,11 +616,8 @@ def _read_pins(pins_dir, skip: set[str]) -> set[str]:
         names = [path, path[: -len(".pin")] + ".done"] if path.endswith(".pin") else [path]
         for name in names:
             try:
-                with open(name, "rb") as f:
-                    out.update(line.decode() for line in f.read().split() if len(line) == 64)
+                out.update(storemod.read_pin(name))  # O_NONBLOCK|O_NOFOLLOW: a stray reads as empty
                 break
             except FileNotFoundError:
                 continue
-            except OSError as e:
-                raise RegistryError(f"gc stopped: cannot read pin {name}: {e.strerror}") from None
     return out

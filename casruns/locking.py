@@ -25,7 +25,7 @@ import os
 import time
 
 from . import fsutil
-from .errors import Busy
+from .errors import Busy, StrayFile
 
 _boot_id: str | None = None
 
@@ -164,13 +164,12 @@ def read_record(path: str | os.PathLike) -> dict | None:
 
 
 def is_held(path: str | os.PathLike) -> bool:
-    """True if some process holds an exclusive flock on ``path`` right now."""
-    from .errors import StrayFile
-
+    """True if some process holds an exclusive flock on ``path`` right now. A lock file that is
+    gone, or a stray (a FIFO, a directory, a symlink: never opened or followed), is not held."""
     try:
         fd = fsutil.open_regular(path)
     except (FileNotFoundError, StrayFile):
-        return False  # a stray is no lock: nobody can hold it
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -26,13 +26,21 @@ Packs: a batch with many small blobs writes them into pack files (``blobs/packs/
 :mod:`casruns.packs`) instead of one file each. Readers look for a loose file first, then in
 the packs' indexes, which each process loads lazily and refreshes on a miss (a pack that gc
 rewrote has vanished; its live blobs are in a newer pack).
+
+Strays (spec/format.md, "Strays"): every blob, pack, pin and temp is opened ``O_NONBLOCK|O_NOFOLLOW``
+and checked to be a regular file (a loose blob through its shard directory's descriptor, so a
+symlinked shard is not followed either); listings keep regular files and real directories only.
+A FIFO, directory or symlink with a blob's or pack's name is therefore never waited on, followed
+or taken for a blob; :meth:`DiskStore.iter_strays` lists them for verify.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import secrets
+import stat
 import time
 import threading
 from abc import ABC, abstractmethod
@@ -44,7 +52,7 @@ import blake3
 import zstandard
 
 from . import fsutil, packs
-from .errors import BlobNotFound, IntegrityError, InvalidAddress, RegistryError
+from .errors import BlobNotFound, IntegrityError, InvalidAddress, RegistryError, StrayFile
 from .ids import is_address, validate_address
 
 CHUNK = 1 << 20
@@ -52,6 +60,10 @@ SMALL = 1 << 20  # content up to this size is hashed before it is compressed (ch
 LEVEL = 3  # zstd level 3: compresses log text ~4x; on random data zstd stores raw blocks (<0.1% overhead)
 FEW = 8  # a batch with at most this many new blobs fsyncs them one by one instead of syncfs
 PACK_TARGET = 16 << 20  # a pack is closed once its frames reach this size (a gc rewrite copies at most this)
+PIN_SUFFIXES = (".pin", ".done")  # pin files gc reads: live or settled pins, and settled pins of casruns 0.1
+# A directory of the store, opened without following a symlink (or waiting on a FIFO) in its place.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # a path through a missing name, a stray or a symlink
 
 
 class BlobInfo(NamedTuple):
@@ -85,7 +97,7 @@ class BlobStore(ABC):
 
     def _put_file(self, path: str | os.PathLike, batch: "Batch | None") -> BlobInfo:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = fsutil.open_regular(path)  # a FIFO would block the read: a stray is refused
         except OSError as e:
             raise RegistryError(f"cannot read {path}: {e.strerror}", path=str(path)) from e
         with os.fdopen(fd, "rb") as f:
@@ -211,7 +223,11 @@ class Batch:
             self._temps.append((self.store._write_temp(frame, durable=False), info))
         self._small.clear()
         if self._temps or self._packs:
-            self.store._commit_batch(self._temps, self._packs)
+            try:
+                self.store._commit_batch(self._temps, self._packs)
+            except BaseException:
+                self.discard()  # the temps not yet renamed (a stray in the way, a full disk)
+                raise
         self._temps, self._packs = [], []
         self._pending.clear()
         self.dirs.sync()
@@ -319,8 +335,7 @@ class DiskStore(BlobStore):
         self._share: _SharedSweep | None = None
 
     def pin(self) -> Pin:
-        if not self.pins_dir.is_dir():
-            fsutil.ensure_dir(self.pins_dir)
+        self._real_dir(self.pins_dir)
         return Pin(str(self.pins_dir / f"{os.getpid()}-{secrets.token_hex(8)}.pin"))
 
     def sweep_lock_path(self) -> Path:
@@ -358,13 +373,11 @@ class DiskStore(BlobStore):
 
     def _ensure_dirs(self, address: str) -> Path:
         final = self.path_for(address)
-        if not final.parent.is_dir():
-            fsutil.ensure_dir(final.parent)
+        self._real_dir(final.parent)
         return final
 
     def _new_temp(self) -> tuple[str, int]:
-        if not self.tmp_dir.is_dir():
-            fsutil.ensure_dir(self.tmp_dir)
+        self._real_dir(self.tmp_dir)
         tmp = str(self.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}.tmp")
         fd = fsutil.open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         return tmp, fd
@@ -383,19 +396,19 @@ class DiskStore(BlobStore):
 
     # -- queries -----------------------------------------------------------------------
     def contains(self, address: str) -> bool:
-        return self.path_for(address).is_file() or self._locate(address) is not None
+        return self._loose_stat(address) is not None or self._locate(address) is not None
 
     def stat(self, address: str) -> BlobInfo:
         p = self.path_for(address)
-        try:
-            with open(p, "rb") as f:
-                stored = os.fstat(f.fileno()).st_size
-                header = f.read(18)
-        except FileNotFoundError:
+        fd = self._open_loose(address)
+        if fd is None:
             loc = self._locate(address)
             if loc is None:
-                raise BlobNotFound(f"blob {address} not found in {self.path}", address=address) from None
+                raise self._missing(address)
             return BlobInfo(address, loc[1].size, loc[1].length)
+        with os.fdopen(fd, "rb") as f:
+            stored = os.fstat(f.fileno()).st_size
+            header = f.read(18)
         try:
             size = zstandard.frame_content_size(header)
         except zstandard.ZstdError:
@@ -413,40 +426,146 @@ class DiskStore(BlobStore):
         yield from sorted(packed.union(loose))
 
     def iter_loose_addresses(self) -> Iterator[str]:
+        """The loose blobs: regular files in real shard directories (strays are skipped)."""
+        for shard in self._scan(self.path, _is_shard, stat.S_ISDIR)[0]:
+            for name in self._scan(self.path / shard, _is_loose_name, stat.S_ISREG)[0]:
+                yield shard + name
+
+    # -- strays (spec/format.md, "Strays") ------------------------------------------------
+    @staticmethod
+    def _scan(directory: Path, named, is_kind) -> tuple[list[str], list[tuple[str, str]]]:
+        """The entries of ``directory`` that ``named`` accepts, split by type, each sorted: names
+        of the expected type (``is_kind`` of the mode, symlinks never followed), and (name,
+        kind) of the strays. A missing directory, or a stray in its place, is empty."""
+        good, strays = [], []
         try:
-            shards = sorted(os.listdir(self.path))
-        except FileNotFoundError:
-            return
-        for shard in shards:
-            if len(shard) != 2:
-                continue
+            with os.scandir(directory) as it:
+                for entry in it:
+                    if not named(entry.name):
+                        continue
+                    try:
+                        # d_type answers without a stat on most filesystems; a stray costs an lstat
+                        ok = entry.is_dir(follow_symlinks=False) if is_kind is stat.S_ISDIR else entry.is_file(follow_symlinks=False)
+                        if not ok:
+                            strays.append((entry.name, fsutil.kind_of(entry.stat(follow_symlinks=False).st_mode)))
+                            continue
+                    except FileNotFoundError:
+                        continue  # gone meanwhile
+                    good.append(entry.name)
+        except OSError as e:
+            if e.errno not in _ABSENT:
+                raise
+        return sorted(good), sorted(strays)
+
+    def iter_strays(self) -> Iterator[tuple[str, str]]:
+        """Every stray in the store, sorted: (its path relative to ``blobs/``, its kind).
+
+        A stray is an entry with a name the store gives meaning to but of the wrong type: a
+        shard, ``packs/``, ``pins/`` or ``tmp/`` that is not a real directory (a symlink to
+        one included); a loose blob, pack, pin or temp that is not a regular file. Readers skip
+        strays and writers never take one for a blob; only verify lists them.
+        """
+        special = {"packs": packs.is_pack_name, "pins": lambda n: n.endswith((*PIN_SUFFIXES, ".pin.new")), "tmp": lambda n: True}
+        dirs, out = self._scan(self.path, lambda n: _is_shard(n) or n in special, stat.S_ISDIR)
+        for name in dirs:
+            named = special.get(name, _is_loose_name)
+            out += [(f"{name}/{n}", kind) for n, kind in self._scan(self.path / name, named, stat.S_ISREG)[1]]
+        yield from sorted(out)
+
+    def loose_stray(self, address: str) -> tuple[str, str] | None:
+        """The stray (path relative to ``blobs/``, kind) where ``address``'s loose file or its
+        shard directory should be, or None."""
+        validate_address(address)
+        for rel, is_kind in ((address[:2], stat.S_ISDIR), (f"{address[:2]}/{address[2:]}", stat.S_ISREG)):
             try:
-                names = sorted(os.listdir(self.path / shard))
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            for name in names:
-                if len(name) == 62 and is_address(shard + name):
-                    yield shard + name
+                mode = os.lstat(f"{self._root}/{rel}").st_mode
+            except OSError:
+                return None
+            if not is_kind(mode):
+                return rel, fsutil.kind_of(mode)
+        return None
+
+    def _missing(self, address: str) -> BlobNotFound:
+        """The error for a blob that is not stored, naming a stray in its place if there is one."""
+        stray = self.loose_stray(address)
+        if stray is None:
+            return BlobNotFound(f"blob {address} not found in {self.path}", address=address)
+        path = f"{self.path}/{stray[0]}"
+        what = {"fifo": "a FIFO", "symlink": "a symlink", "directory": "a directory", "file": "a file"}.get(stray[1], f"a {stray[1]}")
+        return BlobNotFound(
+            f"blob {address} is not stored: {path} is {what}, a stray that is never read (run casruns verify)",
+            address=address,
+            path=path,
+        )
+
+    def _real_dir(self, path: Path) -> None:
+        """Make sure ``path`` is a directory of its own (created if missing; never a symlink)."""
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            fsutil.ensure_dir(path)
+            return
+        if not stat.S_ISDIR(mode):
+            raise StrayFile(
+                f"{path} is a {fsutil.kind_of(mode).replace('_', ' ')}, not a directory: a stray (spec/format.md, \"Strays\"); remove it",
+                path=str(path),
+            )
+
+    def _loose_stat(self, address: str) -> os.stat_result | None:
+        """The loose blob's lstat if it is a regular file in a real shard directory; None if
+        it is absent or a stray (never followed, never opened)."""
+        path = self._loose(address)
+        try:
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and stat.S_ISDIR(os.lstat(path[:-63]).st_mode):
+                return st
+        except OSError as e:
+            if e.errno not in _ABSENT:
+                raise
+        return None
+
+    def _open_loose(self, address: str) -> int | None:
+        """The loose blob opened for reading, or None if no regular file is there: absent, or
+        a stray (a FIFO is not waited on, a symlink, even as its shard, is not followed)."""
+        validate_address(address)
+        try:
+            shard = os.open(f"{self._root}/{address[:2]}", _DIR_FLAGS)
+        except OSError as e:
+            if e.errno in _ABSENT:
+                return None
+            raise
+        try:
+            return fsutil.open_regular(address[2:], dir_fd=shard)
+        except (FileNotFoundError, StrayFile):
+            return None
+        finally:
+            os.close(shard)
+
+    def _store_error(self, address: str, final: Path, e: OSError) -> RegistryError:
+        """A failed rename of a blob to its address: a stray directory there, or an I/O error."""
+        if e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):  # rename(2) onto a directory
+            return StrayFile(
+                f"cannot store blob {address}: {final} is a directory, a stray (spec/format.md, \"Strays\"); remove it",
+                path=str(final),
+            )
+        return RegistryError(f"cannot store blob {address} at {final}: {e.strerror}", path=str(final))
 
     def iter_temp_files(self) -> Iterator[Path]:
-        try:
-            yield from (self.tmp_dir / n for n in sorted(os.listdir(self.tmp_dir)))
-        except FileNotFoundError:
-            return
+        """The temps in ``blobs/tmp/``: regular files only (gc deletes these; it skips strays)."""
+        yield from (self.tmp_dir / n for n in self._scan(self.tmp_dir, lambda n: True, stat.S_ISREG)[0])
 
     # -- reads -------------------------------------------------------------------------
     def iter_chunks(self, address: str) -> Iterator[bytes]:
         p = self.path_for(address)
-        try:
-            f = open(p, "rb")
-        except FileNotFoundError:
+        fd = self._open_loose(address)
+        if fd is None:
             data = self._read_packed(address)  # whole and verified: packed blobs are small
             for i in range(0, len(data), CHUNK):
                 yield data[i : i + CHUNK]
             return
         hasher = blake3.blake3()
         held: bytes | None = None
-        with f:
+        with os.fdopen(fd, "rb") as f:
             try:
                 for chunk in zstandard.ZstdDecompressor().read_to_iter(f, read_size=CHUNK, write_size=CHUNK):
                     if held is not None:
@@ -478,13 +597,20 @@ class DiskStore(BlobStore):
             # deleted the blob and we write it again).
             if pin is not None:
                 pin.add(address)
-            try:
+            # A stray under the address (a FIFO, a directory, a symlink) is no blob: the write
+            # that follows renames the new blob over it, or fails clearly (a directory).
+            st = self._loose_stat(address)
+            if st is not None:
                 # Why touch as well: gc also keeps blobs whose mtime is within its grace
                 # period, which protects puts made without a pin.
-                os.utime(final)
-                stored = os.stat(final).st_size
+                try:
+                    os.utime(final, follow_symlinks=False)
+                except FileNotFoundError:
+                    st = None  # quarantined a moment ago
+            if st is not None:
+                stored = st.st_size
                 directory = os.path.dirname(final)
-            except FileNotFoundError:
+            else:
                 # Only a pinned writer may rely on a packed copy: gc keeps a pack whose garbage
                 # is pinned, but pack mtimes are never refreshed, so nothing protects an
                 # unpinned one. A writer without a pin stores its own copy instead.
@@ -568,11 +694,12 @@ class DiskStore(BlobStore):
             return info
         final = self._ensure_dirs(address)
         try:
-            # rename over an identical blob a concurrent writer just stored is harmless.
+            # rename over an identical blob a concurrent writer just stored is harmless, and
+            # over a stray FIFO, file or symlink under the address replaces it.
             os.rename(tmp, final)
         except OSError as e:
             _unlink(tmp)
-            raise RegistryError(f"cannot store blob {address} at {final}: {e.strerror}") from e
+            raise self._store_error(address, final, e) from e
         fsutil.fsync_dir(final.parent)
         return info
 
@@ -632,7 +759,7 @@ class DiskStore(BlobStore):
                 many = False
         if not many:
             for tmp in files:
-                fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+                fd = fsutil.open_regular(tmp)
                 try:
                     os.fsync(fd)
                 finally:
@@ -641,11 +768,13 @@ class DiskStore(BlobStore):
         dirs = fsutil.DirSync()
         for tmp, info in temps:
             final = self._ensure_dirs(info.address)
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except OSError as e:
+                raise self._store_error(info.address, final, e) from e
             dirs.add(final.parent)
         if packs_:
-            if not self.packs_dir.is_dir():
-                fsutil.ensure_dir(self.packs_dir)
+            self._real_dir(self.packs_dir)
             for tmp, name, index in packs_:
                 os.rename(tmp, self.packs_dir / name)
                 self._add_pack(name, index)
@@ -671,7 +800,7 @@ class DiskStore(BlobStore):
     def pack_readable(self, name: str) -> bool:
         """Whether the pack's index reads now (a fresh look at the file, not the cache)."""
         try:
-            fd = os.open(self.pack_path(name), os.O_RDONLY | os.O_CLOEXEC)
+            fd = self._open_pack(name)
         except FileNotFoundError:
             return False
         try:
@@ -686,6 +815,19 @@ class DiskStore(BlobStore):
         """A pack's entries by address ({} for a pack not, or no longer, known)."""
         with self._index_lock:
             return dict(self._packs.get(name) or {})
+
+    def _open_pack(self, name: str) -> int:
+        """A pack opened for reading. FileNotFoundError if it is gone, or if a stray (not a
+        regular file) has its name: a stray is never a pack, and readers then look again."""
+        path = self.pack_path(name)
+        try:
+            return fsutil.open_regular(path)
+        except StrayFile as e:
+            raise FileNotFoundError(errno.ENOENT, e.message, str(path)) from None
+
+    # -- pins (read by gc) -----------------------------------------------------------------
+    def pin_files(self) -> list[str]:
+        return pin_files(self.pins_dir)
 
     def _add_pack(self, name: str, index: dict) -> None:
         # in place: a refresh (which builds aside from these dicts) cannot run meanwhile
@@ -711,16 +853,15 @@ class DiskStore(BlobStore):
                 with self._sweep_shared():  # no pack is deleted while we list (gc deletes under the exclusive hold)
                     listed_at = time.time()
                     try:
-                        st = os.stat(self.packs_dir)
-                        seen = (st.st_ino, st.st_mtime_ns)
+                        st = os.lstat(self.packs_dir)
+                        seen = (st.st_ino, st.st_mtime_ns) if stat.S_ISDIR(st.st_mode) else (0, 0)
                     except (FileNotFoundError, NotADirectoryError):
                         seen = (0, 0)
                     if seen == self._packs_seen and (cheap or self._packs_seen_settled):
                         return
-                    try:
-                        names = {n for n in os.listdir(self.packs_dir) if packs.is_pack_name(n)}
-                    except (FileNotFoundError, NotADirectoryError):
-                        names = set()
+                    # only regular files are packs: a FIFO would block the open, a directory
+                    # fail every read; a symlink is never followed (nor packs/ as one)
+                    names = set(self._scan(self.packs_dir, packs.is_pack_name, stat.S_ISREG)[0]) if seen != (0, 0) else set()
                 # An unchanged mtime proves an unchanged directory only if our listing came
                 # after the tick of that mtime (timestamps are coarse): allow a second.
                 settled = listed_at - st.st_mtime > 1.0 if seen != (0, 0) else True
@@ -734,9 +875,9 @@ class DiskStore(BlobStore):
                 vanished = False
                 for name in sorted(names - new_packs.keys() - new_bad.keys()):
                     try:
-                        fd = os.open(self.packs_dir / name, os.O_RDONLY | os.O_CLOEXEC)
+                        fd = self._open_pack(name)
                     except FileNotFoundError:
-                        vanished = True
+                        vanished = True  # (or a stray now: the next listing skips it)
                         continue
                     try:
                         new_packs[name] = packs.read_index(fd, f"pack {name}")
@@ -781,10 +922,11 @@ class DiskStore(BlobStore):
             if loc is None:
                 return None
             try:
-                os.stat(self.packs_dir / loc[0])
-                return loc[1].length
+                if stat.S_ISREG(os.lstat(self.packs_dir / loc[0]).st_mode):
+                    return loc[1].length
             except FileNotFoundError:
-                self._refresh_packs()  # rewritten by gc a moment ago: look again
+                pass
+            self._refresh_packs()  # rewritten by gc a moment ago: look again
         return None
 
     def read_frame(self, address: str) -> tuple[str, packs.PackEntry, bytes] | None:
@@ -795,7 +937,7 @@ class DiskStore(BlobStore):
                 return None
             name, entry = loc
             try:
-                fd = os.open(self.packs_dir / name, os.O_RDONLY | os.O_CLOEXEC)
+                fd = self._open_pack(name)
             except FileNotFoundError:
                 self._refresh_packs()
                 continue
@@ -810,7 +952,7 @@ class DiskStore(BlobStore):
     def _read_packed(self, address: str) -> bytes:
         got = self.read_frame(address)
         if got is None:
-            raise BlobNotFound(f"blob {address} not found in {self.path}", address=address)
+            raise self._missing(address)
         name, entry, frame = got
         where = f"pack {self.packs_dir / name}"
         try:
@@ -833,24 +975,24 @@ class DiskStore(BlobStore):
 
     def frame_size(self, address: str) -> int:
         """The stored size of a blob's frame, without reading it (a packed one: from its index)."""
-        try:
-            return os.stat(self.path_for(address)).st_size
-        except FileNotFoundError:
-            loc = self._locate(address)
-            if loc is None:
-                raise BlobNotFound(f"blob {address} not found in {self.path}", address=address) from None
-            return loc[1].length
+        st = self._loose_stat(address)
+        if st is not None:
+            return st.st_size
+        loc = self._locate(address)
+        if loc is None:
+            raise self._missing(address)
+        return loc[1].length
 
     def frame_source(self, address: str) -> tuple[str | None, bytes | None, int]:
-        """Where a blob's stored frame is: (loose path, None, size) or (None, frame, size)."""
-        p = self.path_for(address)
-        try:
-            return str(p), None, os.stat(p).st_size
-        except FileNotFoundError:
-            got = self.read_frame(address)
-            if got is None:
-                raise BlobNotFound(f"blob {address} not found in {self.path}", address=address) from None
-            return None, got[2], len(got[2])
+        """Where a blob's stored frame is: (loose path, None, size) or (None, frame, size). A
+        loose path is a regular file (a stray there is skipped); open it with O_NOFOLLOW."""
+        st = self._loose_stat(address)
+        if st is not None:
+            return str(self.path_for(address)), None, st.st_size
+        got = self.read_frame(address)
+        if got is None:
+            raise self._missing(address)
+        return None, got[2], len(got[2])
 
     def write_pack(self, frames: Iterator[tuple[str, bytes, int]]) -> str | None:
         """A new durable pack of (address, frame, size); its name, or None if there were none."""
@@ -862,13 +1004,12 @@ class DiskStore(BlobStore):
                 writer.abandon()
                 return None
             name = writer.finish()
-            fd = os.open(writer.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = fsutil.open_regular(writer.path)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            if not self.packs_dir.is_dir():
-                fsutil.ensure_dir(self.packs_dir)
+            self._real_dir(self.packs_dir)
             os.rename(writer.path, self.packs_dir / name)
         except BaseException:
             writer.abandon()
@@ -882,7 +1023,7 @@ class DiskStore(BlobStore):
         a corrupt frame stays corrupt, and verify finds it). The old pack is left in place.
         Raises FileNotFoundError if the pack is gone (another process rewrote it)."""
         index = self.pack_index(name)
-        fd = os.open(self.pack_path(name), os.O_RDONLY | os.O_CLOEXEC)
+        fd = self._open_pack(name)
         try:
             frames = ((a, packs.read_frame(fd, index[a]), index[a].size) for a in sorted(keep) if a in index)
             return self.write_pack(frames)
@@ -899,7 +1040,7 @@ class DiskStore(BlobStore):
 
         def frames():
             for name in names:  # one open at a time: a group may hold thousands of tiny packs
-                fd = os.open(self.pack_path(name), os.O_RDONLY | os.O_CLOEXEC)
+                fd = self._open_pack(name)
                 try:
                     index = packs.read_index(fd, name)  # from the file itself, not the cache
                     for address in sorted(index):
@@ -927,11 +1068,12 @@ class DiskStore(BlobStore):
     def quarantine(self, address: str, qdir: str) -> bool:
         """Move a (corrupt) blob to ``qdir/<address>``: a loose file is renamed; a packed
         frame is copied out and its pack rewritten without it."""
-        try:
-            os.rename(self.path_for(address), os.path.join(qdir, address))
-            return True
-        except FileNotFoundError:
-            pass
+        if self._loose_stat(address) is not None:  # (a stray is not moved: it is not the blob)
+            try:
+                os.rename(self.path_for(address), os.path.join(qdir, address))
+                return True
+            except FileNotFoundError:
+                pass
         for _ in range(3):
             got = self.read_frame(address)
             if got is None:
@@ -952,12 +1094,14 @@ class DiskStore(BlobStore):
             self.delete_pack(name)
 
     def delete(self, address: str) -> bool:
-        """Remove a blob (tests and tools; gc deletes under its own protocol)."""
-        try:
-            os.unlink(self.path_for(address))
-            return True
-        except FileNotFoundError:
-            pass
+        """Remove a blob (tests and tools; gc deletes under its own protocol). A stray under
+        its address is not a blob and stays."""
+        if self._loose_stat(address) is not None:
+            try:
+                os.unlink(self.path_for(address))
+                return True
+            except FileNotFoundError:
+                pass
         loc = self._locate(address)
         if loc is None:
             return False
@@ -1043,6 +1187,49 @@ class _SharedSweep:
             self.holders -= 1
             if not self.holders and self.fd is not None:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+
+def pin_files(pins_dir: str | os.PathLike) -> list[str]:
+    """The pin files of ``blobs/pins/`` (``*.pin``, and ``*.done`` left by casruns 0.1),
+    sorted. Only regular files: a stray with a pin's name pins nothing and is never opened
+    (spec/format.md, "Pins and the sweep lock"); nor is a ``pins`` that is not a directory."""
+    try:
+        if not stat.S_ISDIR(os.lstat(pins_dir).st_mode):
+            return []
+    except FileNotFoundError:
+        return []
+    names = DiskStore._scan(Path(pins_dir), lambda n: n.endswith(PIN_SUFFIXES), stat.S_ISREG)[0]
+    return [os.path.join(pins_dir, n) for n in names]
+
+
+def pin_settled(path: str | os.PathLike) -> bool:
+    """True unless a live writer holds the pin's flock (a ``*.pin`` is created locked and the
+    lock freed when the pin settles). A pin that is gone, or a stray, is settled."""
+    from . import locking
+
+    return not locking.is_held(path)
+
+
+def read_pin(path: str | os.PathLike) -> set[str]:
+    """The addresses a pin file lists. A stray under a pin's name lists none; a pin that is
+    gone raises FileNotFoundError; any other failure RegistryError (gc stops)."""
+    try:
+        data = fsutil.read_regular(path)
+    except StrayFile:
+        return set()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise RegistryError(f"gc stopped: cannot read pin {path}: {e.strerror}", path=os.fspath(path)) from None
+    return {a for a in data.decode("ascii", "replace").split() if is_address(a)}
+
+
+def _is_shard(name: str) -> bool:
+    return len(name) == 2 and all(c in "0123456789abcdef" for c in name)
+
+
+def _is_loose_name(name: str) -> bool:
+    return len(name) == 62 and is_address("00" + name)
 
 
 def _unlink(path: str) -> None:

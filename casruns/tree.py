@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import CorruptManifest, InvalidAddress, UnsafePath
+from . import fsutil
+from .errors import CorruptManifest, InvalidAddress, StrayFile, UnsafePath
 from .ids import safe_relpath, validate_address
 
 if TYPE_CHECKING:
@@ -250,15 +251,16 @@ def _visit(dir_fd, name, prefix, depth, sink, tree, exclude, scan) -> int | None
         return sub
     elif stat.S_ISREG(st.st_mode):
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            # replaced by a FIFO since the stat: O_NONBLOCK, so the open does not wait for a writer
+            fd = fsutil.open_regular(name, dir_fd=dir_fd)
+        except StrayFile:
+            tree.skipped.append({"path": rel, "reason": "changed type while collected"})
+            return None
         except OSError as e:
             tree.skipped.append({"path": rel, "reason": f"cannot open: {e.strerror}"})
             return None
         with os.fdopen(fd, "rb") as f:
             fst = os.fstat(f.fileno())
-            if not stat.S_ISREG(fst.st_mode):
-                tree.skipped.append({"path": rel, "reason": "changed type while collected"})
-                return None
             if scan is not None:
                 info, extra = scan.ingest(f, sink)
                 if info is None:

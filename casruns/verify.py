@@ -7,6 +7,10 @@ with ``read_data`` every referenced blob is decompressed and re-hashed. Verifyin
 registry also reports orphaned blobs (unreferenced: gc's business, not an error) and, with
 ``read_data``, re-hashes every blob in the store.
 
+*Strays* (spec/format.md, "Strays"): entries with a registry name but the wrong type, such as a
+FIFO named like a run or a pack, or a run directory without a regular ``manifest.toml``. They are
+listed in ``strays`` (path relative to the root, kind), count as findings, and are never opened.
+
 ``quarantine`` moves corrupt blobs to ``<root>/quarantine/<address>`` so nothing reads them
 and a later ``archive pull`` can put a good copy back. A corrupt blob in a pack is copied out
 and its pack rewritten without it; a pack whose index cannot be read (``pack_corrupt``) is
@@ -16,12 +20,13 @@ moved to ``quarantine/<name>.pack`` whole, since none of its blobs can be locate
 from __future__ import annotations
 
 import os
+import stat
 from typing import TYPE_CHECKING
 
 from . import fsutil
 from . import manifest as mf
 from .errors import BlobNotFound, CasrunsError, IntegrityError
-from .runs import iter_run_ids
+from .ids import is_run_id
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -57,7 +62,8 @@ def verify(registry: "Registry", run_ids: list[str] | None = None, *, read_data:
 
     store = registry.store
     everything = not run_ids
-    ids = sorted(iter_run_ids(registry.runs_dir)) if everything else list(run_ids)
+    strays: dict[str, dict] = {}  # path -> the stray (a path can be found twice: listed, and referenced)
+    ids = run_entries(registry.runs_dir, None if everything else list(run_ids), strays)
     problems: list[dict] = []
     referenced: set[str] = set()
     checked: dict[str, str | None] = {}  # address -> problem kind or None (blobs shared by runs are read once)
@@ -74,6 +80,9 @@ def verify(registry: "Registry", run_ids: list[str] | None = None, *, read_data:
                 checked[address] = None
             except BlobNotFound:
                 checked[address] = "blob_missing"
+                stray = store.loose_stray(address) if hasattr(store, "loose_stray") else None
+                if stray is not None:
+                    _add_blob_stray(strays, *stray)
             except IntegrityError:
                 checked[address] = "blob_corrupt"
             except CasrunsError as e:  # not even an address (a damaged manifest)
@@ -134,6 +143,10 @@ def verify(registry: "Registry", run_ids: list[str] | None = None, *, read_data:
                 if read_data and address not in checked:
                     check_blob(address, "", "unreferenced")
 
+    if everything and hasattr(store, "iter_strays"):
+        for rel, kind in store.iter_strays():
+            _add_blob_stray(strays, rel, kind)
+
     store.pack_names()  # a fresh look: packs whose index cannot be read
     bad_packs = dict(store.bad_packs)
     for name, why in sorted(bad_packs.items()):
@@ -169,5 +182,53 @@ def verify(registry: "Registry", run_ids: list[str] | None = None, *, read_data:
         "problems": problems,
         "quarantined": quarantined,
         "quarantined_packs": quarantined_packs,
-        "ok": not problems,
+        "strays": [strays[p] for p in sorted(strays)],
+        "ok": not problems and not strays,
     }
+
+
+def run_entries(runs_dir: str, names: list[str] | None, strays: dict[str, dict]) -> list[str]:
+    """The runs among ``names`` (None: every run-id-named entry of ``runs/``), sorted when
+    listed; the strays among them go to ``strays`` instead (spec/format.md, "Strays"): an entry
+    that is not a real directory (a file, a FIFO, a symlink), and a directory with no regular
+    ``manifest.toml`` (none; a directory, FIFO or symlink by that name). Types come from
+    lstat, so nothing is followed or opened. A named id with no entry stays (not found)."""
+    if names is None:
+        try:
+            names = sorted(n for n in os.listdir(runs_dir) if not n.startswith(".") and is_run_id(n))
+        except FileNotFoundError:
+            names = []
+    runs = []
+    for rid in names:
+        if not is_run_id(rid):
+            runs.append(rid)  # refused, as before, when it is read
+            continue
+        stray = _run_stray(runs_dir, rid)
+        if stray is None:
+            runs.append(rid)
+        else:
+            strays[stray["path"]] = stray
+    return runs
+
+
+def _run_stray(runs_dir: str, rid: str) -> dict | None:
+    """The stray that ``runs/<rid>`` is, or None (a run, or no such entry)."""
+    for rel, is_kind, want in ((rid, stat.S_ISDIR, "directory"), (f"{rid}/manifest.toml", stat.S_ISREG, "regular file")):
+        try:
+            mode = os.lstat(os.path.join(runs_dir, rel)).st_mode
+        except FileNotFoundError:
+            if rel == rid:
+                return None  # no such entry: not found, reported as before
+            return {"path": f"runs/{rid}", "kind": "directory", "run_id": rid, "message": f"runs/{rid} is a directory without manifest.toml, not a run"}
+        if not is_kind(mode):
+            kind = fsutil.kind_of(mode)
+            message = f"runs/{rel} is a {kind.replace('_', ' ')}, not a {want}: runs/{rid} is not a run"
+            return {"path": f"runs/{rel}", "kind": kind, "run_id": rid, "message": message}
+    return None
+
+
+def _add_blob_stray(strays: dict[str, dict], rel: str, kind: str) -> None:
+    """A stray of the blob store (``rel`` relative to ``blobs/``)."""
+    path = f"blobs/{rel}"
+    want = "a regular file" if "/" in rel else "a directory"
+    strays.setdefault(path, {"path": path, "kind": kind, "message": f"{path} is a {kind.replace('_', ' ')} where {want} should be; never read"})

@@ -166,8 +166,6 @@ def test_a_rotted_manifest_is_caught_by_verify_and_updates_even_when_its_cache_i
     assert toml.read_bytes() == before
 
 
-@pytest.mark.xfail(strict=True, reason="gc.py decides with RunDir.read() (the cache); it must use read_fresh() (see spec "
-                   "'What each reader trusts'); gc.py is owned elsewhere")
 def test_gc_refuses_a_rotted_manifest_even_when_its_cache_is_intact(registry, promoted):
     run = registry.run_dir(promoted)
     flip_bit(Path(run.manifest_path), b"promoted = true", len("promote"), keep_mtime=True)
