@@ -287,11 +287,8 @@ def kind_of(mode: int) -> str:
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symlink")):
-        if test(mode):
-            return name
-    return "not a regular file"
+    """The type of a file as a phrase for messages ("a fifo", "a directory")."""
+    return "a " + kind_of(mode).replace("_", " ")
 
 
 def is_no_space(e: BaseException) -> bool:

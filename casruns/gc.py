@@ -50,10 +50,10 @@ from . import faults, fsutil, locking
 from . import store as storemod
 from . import manifest as mf
 from . import retention
-from .errors import BlobNotFound, Busy, CasrunsError, CorruptManifest, RegistryError
+from .errors import BlobNotFound, Busy, CasrunsError, CorruptManifest, RegistryError, RunNotFound
 from .retention import keep_last_protected, safe_retention_of
 from .ids import is_address
-from .runs import iter_run_ids
+from .runs import iter_run_ids, run_stray
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -142,7 +142,7 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress, previous
     protected_runs = {r for r in plugin_roots if not is_address(r)}
 
     # 1. remove eligible runs (recording gc's own first sighting of every terminal run)
-    strays: dict[str, str] = {}
+    strays: dict[str, dict] = {}
     manifests = {}
     for rid in iter_run_ids(runs_dir):
         try:
@@ -223,7 +223,7 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress, previous
                 m = None
             if m is not None:
                 reachable.update(referenced_addresses(registry, m))
-    stats.strays = [{"path": p, "kind": k} for p, k in sorted(strays.items())]
+    stats.strays = [strays[p] for p in sorted(strays)]
     _fault("after_mark")
 
     # Every referenced blob must be present (loose, or in a readable pack) before anything is
@@ -323,51 +323,34 @@ def _young(path, st, now: float, grace: float, stats: GCStats, dry_run: bool, cl
     return age < grace
 
 
-def _read_run(registry: "Registry", rid: str, strays: dict[str, str]) -> dict | None:
-    """The manifest of run ``rid``, or None (noted in ``strays``) when the name is not a run.
-
-    A *stray* is a run-id name in ``runs/`` that is not a directory (a regular file, a FIFO, a
-    socket, a symlink, even to a directory), or a directory whose ``manifest.toml`` is missing
-    or not a regular file. Every check is an ``lstat``: nothing is opened that could block (a
-    FIFO) or lead outside the registry (a symlink). A directory with a regular
-    ``manifest.toml`` is a run: if that file cannot be read or parsed, the error propagates.
-    A ``manifest.json`` cache that is not a regular file is a stray too; the TOML is read.
+def _read_run(registry: "Registry", rid: str, strays: dict[str, dict]) -> dict | None:
+    """The manifest of run ``rid``, or None (noted in ``strays``) when the name is not a run
+    (runs.run_stray: decided by lstat, nothing that could block or lead outside is opened). A
+    directory with a regular ``manifest.toml`` is a run: if that file cannot be read or parsed,
+    the error propagates and stops the sweep. A ``manifest.json`` cache that is not a regular
+    file is a stray too; the TOML is read.
     """
-    path = os.path.join(registry.runs_dir, rid)
-    rel = f"runs/{rid}"
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None  # gone since the listing: nothing to keep
-    if not stat.S_ISDIR(st.st_mode):
-        strays[rel] = _kind(st.st_mode)
-        return None
-    try:
-        mst = os.lstat(os.path.join(path, "manifest.toml"))
-    except (FileNotFoundError, NotADirectoryError):
-        strays[rel] = "a directory without manifest.toml"
-        return None
-    if not stat.S_ISREG(mst.st_mode):
-        strays[rel] = f"a directory whose manifest.toml is {_kind(mst.st_mode)}"
+    stray = run_stray(registry.runs_dir, rid)
+    if stray is not None:
+        strays[stray["path"]] = stray
         return None
     run = registry.run_dir(rid)
     try:
-        cst = os.lstat(os.path.join(path, "manifest.json"))
+        cst = os.lstat(os.path.join(run.path, "manifest.json"))
     except (FileNotFoundError, NotADirectoryError):
         cst = None
+    except OSError:
+        return None  # gone since the listing: nothing to keep
     if cst is not None and not stat.S_ISREG(cst.st_mode):
-        strays[rel + "/manifest.json"] = _kind(cst.st_mode)
+        kind = fsutil.kind_of(cst.st_mode)
+        path = f"runs/{rid}/manifest.json"
+        strays[path] = {"path": path, "kind": kind, "run_id": rid, "message": f"{path} is a {kind.replace('_', ' ')}, not a regular file; the TOML is read"}
     # Decisions that delete rest on the TOML's bytes, checksum checked; the cache only spares
     # the parse when it was built from exactly these bytes (spec/format.md, "What each reader trusts").
-    return run.read_fresh()
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISREG(mode):
-        return "a regular file"
-    if stat.S_ISLNK(mode):
-        return "a symlink"
-    return fsutil._kind(mode)
+    try:
+        return run.read_fresh()
+    except RunNotFound:
+        return None  # gone since the listing
 
 
 def _sighting(run_path: str, m: dict, config, now: float, boot, stats: GCStats, dry_run: bool):

@@ -25,10 +25,11 @@ from .errors import (
     RegistryError,
     RunIdConflict,
     RunNotFound,
+    StrayFile,
     UnknownProvider,
 )
 from .ids import new_run_id, validate_run_id
-from .runs import RunDir, RunExists, iter_run_ids
+from .runs import RunDir, RunExists, iter_run_ids, run_stray
 from .timefmt import format_ts, now_ts, parse_duration, parse_ts
 
 TYPE_CHECKING = False  # typing costs 3 ms on the status path; this spelling costs nothing
@@ -435,8 +436,8 @@ class Registry:
             run = self.run_dir(rid)
             try:
                 m = run.read()
-            except RunNotFound:
-                continue  # removed while we listed
+            except (RunNotFound, StrayFile):
+                continue  # removed while we listed; or a stray, which readers skip (verify reports it)
             except CasrunsError as e:
                 # one unreadable manifest must not hide every other run
                 if errors is not None:
@@ -699,11 +700,11 @@ class Registry:
         if against:
             from .archive import compare
 
-            ids = run_ids or [rid for rid in iter_run_ids(self.runs_dir)]
+            ids = run_ids or [rid for rid in iter_run_ids(self.runs_dir) if run_stray(self.runs_dir, rid) is None]
             diffs = compare(self, against, sorted(ids), read_data=read_data)
             report["against"] = against
             report["problems"].extend(diffs)
-            report["ok"] = not report["problems"]
+            report["ok"] = report["ok"] and not diffs  # strays found above stay findings
         return report
 
     # -- archives ------------------------------------------------------------------------

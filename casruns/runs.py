@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -212,6 +213,30 @@ def _rmtree(path: str) -> None:
     import shutil  # only writers pay for it
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def run_stray(runs_dir: str | os.PathLike, rid: str) -> dict | None:
+    """The stray that ``runs/<rid>`` is, or None (a run, or no such entry).
+
+    The one rule readers, gc and verify share (spec/format.md, "Strays"): an entry that is not
+    a real directory (a file, a FIFO, a symlink), or a directory with no regular
+    ``manifest.toml`` (none, or a directory, FIFO or symlink by that name), is not a run. Types
+    come from ``lstat``: nothing is opened or followed. Returns ``{path, kind, run_id, message}``
+    with ``path`` relative to the registry root.
+    """
+    runs_dir = os.fspath(runs_dir)
+    for rel, is_kind, want in ((rid, stat.S_ISDIR, "directory"), (f"{rid}/manifest.toml", stat.S_ISREG, "regular file")):
+        try:
+            mode = os.lstat(os.path.join(runs_dir, rel)).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            if rel == rid:
+                return None  # no such entry: not found, reported as such by whoever asked
+            return {"path": f"runs/{rid}", "kind": "directory", "run_id": rid, "message": f"runs/{rid} is a directory without manifest.toml, not a run"}
+        if not is_kind(mode):
+            kind = fsutil.kind_of(mode)
+            message = f"runs/{rel} is a {kind.replace('_', ' ')}, not a {want}: runs/{rid} is not a run"
+            return {"path": f"runs/{rel}", "kind": kind, "run_id": rid, "message": message}
+    return None
 
 
 def iter_run_ids(runs_dir: str | os.PathLike) -> Iterator[str]:

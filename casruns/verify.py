@@ -27,6 +27,7 @@ from . import fsutil
 from . import manifest as mf
 from .errors import BlobNotFound, CasrunsError, IntegrityError
 from .ids import is_run_id
+from .runs import run_stray
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -203,28 +204,12 @@ def run_entries(runs_dir: str, names: list[str] | None, strays: dict[str, dict])
         if not is_run_id(rid):
             runs.append(rid)  # refused, as before, when it is read
             continue
-        stray = _run_stray(runs_dir, rid)
+        stray = run_stray(runs_dir, rid)
         if stray is None:
             runs.append(rid)
         else:
             strays[stray["path"]] = stray
     return runs
-
-
-def _run_stray(runs_dir: str, rid: str) -> dict | None:
-    """The stray that ``runs/<rid>`` is, or None (a run, or no such entry)."""
-    for rel, is_kind, want in ((rid, stat.S_ISDIR, "directory"), (f"{rid}/manifest.toml", stat.S_ISREG, "regular file")):
-        try:
-            mode = os.lstat(os.path.join(runs_dir, rel)).st_mode
-        except FileNotFoundError:
-            if rel == rid:
-                return None  # no such entry: not found, reported as before
-            return {"path": f"runs/{rid}", "kind": "directory", "run_id": rid, "message": f"runs/{rid} is a directory without manifest.toml, not a run"}
-        if not is_kind(mode):
-            kind = fsutil.kind_of(mode)
-            message = f"runs/{rel} is a {kind.replace('_', ' ')}, not a {want}: runs/{rid} is not a run"
-            return {"path": f"runs/{rel}", "kind": kind, "run_id": rid, "message": message}
-    return None
 
 
 def _add_blob_stray(strays: dict[str, dict], rel: str, kind: str) -> None:

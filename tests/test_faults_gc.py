@@ -256,14 +256,15 @@ def test_strays_in_runs_are_reported_and_gc_goes_on_without_blocking_on_a_fifo(r
     proc = subprocess.run(casruns_exe() + ["gc", "--json"], capture_output=True, text=True, timeout=30)  # a FIFO must not block it
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = validate(json.loads(proc.stdout), "reports.schema.json#/$defs/gc")
+    # the same objects verify reports (runs.run_stray): the path names the entry of the wrong type
     assert {s["path"]: s["kind"] for s in report["strays"]} == {
-        "runs/01STRAYFILE0000000000000000": "a regular file",
-        "runs/01STRAYFIFO0000000000000000": "a FIFO",
-        "runs/01EMPTYDIR00000000000000000": "a directory without manifest.toml",
-        "runs/01SYMLINK0000000000000000000": "a symlink",
-        "runs/01MANIFESTDIR00000000000000": "a directory whose manifest.toml is a directory",
-        "runs/01MANIFESTFIFO0000000000000": "a directory whose manifest.toml is a FIFO",
-        f"runs/{cached}/manifest.json": "a FIFO",
+        "runs/01STRAYFILE0000000000000000": "file",
+        "runs/01STRAYFIFO0000000000000000": "fifo",
+        "runs/01EMPTYDIR00000000000000000": "directory",
+        "runs/01SYMLINK0000000000000000000": "symlink",
+        "runs/01MANIFESTDIR00000000000000/manifest.toml": "directory",
+        "runs/01MANIFESTFIFO0000000000000/manifest.toml": "fifo",
+        f"runs/{cached}/manifest.json": "fifo",
     }
     assert report["runs_removed"] == 1 and report["swept"] and report["blobs_removed"] >= 1
     assert report["runs_kept"] == 2 and not (runs / gone).exists()
