@@ -1,8 +1,10 @@
 """Audit stored runs against the current detectors: ``casruns scan``.
 
 A registry written before a detector existed (or with a detector switched off) may hold
-credentials. Scanning re-reads each run's manifest fields, logs and text artifacts through
-today's redactor and reports where something would now be masked. It changes nothing.
+credentials. Scanning re-reads each run's manifest fields, logs, artifact names and text
+artifacts through today's redactor and reports where something would now be masked. Text
+that is already a mask (``user:[REDACTED:url_credentials]@host``, the masked body of a
+private key) is not a finding. It changes nothing.
 Declared secret values are not known any more (only their names were stored), so a scan
 uses the detectors and the config's patterns.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING
+
+from .redaction import BINARY_SNIFF, looks_binary
 
 if TYPE_CHECKING:
     from .redaction import Redactor
@@ -53,13 +57,20 @@ def scan_run(registry: "Registry", run_id: str, redactor: "Redactor") -> list[di
     for stream, ref in (m.get("logs") or {}).items():
         if ref:
             add(f"logs:{stream}", _count(redactor, registry.store.iter_chunks(ref["blake3"])))
-    for entry in registry.tree(run_id).entries:
+    tree = registry.tree(run_id)
+    for entry in tree.entries:
+        # the path is printed in the report: never print what a detector would mask in it
+        where = redactor.text(entry.path)
+        names = [entry.path] + ([entry.target] if entry.target is not None else [])
+        add(f"artifact_name:{where}", _count(redactor, ["\n".join(names).encode()]))
         if entry.type != "file" or entry.blake3 is None:
             continue
         head = next(iter(registry.store.iter_chunks(entry.blake3)), b"") if entry.size else b""
-        if b"\0" in head[:8192]:
+        if looks_binary(head[:BINARY_SNIFF]):
             continue  # binary artifacts: detectors read text
-        add(f"artifact:{entry.path}", _count(redactor, registry.store.iter_chunks(entry.blake3)))
+        add(f"artifact:{where}", _count(redactor, registry.store.iter_chunks(entry.blake3)))
+    for skipped in tree.skipped:
+        add(f"artifact_name:{redactor.text(skipped['path'])}", _count(redactor, [str(skipped["path"]).encode()]))
     return findings
 
 
