@@ -207,8 +207,10 @@ def variants(value: str, *, wide: bool = False) -> list[bytes]:
     return [v for v in out if len(v) >= MIN_SECRET_LEN and not (v in seen or seen.add(v))]
 
 
-# Masks already in a text: a detector match made only of them is not a new secret.
-_MASKS_ONLY = re.compile(rb"(?:\[REDACTED(?::[^\]\s]{1,128})?\][ \t]*)+")
+# Masks already in a text: a detector match made only of them (and blanks, or the \n escapes
+# of a JSON string holding a masked key) is not a new secret.
+_MASKS_ONLY = re.compile(rb"(?:\[REDACTED(?::[^\]\s]{1,128})?\])+")
+_BLANKS = re.compile(rb"(?:\s|\\[nrt])+")
 
 
 def _secret_span(m: re.Match) -> tuple[int, int]:
@@ -221,7 +223,7 @@ def _secret_span(m: re.Match) -> tuple[int, int]:
 
 def is_masked(data: bytes) -> bool:
     """True if ``data`` is nothing but masks (``[REDACTED:x]``, ``[REDACTED]``)."""
-    return _MASKS_ONLY.fullmatch(data.strip()) is not None
+    return _MASKS_ONLY.fullmatch(_BLANKS.sub(b"", data)) is not None
 
 
 # Bytes that do not occur in text: C0 controls other than \t \n \v \f \r and ESC, and DEL.

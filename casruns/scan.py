@@ -11,6 +11,7 @@ uses the detectors and the config's patterns.
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,30 @@ def _count(redactor: "Redactor", chunks) -> dict[str, int]:
         stream.feed(chunk)
     stream.close()
     return stream.hits
+
+
+def _count_transcript(redactor: "Redactor", chunks) -> dict[str, int]:
+    """Like :func:`_count` over the transcript's text, each stream apart, without the
+    ``<timestamp> <stream> `` prefixes: the line of a masked key body is then the mask alone,
+    as in the stream's own log (spec/format.md, "Transcript line format")."""
+    streams: dict[bytes, object] = {}
+    rest = b""
+    for chunk in itertools.chain(chunks, [b"\n"]):  # streamed: one chunk and one line held
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            parts = line.split(b" ", 2)
+            if len(parts) < 3:
+                continue
+            if parts[1] not in streams:
+                streams[parts[1]] = redactor.stream()
+            streams[parts[1]].feed(parts[2] + b"\n")
+    out: dict[str, int] = {}
+    for s in streams.values():
+        s.close()
+        for k, v in s.hits.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def scan_run(registry: "Registry", run_id: str, redactor: "Redactor") -> list[dict]:
@@ -56,7 +81,8 @@ def scan_run(registry: "Registry", run_id: str, redactor: "Redactor") -> list[di
                 add(f"manifest:{name}", {"secret_key": 1})
     for stream, ref in (m.get("logs") or {}).items():
         if ref:
-            add(f"logs:{stream}", _count(redactor, registry.store.iter_chunks(ref["blake3"])))
+            chunks = registry.store.iter_chunks(ref["blake3"])
+            add(f"logs:{stream}", _count_transcript(redactor, chunks) if stream == "transcript" else _count(redactor, chunks))
     tree = registry.tree(run_id)
     for entry in tree.entries:
         # the path is printed in the report: never print what a detector would mask in it
