@@ -11,7 +11,14 @@ stages:
    is still caught. Memory is bounded by that holdback.
 2. **Patterns.** Detector regexes (``DETECTORS``, plugin patterns) run over whole lines;
    the stage holds a partial line until its newline (at most ``MAX_LINE`` bytes). Private
-   key blocks are masked line by line from BEGIN to END.
+   key blocks are masked line by line from BEGIN to END. A built-in detector is tried only
+   where one of its literal trigger words occurs (one automaton pass per block), anchored
+   there. A match that is only masks already is kept as it is and not counted, so redacting
+   twice changes nothing and ``casruns scan`` does not report masks.
+
+Binary files (:func:`looks_binary`) get a third mode, :meth:`Redactor.binary_stream`:
+declared values only (also UTF-16), each masked by as many ``*`` bytes as it has, so the
+file keeps its size and layout.
 
 Why no flush on idle: emitting a held-back prefix of a secret early would put the secret on
 disk in two adjacent pieces, which is the secret itself. A prompt without a newline is

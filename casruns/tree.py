@@ -202,6 +202,9 @@ class _Scanner:
 
         head = f.read(BINARY_SNIFF)
         binary = looks_binary(head)
+        if binary and not self.redactor.values:  # nothing to look for: store it without a copy
+            f.seek(0)
+            return _put(f, sink), {}
         stream = self.redactor.binary_stream() if binary else self.redactor.stream()
         keep = self.policy == "flag"  # store the bytes as read; the stream only counts
         with tempfile.SpooledTemporaryFile(max_size=SMALL) as out:

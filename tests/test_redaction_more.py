@@ -328,3 +328,15 @@ def test_end_to_end_label_keys_artifact_names_and_text_artifacts(casruns_home):
     assert "[REDACTED:TOK]" in shown and "[REDACTED:npm_token]" in shown
     _, arts = cli_json("artifacts", rid)
     assert {e["path"] for e in arts[0]["entries"]} == {"by-[REDACTED:TOK]/f.txt", "ci.log"}
+
+
+def test_spec_lists_every_detector_with_its_triggers():
+    from conftest import SPEC
+
+    section = (SPEC / "format.md").read_text().split("## Redaction\n", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip(" `"): line for line in section.splitlines() if line.startswith("| `")}
+    assert set(rows) == set(DETECTORS)
+    for name, row in rows.items():
+        shown = row.split("|")[3]
+        # each trigger word is in the row (a word made rarer by a following character, by its stem)
+        assert all(w.decode().rstrip("0123456789abcdef") in shown or w.decode() in shown for w in TRIGGERS[name]), name
