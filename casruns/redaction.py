@@ -341,8 +341,9 @@ def _pattern_table(patterns: tuple[tuple[str, str | bytes], ...]):
     """Compiled rules and trigger automata for a set of patterns; shared by every stream.
 
     Returns (rules, words, lower automaton, case automaton, anchored rules by word, words of
-    the line-wise rules, number of case-sensitive words, line-wise rules). ``words`` lists the lower-case words first, then the case-sensitive
-    ones, so one index space covers hits from both automata.
+    the line-wise rules, number of case-sensitive words, line-wise rules). ``words`` lists the
+    lower-case words first, then the case-sensitive ones, so one index space covers hits from
+    both automata.
     """
     import ahocorasick_rs
 
