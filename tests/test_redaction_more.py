@@ -4,6 +4,7 @@ secrets in metadata keys and artifact names."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -11,6 +12,7 @@ import string
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from casruns.redaction import ANCHORED, DETECTORS, TRIGGERS, Redactor, looks_binary
 from casruns.tree import SMALL, collect
@@ -340,3 +342,32 @@ def test_spec_lists_every_detector_with_its_triggers():
         shown = row.split("|")[3]
         # each trigger word is in the row (a word made rarer by a following character, by its stem)
         assert all(w.decode().rstrip("0123456789abcdef") in shown or w.decode() in shown for w in TRIGGERS[name]), name
+
+
+def test_binary_artifact_without_declared_values_is_stored_as_is(registry, tmp_path):
+    # detectors read text; in a binary file their regexes would find noise, so only declared values count there
+    data = bytes(range(256)) * 4 + POSITIVE["github_token"][1].encode()
+    entries, _ = collect_one(registry, tmp_path, {"x.bin": data}, "reject", values={})
+    assert stored(registry, entries["x.bin"]) == data and entries["x.bin"].extra == {}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    pieces=st.lists(st.one_of(st.binary(max_size=40), st.sampled_from(["raw", "utf-16-le", "utf-16-be", "b64"])), max_size=12),
+    cuts=st.lists(st.integers(min_value=1, max_value=64), max_size=20),
+)
+def test_binary_stream_keeps_length_and_leaves_no_form_of_the_value(pieces, cuts):
+    forms = {"raw": SECRET.encode(), "utf-16-le": SECRET.encode("utf-16-le"), "utf-16-be": SECRET.encode("utf-16-be"),
+             "b64": base64.b64encode(b"\x00\x01" + SECRET.encode() + b"\x02")}
+    data = b"".join(forms[p] if isinstance(p, str) else p for p in pieces)
+    r = Redactor({"TOK": SECRET}).binary_stream()
+    out, pos = [], 0
+    for c in cuts:
+        out.append(r.feed(data[pos : pos + c]))
+        pos += c
+    out.append(r.feed(data[pos:]))
+    out.append(r.close())
+    result = b"".join(out)
+    assert len(result) == len(data)
+    for form in list(forms.values())[:3]:
+        assert form not in result
