@@ -1,16 +1,21 @@
 """Audit stored runs against the current detectors: ``casruns scan``.
 
 A registry written before a detector existed (or with a detector switched off) may hold
-credentials. Scanning re-reads each run's manifest fields, logs and text artifacts through
-today's redactor and reports where something would now be masked. It changes nothing.
+credentials. Scanning re-reads each run's manifest fields, logs, artifact names and text
+artifacts through today's redactor and reports where something would now be masked. Text
+that is already a mask (``user:[REDACTED:url_credentials]@host``, the masked body of a
+private key) is not a finding. It changes nothing.
 Declared secret values are not known any more (only their names were stored), so a scan
 uses the detectors and the config's patterns.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import TYPE_CHECKING
+
+from .redaction import BINARY_SNIFF, looks_binary
 
 if TYPE_CHECKING:
     from .redaction import Redactor
@@ -25,6 +30,30 @@ def _count(redactor: "Redactor", chunks) -> dict[str, int]:
         stream.feed(chunk)
     stream.close()
     return stream.hits
+
+
+def _count_transcript(redactor: "Redactor", chunks) -> dict[str, int]:
+    """Like :func:`_count` over the transcript's text, each stream apart, without the
+    ``<timestamp> <stream> `` prefixes: the line of a masked key body is then the mask alone,
+    as in the stream's own log (spec/format.md, "Transcript line format")."""
+    streams: dict[bytes, object] = {}
+    rest = b""
+    for chunk in itertools.chain(chunks, [b"\n"]):  # streamed: one chunk and one line held
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            parts = line.split(b" ", 2)
+            if len(parts) < 3:
+                continue
+            if parts[1] not in streams:
+                streams[parts[1]] = redactor.stream()
+            streams[parts[1]].feed(parts[2] + b"\n")
+    out: dict[str, int] = {}
+    for s in streams.values():
+        s.close()
+        for k, v in s.hits.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def scan_run(registry: "Registry", run_id: str, redactor: "Redactor") -> list[dict]:
@@ -52,14 +81,22 @@ def scan_run(registry: "Registry", run_id: str, redactor: "Redactor") -> list[di
                 add(f"manifest:{name}", {"secret_key": 1})
     for stream, ref in (m.get("logs") or {}).items():
         if ref:
-            add(f"logs:{stream}", _count(redactor, registry.store.iter_chunks(ref["blake3"])))
-    for entry in registry.tree(run_id).entries:
+            chunks = registry.store.iter_chunks(ref["blake3"])
+            add(f"logs:{stream}", _count_transcript(redactor, chunks) if stream == "transcript" else _count(redactor, chunks))
+    tree = registry.tree(run_id)
+    for entry in tree.entries:
+        # the path is printed in the report: never print what a detector would mask in it
+        where = redactor.text(entry.path)
+        names = [entry.path] + ([entry.target] if entry.target is not None else [])
+        add(f"artifact_name:{where}", _count(redactor, ["\n".join(names).encode()]))
         if entry.type != "file" or entry.blake3 is None:
             continue
         head = next(iter(registry.store.iter_chunks(entry.blake3)), b"") if entry.size else b""
-        if b"\0" in head[:8192]:
+        if looks_binary(head[:BINARY_SNIFF]):
             continue  # binary artifacts: detectors read text
-        add(f"artifact:{entry.path}", _count(redactor, registry.store.iter_chunks(entry.blake3)))
+        add(f"artifact:{where}", _count(redactor, registry.store.iter_chunks(entry.blake3)))
+    for skipped in tree.skipped:
+        add(f"artifact_name:{redactor.text(skipped['path'])}", _count(redactor, [str(skipped["path"]).encode()]))
     return findings
 
 

@@ -131,52 +131,103 @@ def collect(
     devices) and names that are not valid UTF-8 are listed in ``skipped``. Paths in
     ``exclude`` (plugins' choice) are left out.
 
-    With a ``redactor`` holding declared secret values, a file that contains one is handled
-    by ``policy``: ``redact`` stores the redacted text, ``flag`` stores it unchanged, and
-    ``reject`` leaves it out; binary files (a NUL byte in the first 8 KiB) are flagged, never
-    altered. The entry's ``secrets`` field records what happened.
+    With a ``redactor``, ``policy`` decides what happens to a file holding a secret: a
+    declared value (in any file) or a detector match (in a text file). ``redact`` stores the
+    redacted text (binary files: each value masked byte for byte with ``*``), ``flag`` stores
+    the file unchanged, ``reject`` leaves it out. A file is stored as it was read while
+    scanning, never read twice. The entry's ``secrets`` field records what happened. Paths
+    and symlink targets pass the redactor too, whatever the policy.
     """
     tree = Tree()
     try:
         top = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return tree
-    scan = _Scanner(redactor, policy) if redactor is not None and redactor.values else None
+    scan = _Scanner(redactor, policy) if redactor is not None and (redactor.values or redactor.patterns) else None
     try:
         _walk(top, "", sink, tree, {safe_relpath(p) for p in exclude}, scan)
     finally:
         os.close(top)
+    if redactor is not None:
+        _redact_names(tree, redactor)
     tree.entries.sort(key=lambda e: e.path)
     return tree
 
 
-class _Scanner:
-    def __init__(self, redactor: "Redactor", policy: str) -> None:
-        from .redaction import Redactor
+def _redact_names(tree: Tree, redactor: "Redactor") -> None:
+    """Mask secrets in paths and symlink targets (the tree is listed by ``artifacts``).
 
-        self.values_only = Redactor(redactor.values)  # artifacts: declared values, not detectors
+    The whole path is redacted, so a link and the file it names stay consistent. An entry
+    whose masked path equals another entry's is left out (listed in ``skipped``).
+    """
+    from dataclasses import replace
+
+    renamed: list[TreeEntry] = []
+    kept: list[TreeEntry] = []
+    for e in tree.entries:
+        path = redactor.text(e.path)
+        target = redactor.text(e.target) if e.target is not None else None
+        if path == e.path and target == e.target:
+            kept.append(e)
+        else:
+            renamed.append(replace(e, path=path, target=target, extra={**e.extra, "name_redacted": True}))
+    taken = {e.path for e in kept}
+    for e in renamed:
+        if e.path in taken:
+            tree.skipped.append({"path": e.path, "reason": "its name, with secrets masked, is another entry's name"})
+            continue
+        taken.add(e.path)
+        kept.append(e)
+    tree.entries = kept
+    tree.skipped = [{**s, "path": redactor.text(s["path"])} for s in tree.skipped]
+
+
+class _Scanner:
+    """``artifact_policy`` for one file: declared values, and the detectors in text files.
+
+    Binary files (:func:`casruns.redaction.looks_binary`) are scanned for the declared
+    values too, raw, encoded and in UTF-16; ``redact`` masks each match byte for byte with
+    ``*`` so the file keeps its size and layout (offsets, length fields), ``reject`` leaves
+    the file out. The binary test only picks the way of redacting, never whether to.
+    """
+
+    def __init__(self, redactor: "Redactor", policy: str) -> None:
+        self.redactor = redactor
         self.policy = policy
 
     def ingest(self, f, sink) -> tuple[object | None, dict]:
         """Returns (BlobInfo or None if rejected, entry extras)."""
         import tempfile
 
-        stream = self.values_only.stream()
-        head = f.read(8192)
-        binary = b"\0" in head
+        from .redaction import BINARY_SNIFF, looks_binary
+
+        head = f.read(BINARY_SNIFF)
+        binary = looks_binary(head)
+        if binary and not self.redactor.values:  # nothing to look for: store it without a copy
+            f.seek(0)
+            return _put(f, sink), {}
+        stream = self.redactor.binary_stream() if binary else self.redactor.stream()
+        keep = self.policy == "flag"  # store the bytes as read; the stream only counts
         with tempfile.SpooledTemporaryFile(max_size=SMALL) as out:
             chunk = head
             while chunk:
-                out.write(stream.feed(chunk))
+                masked = stream.feed(chunk)
+                out.write(chunk if keep else masked)
                 chunk = f.read(SMALL)
-            out.write(stream.close())
-            if stream.count == 0:
-                return _put(f, sink), {}
-            if binary or self.policy == "flag":
-                return _put(f, sink), {"secrets": "flagged", "secret_matches": stream.count}
+            masked = stream.close()
+            if not keep:
+                out.write(masked)
+            # What is stored is what was scanned (never a second read of a file that may grow).
+            hits = stream.hits
+            if not hits:
+                return _put(out, sink), {}
+            found = {"secret_matches": sum(hits.values()), "secret_names": sorted(hits)}
+            if binary:
+                found["binary"] = True
             if self.policy == "reject":
-                return None, {"reason": f"contains a declared secret ({stream.count} matches); artifact_policy is reject"}
-            return _put(out, sink), {"secrets": "redacted", "secret_matches": stream.count}
+                names = ", ".join(f"{k} {v}" for k, v in sorted(hits.items()))
+                return None, {"reason": f"contains secrets ({names}); artifact_policy is reject", **found}
+            return _put(out, sink), {"secrets": "flagged" if keep else "redacted", **found}
 
 
 def _put(f, sink):

@@ -5,7 +5,9 @@ Each detector can be switched off in the registry config::
     [redaction.detectors]
     bearer_token = false
 
-The detectors themselves live in ``casruns.redaction.DETECTORS``.
+The detectors themselves live in ``casruns.redaction.DETECTORS`` (their families and trigger
+words are listed in spec/format.md, "Redaction"). They apply to logs, manifest fields, artifact
+names and text artifacts alike.
 """
 
 from __future__ import annotations

@@ -245,7 +245,9 @@ def test_artifact_policies(casruns_home, tmp_path):
     rid, entries, _ = run_with("redact")
     assert entries["app.env"]["secrets"] == "redacted"
     assert cli("cat", rid, "app.env").stdout == "db=[REDACTED:TOK]\n"
-    assert entries["blob.bin"]["secrets"] == "flagged"  # binary: flagged, never altered
+    # binary: masked byte for byte (same size), no longer stored verbatim
+    assert entries["blob.bin"]["secrets"] == "redacted" and entries["blob.bin"]["binary"] is True
+    assert entries["blob.bin"]["size"] == len("\0\1binary ") + len(secret)
     assert "secrets" not in entries["clean.txt"]
     rid, entries, _ = run_with("flag")
     assert entries["app.env"]["secrets"] == "flagged"
