@@ -134,7 +134,9 @@ def finish_deferred(
         return m
 
 
-def complete_pending(run: RunDir, store: "BlobStore", *, artifacts: bool) -> dict | None:
+def complete_pending(
+    run: RunDir, store: "BlobStore", *, artifacts: bool, redactor: "Redactor | None" = None, policy: str = "redact"
+) -> dict | None:
     """Store the workspace of a terminal run whose collection was deferred (``collection_pending``)
     and commit its refs. Returns the manifest, or None if there was nothing to do. Raises
     NoSpace if the disk is still full (nothing is lost: the workspace stays)."""
@@ -142,7 +144,7 @@ def complete_pending(run: RunDir, store: "BlobStore", *, artifacts: bool) -> dic
     if m["status"] not in mf.TERMINAL or not m.get("collection_pending"):
         return None
     with store.pin() as pin:
-        refs, collect_error = ingest_workspace(run, store, artifacts=artifacts, pin=pin)
+        refs, collect_error = ingest_workspace(run, store, artifacts=artifacts, pin=pin, redactor=redactor, policy=policy)
         with run.update() as m:
             if not m.get("collection_pending"):
                 return m  # another reaper finished it

@@ -8,7 +8,7 @@ Config keys (spec/format.md, "Config"), all optional:
     lost_after = "30s"         # a supervisor on another host is lost after this silence
     teardown_timeout = "60s"   # how long a provider's teardown may take
     hook_timeout = "30s"       # how long any other hook the supervisor calls may take
-    artifact_policy = "redact" # text artifacts holding a declared secret: redact | flag | reject
+    artifact_policy = "redact" # artifacts holding a declared secret or a detector match: redact | flag | reject
     plugins = ["module", ...]  # extra plugin modules to load
 
     [redaction.detectors]      # built-in credential detectors, each on by default

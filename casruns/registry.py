@@ -757,7 +757,11 @@ class Registry:
                 "output captured until then was salvaged",
             }
         try:
-            return collect.finish(run, self.store, status, error=error, artifacts=not _declared_secrets(m))
+            # a salvage still passes artifacts and their names through today's detectors
+            return collect.finish(
+                run, self.store, status, error=error, artifacts=not _declared_secrets(m),
+                redactor=self.redactor(), policy=self.config.artifact_policy,
+            )
         except Exception as e:
             if not fsutil.is_no_space(e):
                 raise
@@ -786,7 +790,10 @@ class Registry:
                 from . import collect
 
                 try:
-                    if collect.complete_pending(run, self.store, artifacts=not _declared_secrets(m)) is not None:
+                    done = collect.complete_pending(
+                        run, self.store, artifacts=not _declared_secrets(m), redactor=self.redactor(), policy=self.config.artifact_policy,
+                    )
+                    if done is not None:
                         report["collected"].append(rid)
                 except Exception as e:
                     if not fsutil.is_no_space(e):
