@@ -39,7 +39,7 @@ from . import faults, fsutil
 from . import manifest as mf
 from .errors import (
     BackendMissing, BlobNotFound, CasrunsError, CorruptManifest, IntegrityError, InvalidInput, InvalidRunId, NoSpace,
-    RegistryError, RunNotFound, StrayFile, UnsupportedFormat,
+    RegistryError, RunNotFound, StrayFile, TooLarge, UnsupportedFormat,
 )
 from .ids import is_run_id, validate_address, validate_run_id
 
@@ -52,6 +52,9 @@ VERSION = 1
 CHUNK = 1 << 20
 READ_BLOCK = 4 << 20  # an fsspec reader's block: what one open archived object may hold in memory
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "sftp": "sftp", "ssh": "sftp"}
+
+
+MARKER_MAX = 64 * 1024  # bytes: the marker is a few lines
 
 
 def blob_key(address: str) -> str:
@@ -74,9 +77,16 @@ class Remote:
     def open(self, key: str) -> BinaryIO: ...
     def list_runs(self) -> list[str]: ...
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, limit: int | None = None) -> bytes:
+        """An object's bytes; with ``limit``, TooLarge once more than ``limit`` bytes arrived
+        (a 3 GiB sparse "manifest" or a marker linked to /dev/zero never fills memory)."""
         with self.open(key) as f:
-            return f.read()
+            if limit is None:
+                return f.read()
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise TooLarge(f"{self.url}/{key} is larger than its limit of {limit} bytes")
+        return data
 
 
 class LocalRemote(Remote):
@@ -219,7 +229,10 @@ def _check_marker(remote: Remote) -> None:
 
     if remote.size(MARKER) is None:
         raise UnsupportedFormat(f"{remote.url} is not a casruns archive (no {MARKER})")
-    doc = tomllib.loads(remote.get_bytes(MARKER).decode())
+    try:
+        doc = tomllib.loads(remote.get_bytes(MARKER, limit=MARKER_MAX).decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UnsupportedFormat(f"{remote.url}/{MARKER} is not a casruns archive marker (not UTF-8 TOML: {e})") from None
     version = doc.get("version")
     if doc.get("format") != FORMAT or not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= VERSION:
         raise UnsupportedFormat(f"{remote.url} is not a casruns archive this version can read ({MARKER}: {doc})")
@@ -254,7 +267,7 @@ def _run_blobs(registry: "Registry", m: dict) -> list[str]:
     out: list[str] = []
     tree_ref = (m.get("artifacts") or {}).get("tree")
     if tree_ref:
-        out.extend(sorted(Tree.from_bytes(registry.store.read_bytes(tree_ref)).addresses()))
+        out.extend(sorted(Tree.load(registry.store, tree_ref).addresses()))
     for ref in (m.get("logs") or {}).values():
         if isinstance(ref, dict) and ref.get("blake3"):
             out.append(ref["blake3"])
@@ -420,7 +433,7 @@ def push(
 
 
 def remote_manifest(remote: Remote, run_id: str) -> dict:
-    m = mf.loads(remote.get_bytes(manifest_key(run_id)), f"{remote.url}/{manifest_key(run_id)}")
+    m = mf.loads(remote.get_bytes(manifest_key(run_id), limit=mf.MANIFEST_LIMIT), f"{remote.url}/{manifest_key(run_id)}")
     if m["run_id"] != run_id:
         raise RegistryError(f"{remote.url}: manifest of {run_id} names run {m['run_id']}")
     return m
@@ -464,7 +477,7 @@ def pull(registry: "Registry", src: str, run_ids: list[str] | None, *, progress=
                 progress("pulling runs", i + 1, len(ids))
             try:
                 _pull_run(registry, remote, rid, report, jobs)
-            except (CorruptManifest, UnsupportedFormat, RunNotFound, InvalidRunId) as e:
+            except (CorruptManifest, UnsupportedFormat, RunNotFound, InvalidRunId, TooLarge) as e:
                 # one bad run in the archive is skipped and reported, never half-stored, and
                 # never stops the runs after it (the CLI then exits 6, as list does)
                 report.setdefault("errors", []).append({"run_id": rid, "code": e.code, "message": e.message})
@@ -494,7 +507,7 @@ def _pull_run(registry: "Registry", remote: Remote, rid: str, report: dict, jobs
             if tree_ref:
                 _import(remote, store, batch, tree_ref, report)
                 batch.sync()
-                wanted += sorted(Tree.from_bytes(store.read_bytes(tree_ref)).addresses())
+                wanted += sorted(Tree.load(store, tree_ref).addresses())
             fetched = _Prefetch(remote, [a for a in dict.fromkeys(wanted) if batch.pending(a) is None and not store.contains(a)], jobs)
             try:
                 for address in dict.fromkeys(wanted):
@@ -548,7 +561,7 @@ def _repair(registry: "Registry", remote: Remote, run_id: str, report: dict) -> 
     tree_ref = (m.get("artifacts") or {}).get("tree")
     tree_here = not tree_ref or store.contains(tree_ref)
     if tree_ref and tree_here:
-        wanted += sorted(Tree.from_bytes(store.read_bytes(tree_ref)).addresses())
+        wanted += sorted(Tree.load(store, tree_ref).addresses())
     if tree_here and all(store.contains(a) for a in wanted):
         return  # nothing missing: no pin, no batch, no request
     with store.pin() as pin, store.batch(pin) as batch:
@@ -557,7 +570,7 @@ def _repair(registry: "Registry", remote: Remote, run_id: str, report: dict) -> 
                 store.import_frame(tree_ref, f, batch)
             report["blobs_repaired"] += 1
             batch.sync()
-            wanted += sorted(Tree.from_bytes(store.read_bytes(tree_ref)).addresses())
+            wanted += sorted(Tree.load(store, tree_ref).addresses())
         for address in dict.fromkeys(wanted):
             if not store.contains(address) and batch.pending(address) is None:
                 with remote.open(blob_key(address)) as f:

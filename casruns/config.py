@@ -42,6 +42,7 @@ FORMAT_FILE = "casruns-registry.toml"
 FORMAT_NAME = "casruns-registry"
 FORMAT_VERSION = 2  # major: a reader refuses a newer major version
 FORMAT_MAX = 64 * 1024  # bytes: the format record is a few lines; anything larger is not ours
+CONFIG_MAX = 1 << 20  # bytes of config.toml
 PACKS_SINCE = 2  # registries of format 1 hold loose blobs only; `casruns migrate` moves them to 2
 
 DEFAULT_RETENTION = {"succeeded": "14d", "failed": "7d", "timed_out": "7d", "cancelled": "3d"}
@@ -69,8 +70,7 @@ class Config:
     def load(cls, root: str | os.PathLike) -> "Config":
         path = os.path.join(root, "config.toml")
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_regular(path, CONFIG_MAX)
         except FileNotFoundError:
             c = cls()
         else:
@@ -95,6 +95,18 @@ class Config:
             for key in ("kill_grace", "heartbeat_interval", "lost_after", "teardown_timeout", "hook_timeout", "gc_grace"):
                 if key in raw:
                     setattr(c, key, parse_duration(raw[key]))
+            red = raw.get("redaction") or {}
+            if not isinstance(red, dict):
+                raise InvalidInput("[redaction] must be a table")
+            for name, pattern in (red.get("patterns") or {}).items():
+                if not isinstance(pattern, str):
+                    raise InvalidInput(f"redaction.patterns.{name} must be a regular expression string")
+                import re
+
+                try:
+                    re.compile(pattern.encode())
+                except re.error as e:
+                    raise InvalidInput(f"redaction.patterns.{name} is not a valid regular expression: {e}") from None
             if c.heartbeat_interval < 0.1:
                 raise InvalidInput("heartbeat_interval must be at least 0.1s")
             if c.lost_after <= c.heartbeat_interval:

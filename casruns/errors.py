@@ -145,6 +145,13 @@ class UnsafeRegistry(RegistryError):
     code = "unsafe_registry"
 
 
+class TooLarge(RegistryError):
+    """A structured file or blob casruns parses (a tree, a manifest, a marker, a record) is over
+    its documented size cap (spec/format.md, "Size caps"); refused while it is read."""
+
+    code = "too_large"
+
+
 class StrayFile(RegistryError):
     """Something that is not a regular file (a FIFO, a socket, a directory, a symlink) where a
     registry file should be: reported and skipped, never opened for reading."""

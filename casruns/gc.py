@@ -88,6 +88,7 @@ class GCStats:
     swept: bool = True  # False: a referenced blob is missing, so nothing was swept
     blobs_missing: int = 0
     missing: list = field(default_factory=list)  # [{run_id, address, where}]
+    trees_unreadable: list = field(default_factory=list)  # [{run_id, address, code, message}]
     strays: list = field(default_factory=list)  # [{path, kind}]
     runs_first_seen: int = 0
     mtimes_reset: int = 0
@@ -203,6 +204,7 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress, previous
     reachable: set[str] = set()
     ids = sorted(set(iter_run_ids(runs_dir)) - would_remove)
     marked = []
+    unreadable: list = []
     for i, rid in enumerate(ids):
         if progress:
             progress("marking", i + 1, len(ids))
@@ -213,7 +215,7 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress, previous
         if m is None:
             continue  # a stray: not a run, references nothing
         marked.append((rid, m))
-        reachable.update(referenced_addresses(registry, m))
+        reachable.update(referenced_addresses(registry, m, unreadable))
     stats.runs_kept = len(marked)
     for root in plugin_roots:
         if not is_address(root):
@@ -235,6 +237,10 @@ def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress, previous
         present.update(store.pack_index(name))
     if not reachable <= present:
         _report_missing(registry, marked, reachable - present, stats)
+    if unreadable:
+        # what an unreadable (or oversized) tree references is unknown: nothing may be swept
+        stats.swept = False
+        stats.trees_unreadable = unreadable[:MISSING_LIMIT]
     reachable.update(r for r in plugin_roots if is_address(r))
     stats.blobs_kept = len(reachable)
     now = time.time()
@@ -530,17 +536,19 @@ def _merge_small_packs(store, stats: GCStats, progress) -> None:
     store.pack_names()  # forget the packs deleted here
 
 
-def referenced_addresses(registry: "Registry", m: dict) -> set[str]:
+def referenced_addresses(registry: "Registry", m: dict, unreadable: list | None = None) -> set[str]:
     """Every blob a manifest references: log blobs, the artifact tree and its files."""
-    return {address for _, address in _references(registry, m)}
+    return {address for _, address in _references(registry, m, unreadable)}
 
 
-def _references(registry: "Registry", m: dict):
+def _references(registry: "Registry", m: dict, unreadable: list | None = None):
     """(where, address) for every blob a manifest references: ``logs.<stream>``,
     ``artifacts.tree`` and ``artifacts/<path>`` for each file the tree lists.
 
     A missing tree yields only its own address (the caller finds it missing and sweeps
-    nothing); a tree that is present but cannot be read or parsed stops gc."""
+    nothing). A tree that is present but cannot be read, parsed or is over its size cap is
+    appended to ``unreadable`` (the caller then sweeps nothing either, and reports it); without
+    that list it stops gc."""
     from .tree import Tree
 
     for stream, ref in (m.get("logs") or {}).items():
@@ -551,10 +559,13 @@ def _references(registry: "Registry", m: dict):
         return
     yield "artifacts.tree", tree_ref
     try:
-        tree = Tree.from_bytes(registry.store.read_bytes(tree_ref))
+        tree = Tree.load(registry.store, tree_ref)
     except BlobNotFound:
         return
     except CasrunsError as e:
+        if unreadable is not None:
+            unreadable.append({"run_id": m.get("run_id"), "address": tree_ref, "code": e.code, "message": e.message})
+            return
         raise CorruptManifest(
             f"gc stopped before sweeping: the artifact tree of run {m.get('run_id')} cannot be read ({e.message}); "
             "run casruns verify"

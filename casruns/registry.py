@@ -321,7 +321,7 @@ class Registry:
                 # from the store (collecting them again later dedups to the same blobs)
                 from .tree import Tree, materialize
 
-                materialize(Tree.from_bytes(self.store.read_bytes(seed)), self.store, run.artifacts_dir)
+                materialize(Tree.load(self.store, seed), self.store, run.artifacts_dir)
             scheduler.enqueue(self.root, rid, m["created_ns"])
             if spawn:
                 from . import supervisor
@@ -975,7 +975,7 @@ class Registry:
         ref = (m.get("artifacts") or {}).get("tree")
         if not ref:
             return Tree()
-        return Tree.from_bytes(self.store.read_bytes(ref))
+        return Tree.load(self.store, ref)
 
     def cat(self, run_id: str, path: str) -> Iterator[bytes]:
         entry = self.tree(run_id).get(path)

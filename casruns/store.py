@@ -119,8 +119,21 @@ class BlobStore(ABC):
     def iter_chunks(self, address: str) -> Iterator[bytes]:
         """Yield the blob's content; raises IntegrityError before the last chunk on mismatch."""
 
-    def read_bytes(self, address: str) -> bytes:
-        return b"".join(self.iter_chunks(address))
+    def read_bytes(self, address: str, limit: int | None = None) -> bytes:
+        """The whole (verified) content of a blob. With ``limit``, a blob that decompresses to
+        more than ``limit`` bytes raises TooLarge while it is decompressed, never after: a small
+        frame that inflates to gigabytes costs at most ``limit`` plus one chunk of memory."""
+        if limit is None:
+            return b"".join(self.iter_chunks(address))
+        parts, got = [], 0
+        for chunk in self.iter_chunks(address):
+            got += len(chunk)
+            if got > limit:
+                from .errors import TooLarge
+
+                raise TooLarge(f"blob {address} is larger than the limit of {limit} bytes for what it holds", address=address)
+            parts.append(chunk)
+        return b"".join(parts)
 
     @abstractmethod
     def stat(self, address: str) -> BlobInfo: ...
@@ -1210,11 +1223,14 @@ def pin_settled(path: str | os.PathLike) -> bool:
     return not locking.is_held(path)
 
 
+PIN_MAX = 64 << 20  # bytes: a pin of a million addresses; a larger one stops gc (RegistryError)
+
+
 def read_pin(path: str | os.PathLike) -> set[str]:
     """The addresses a pin file lists. A stray under a pin's name lists none; a pin that is
     gone raises FileNotFoundError; any other failure RegistryError (gc stops)."""
     try:
-        data = fsutil.read_regular(path)
+        data = fsutil.read_regular(path, PIN_MAX)
     except StrayFile:
         return set()
     except FileNotFoundError:

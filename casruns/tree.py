@@ -51,6 +51,11 @@ class TreeEntry:
         return d
 
 
+# Trees are flat lists of entries: 32 MiB holds ~150,000 files. A bigger one is refused on
+# pull and reported by gc and verify (spec/format.md, "Size caps").
+TREE_MAX = 32 << 20
+
+
 @dataclass
 class Tree:
     entries: list[TreeEntry] = field(default_factory=list)
@@ -84,11 +89,19 @@ class Tree:
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
     @classmethod
+    def load(cls, store: "BlobStore", address: str) -> "Tree":
+        """The tree stored at ``address``, read verified and at most TREE_MAX bytes (TooLarge
+        beyond, raised while decompressing: a tiny frame of a huge tree never fills memory)."""
+        return cls.from_bytes(store.read_bytes(address, limit=TREE_MAX))
+
+    @classmethod
     def from_bytes(cls, data: bytes) -> "Tree":
         try:
             doc = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise CorruptManifest(f"artifact tree is not valid JSON: {e}") from None
+        except RecursionError:
+            raise CorruptManifest("artifact tree is nested too deeply to be a tree") from None
         if not isinstance(doc, dict) or doc.get("schema") != TREE_SCHEMA:
             raise CorruptManifest(f"artifact tree has unknown schema {doc.get('schema') if isinstance(doc, dict) else None!r}")
         entries = []

@@ -116,7 +116,7 @@ def verify(registry: "Registry", run_ids: list[str] | None = None, *, read_data:
         if tree_ref:
             referenced.add(tree_ref)
             try:
-                tree = Tree.from_bytes(store.read_bytes(tree_ref))  # a verified read: counts as checked
+                tree = Tree.load(store, tree_ref)  # a verified read: counts as checked
                 checked.setdefault(tree_ref, None)
             except BlobNotFound:
                 problems.append({"kind": "blob_missing", "run_id": rid, "address": tree_ref, "message": f"artifact tree blob {tree_ref} is missing"})

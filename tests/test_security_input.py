@@ -132,3 +132,110 @@ def test_plugin_metadata_is_normalised_before_it_is_committed(casruns_home, tmp_
         assert rt["when"] == "2030-01-02T03:04:05+00:00" and rt["load"] == "nan" and rt["huge"] == "inf"
         assert rt["ids"] == [1, 2] and isinstance(rt["obj"], str)
     assert cli("list", "--json").returncode == 0
+
+
+# -- size caps, enforced while decompressing (issue 14, item 3) ----------------------------
+
+
+def huge_tree_blob(store, mib: int) -> str:
+    """A valid tree document padded to ``mib`` MiB: its zstd frame is a few KiB."""
+    doc = b'{"schema":"casruns/tree/v1","entries":[],"pad":"' + b"a" * (mib << 20) + b'"}'
+    return store.put_bytes(doc).address
+
+
+def test_reading_a_blob_with_a_limit_stops_while_decompressing(registry):
+    from casruns.errors import TooLarge
+
+    address = huge_tree_blob(registry.store, 40)
+    consumed = 0
+    real = registry.store.iter_chunks
+
+    def counting(a):
+        nonlocal consumed
+        for chunk in real(a):
+            consumed += len(chunk)
+            yield chunk
+
+    registry.store.iter_chunks = counting
+    with pytest.raises(TooLarge):
+        registry.store.read_bytes(address, limit=1 << 20)
+    assert consumed <= (1 << 20) + (4 << 20), consumed  # the limit plus at most one chunk
+
+
+def test_an_oversized_tree_is_reported_by_every_reader_and_stops_no_command(registry, tmp_path, monkeypatch, validate):
+    good = finished_run(registry, files={"a.txt": b"a"})
+    bad = finished_run(registry, files={"b.txt": b"b"})
+    address = huge_tree_blob(registry.store, 40)
+    damage_manifest(registry.run_dir(bad), lambda m: m["artifacts"].update(tree=address))
+    proc, out = cli_json("artifacts", bad)
+    assert proc.returncode == 6 and out[0]["error"]["code"] == "too_large", proc.stdout
+    proc, out = cli_json("verify")
+    assert proc.returncode == 14
+    kinds = {(p["kind"], p["run_id"]) for p in validate(out[0], "reports.schema.json#/$defs/verify")["problems"]}
+    assert ("tree_invalid", bad) in kinds
+    proc, out = cli_json("gc")
+    report = validate(out[0], "reports.schema.json#/$defs/gc")
+    assert proc.returncode == 14 and report["swept"] is False
+    assert [(t["run_id"], t["code"]) for t in report["trees_unreadable"]] == [(bad, "too_large")]
+    assert cli("cat", good, "a.txt", check=0).stdout == "a"
+    # push refuses to archive it (it cannot know what the tree references) ...
+    dest = tmp_path / "arch"
+    proc, out = cli_json("archive", "push", str(dest), bad)
+    assert proc.returncode == 6 and out[0]["error"]["code"] == "too_large"
+    # ... and an archive that holds one anyway (written by hand): pull refuses that run only
+    registry.archive_push(str(dest), [good])
+    from casruns.archive import blob_key, manifest_key
+
+    (dest / blob_key(address)).parent.mkdir(parents=True, exist_ok=True)
+    (dest / blob_key(address)).write_bytes(Path(registry.store.path_for(address)).read_bytes())
+    (dest / manifest_key(bad)).parent.mkdir(parents=True, exist_ok=True)
+    (dest / manifest_key(bad)).write_bytes(Path(registry.run_dir(bad).manifest_path).read_bytes())
+    monkeypatch.setenv("CASRUNS_HOME", str(tmp_path / "B"))
+    proc, out = cli_json("archive", "pull", str(dest))
+    assert proc.returncode == 6, proc.stdout + proc.stderr
+    assert out[0]["pulled"] == [good] and out[0]["errors"][0]["code"] == "too_large"
+    assert not (tmp_path / "B" / "runs" / bad).exists()
+
+
+def test_a_tree_nested_absurdly_deep_is_a_clear_error(registry):
+    from casruns.errors import CorruptManifest
+    from casruns.tree import Tree
+
+    with pytest.raises(CorruptManifest, match="nested too deeply"):
+        Tree.from_bytes(b"[" * 200_000 + b"]" * 200_000)
+
+
+@pytest.mark.parametrize("marker", ["dev-zero", "not-utf8", "not-toml"])
+def test_a_bad_archive_marker_is_a_clear_error(tmp_path, marker):
+    dest, _ = archived(tmp_path, n=1)
+    from casruns.archive import MARKER
+
+    m = dest / MARKER
+    m.unlink()
+    if marker == "dev-zero":
+        m.symlink_to("/dev/zero")
+    else:
+        m.write_bytes(b"\xff\xfe format" if marker == "not-utf8" else b"format = [unclosed")
+    for args in (["archive", "list", str(dest)], ["archive", "pull", str(dest)]):
+        proc, out = cli_json(*args, timeout=30)
+        assert proc.returncode == 6, (args, proc.stdout, proc.stderr)
+        assert out[0]["error"]["code"] in ("stray_file", "unsupported_format", "too_large"), out
+
+
+def test_a_sparse_giant_archived_manifest_is_refused_without_reading_it(tmp_path, monkeypatch):
+    dest, (rid,) = archived(tmp_path, n=1)
+    path = _archived_manifest_path(dest, rid)
+    with open(path, "r+b") as f:
+        f.truncate(3 << 30)  # 3 GiB, sparse: costs no disk, would cost 3 GiB of memory
+    monkeypatch.setenv("CASRUNS_HOME", str(tmp_path / "B"))
+    proc, out = cli_json("archive", "pull", str(dest), timeout=60)
+    assert proc.returncode == 6 and out[0]["errors"][0]["code"] == "too_large", proc.stdout
+
+
+def test_a_bad_regex_in_config_is_a_clear_error_naming_it(registry, casruns_home):
+    (casruns_home / "config.toml").write_text('[redaction.patterns]\nmine = "(unclosed"\n')
+    for args in (["submit", "--", "true"], ["list"], ["scan"]):
+        proc, out = cli_json(*args)
+        assert proc.returncode == 6, (args, proc.stdout)  # a bad config is a registry error, as every config error
+        assert out[0]["error"]["code"] == "registry_error" and "redaction.patterns.mine" in out[0]["error"]["message"]
+        assert "regular expression" in out[0]["error"]["message"]

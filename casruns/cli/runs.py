@@ -262,10 +262,13 @@ def register(cli: click.Group) -> None:
                 click.echo(f"stray: {s['path']}: {s['kind']} (not a run; skipped)")
             for m in report["missing"]:
                 click.echo(f"blob_missing: {m['run_id']}: {m['where']} {m['address']}")
+            for t in report["trees_unreadable"]:
+                click.echo(f"tree_unreadable: {t['run_id']}: {t['address']}: {t['message']}")
             if not report["swept"]:
                 click.echo(
-                    f"nothing swept: {report['blobs_missing']} referenced blobs are missing; every unreferenced blob is kept "
-                    "until they are restored (casruns archive pull) or the runs naming them are removed"
+                    f"nothing swept: {report['blobs_missing']} referenced blobs are missing and {len(report['trees_unreadable'])} "
+                    "artifact trees cannot be read; every unreferenced blob is kept until they are restored "
+                    "(casruns archive pull) or the runs naming them are removed"
                 )
         return 0 if report["swept"] else E.EXIT_FINDINGS
 
