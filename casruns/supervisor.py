@@ -33,6 +33,7 @@ import time
 
 from . import collect, faults, fsutil, locking, proctree, scheduler
 from . import manifest as mf
+from .errors import CasrunsError
 from .redaction import Redactor, split_secrets
 from .runs import RunDir
 from .timefmt import format_ts, now_ts
@@ -273,7 +274,12 @@ class Supervisor:
             # Orphaned descendants of the command are re-parented to us, so none escapes the end.
             proctree.become_subreaper()
             faults.point("supervisor_start")
-            self.take_reserve()
+            if not self.take_reserve():
+                # A run started without room to record its end could be left active with no
+                # supervisor until space returns: refuse to start it instead.
+                return self.fail_queued(
+                    "no_space", "the filesystem holding the registry has less than 1 MiB free; the command was not run"
+                )
             with self.run.update() as m:
                 m["supervisor"] = {
                     "host": locking.hostname(),
@@ -327,16 +333,19 @@ class Supervisor:
     def reserve_path(self) -> str:
         return os.path.join(self.run.spool_dir, ".reserve")  # removed with the workspace
 
-    def take_reserve(self) -> None:
+    def take_reserve(self) -> bool:
+        """Allocate the reserve; False if the disk cannot spare it (the run must not start)."""
         try:
             fd = fsutil.open_private(self.reserve_path, os.O_WRONLY | os.O_CREAT)
             try:
                 os.posix_fallocate(fd, 0, RESERVE_BYTES)
             finally:
                 os.close(fd)
-        except OSError as e:
-            # Already full: the run still starts, and its first write ends it with no_space.
-            print(f"casruns supervisor: cannot reserve {RESERVE_BYTES} bytes: {e.strerror}", file=sys.stderr)
+            return True
+        except (OSError, CasrunsError) as e:
+            print(f"casruns supervisor: cannot reserve {RESERVE_BYTES} bytes: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+            self.release_reserve()  # whatever part of it was allocated
+            return False
 
     def release_reserve(self) -> bool:
         """Free the reserve for the writes that record the run's end. True if it was there."""

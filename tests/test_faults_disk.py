@@ -160,3 +160,40 @@ def test_a_run_with_output_still_pending_is_not_archived(casruns_home, tmp_path)
     assert proc.returncode == 3 and "reap" in out[0]["error"]["message"]
     cli("reap", check=0)
     assert cli("archive", "push", str(tmp_path / "arch"), rid).returncode == 0
+
+
+def test_gc_frees_space_on_a_full_disk_while_a_run_is_active(small_fs, monkeypatch):
+    home = small_fs.path / "reg"
+    monkeypatch.setenv("CASRUNS_HOME", str(home))
+    cli("init", check=0)
+    (home / "config.toml").write_text('gc_grace = "0s"\n[retention]\nfailed = "0s"\n')
+    expired = []
+    for i in range(3):  # incompressible logs, kept in the store until gc removes their runs
+        rid = json.loads(cli("submit", "--json", "--", "sh", "-c", "head -c 600000 /dev/urandom | base64; exit 3", check=0).stdout)["run_id"]
+        expired.append(rid)
+        assert wait_terminal(rid)["status"] == "failed"
+    active = json.loads(cli("submit", "--json", "--", "sh", "-c", "echo alive; sleep 60", check=0).stdout)["run_id"]
+    poll_until(lambda: status(active)["status"] == "running", what="active run")
+    small_fs.fill()
+    before = small_fs.free()
+    proc, out = cli_json("gc")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert out[0]["runs_removed"] == 3 and out[0]["blobs_removed"] >= 3
+    assert small_fs.free() > before + 2_000_000
+    assert status(active)["status"] == "running"
+    cli("cancel", active, check=0)
+    final = wait_terminal(active)
+    assert final["status"] == "cancelled" and cli("logs", active).stdout.startswith("alive")
+
+
+def test_a_run_does_not_start_without_room_to_record_its_end(small_fs, monkeypatch, tmp_path):
+    home = small_fs.path / "reg"
+    monkeypatch.setenv("CASRUNS_HOME", str(home))
+    cli("init", check=0)
+    filler = small_fs.fill()
+    os.truncate(filler, os.path.getsize(filler) - 200_000)  # room for a manifest, not for the reserve
+    marker = tmp_path / "ran"
+    rid = json.loads(cli("submit", "--json", "--", "touch", str(marker), check=0).stdout)["run_id"]
+    final = wait_terminal(rid)
+    assert final["status"] == "failed" and final["error"]["code"] == "no_space", final
+    assert not marker.exists()
