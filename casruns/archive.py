@@ -276,12 +276,6 @@ def _run_blobs(registry: "Registry", m: dict) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _fault(count: int) -> None:
-    limit = os.environ.get("CASRUNS_TEST_ARCHIVE_KILL_AFTER")
-    if limit and count >= int(limit):
-        os.kill(os.getpid(), 9)
-
-
 JOBS = 8  # concurrent requests: an object store is latency-bound (~19 requests a run, one at a time)
 
 
@@ -394,8 +388,7 @@ def push(
             report["blobs_replaced"] += got is not None  # a wrong size, or (verified) wrong content
             report["blobs_sent"] += 1
             report["bytes_sent"] += size
-            sent = report["blobs_sent"]
-        _fault(sent)
+        faults.point("archive_push_blob")  # archive_push_blob=kill@N: killed after the N-th blob sent
 
     rid = None
     try:

@@ -9,6 +9,9 @@ call costs one dictionary lookup (the variable is read once per process). Tests 
 * ``stop``: SIGSTOP this process (a test resumes or kills it);
 * ``error``: raise ``RuntimeError`` there, the way an unexpected bug would.
 
+An action may end in ``@N``: it fires the N-th time the point is reached in this process
+(``archive_push_blob=kill@7``: killed while sending the seventh blob), not before.
+
 Every point is listed in :data:`POINTS` with the crash window it stands for, and a test checks that
 each listed point is used in the code and each used point is listed (spec/format.md, "Crash windows").
 """
@@ -38,6 +41,7 @@ POINTS: dict[str, str] = {
     "gc_after_first_delete": "gc dies after deleting its first blob",
     "gc_after_pack_rewrite": "gc dies after writing a rewritten pack, before deleting the old one",
     "gc_after_pack_merge": "gc dies after writing a merged pack, before deleting its sources",
+    "archive_push_blob": "archive push sent a blob, before its run's manifest (kill@N: after the N-th blob)",
     "archive_push_mid_object": "a push to a directory archive dies (or its disk fills) with an object partly written to its temp",
     "archive_pull_after_first_run": "a pull that committed a run dies (or the registry's disk fills) while storing a later run's blobs",
 }
@@ -57,11 +61,19 @@ def _load() -> dict[str, str]:
     return _active
 
 
+_hits: dict[str, int] = {}
+
+
 def point(name: str) -> None:
     """Stop here if a test asked for a fault at ``name``; otherwise do nothing."""
     action = (_active if _active is not None else _load()).get(name)
     if action is None:
         return
+    action, _, nth = action.partition("@")
+    if nth:
+        _hits[name] = _hits.get(name, 0) + 1
+        if _hits[name] < int(nth):
+            return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "stop":

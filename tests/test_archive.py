@@ -127,7 +127,7 @@ def test_two_registries_share_blobs_in_one_archive(tmp_path, archive):
 def test_interrupted_push_resumes_without_resending(tmp_path, archive):
     a = tmp_path / "A"
     ids = [make_run(a, f'echo run {i}; echo "artifact {i}" > "$CASRUNS_ARTIFACTS_DIR/a{i}.txt"') for i in range(3)]
-    proc = cli("archive", "push", archive["url"], "--promoted", env={"CASRUNS_HOME": str(a), "CASRUNS_TEST_ARCHIVE_KILL_AFTER": "7"})
+    proc = cli("archive", "push", archive["url"], "--promoted", env={"CASRUNS_HOME": str(a), "CASRUNS_TEST_FAULT": "archive_push_blob=kill@7"})
     assert proc.returncode == -9
     # the archive may hold some runs whole; never a manifest whose blobs are missing
     b = tmp_path / "B"

@@ -144,6 +144,9 @@ def test_every_fault_point_is_listed_and_used():
             used |= {f"{by}_after_spawn", f"{by}_mid_payload"}
     used |= {"submit_after_spawn", "submit_mid_payload"}  # spawn's default caller
     assert used == set(faults.POINTS), (used ^ set(faults.POINTS))
+    spec = (src.parent / "spec" / "format.md").read_text()
+    listed = set(re.findall(r"^\| `([a-z_]+)` \| ", spec.split("## Crash windows", 1)[1].split("\n## ", 1)[0], re.M))
+    assert listed == set(faults.POINTS), listed ^ set(faults.POINTS)
 
 
 # -- item 10: a registry whose format record is missing -----------------------------------
