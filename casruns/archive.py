@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import secrets
 import threading
 from typing import TYPE_CHECKING, BinaryIO
@@ -99,14 +100,34 @@ class LocalRemote(Remote):
         return os.path.join(self.root, *key.split("/"))
 
     def size(self, key: str) -> int | None:
+        """The size of a regular file at ``key``; None for none, or for a symlink or other stray
+        (a push then replaces it: rename replaces the link itself, never its target)."""
         try:
-            return os.stat(self._path(key)).st_size
-        except FileNotFoundError:
+            st = os.lstat(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def _real_dir(self, key: str) -> str:
+        """The directory that will hold ``key``, created as needed, every component below the
+        root a real directory: a symlinked ``blobs/ab`` in the archive is refused, never written
+        through (it could lead anywhere)."""
+        path = self.root
+        fsutil.ensure_dir(path)  # the root itself may be reached through a link the user chose
+        for part in key.split("/")[:-1]:
+            path = os.path.join(path, part)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                fsutil.ensure_dir(path)
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise StrayFile(f"{path} in the archive is not a directory (a symlink or a file); refusing to write through it", path=path)
+        return path
 
     def _write(self, key: str, chunks) -> None:
         target = self._path(key)
-        fsutil.ensure_dir(os.path.dirname(target))
+        self._real_dir(key)
 
         def pieces():
             for chunk in chunks:

@@ -292,7 +292,11 @@ class Registry:
         os.umask(umask)
         payload = {"env": env_values, "secret_env": secrets, "umask": umask}
         if request["argv"] != argv:
-            request["argv_redacted"] = True
+            # the redactor stores text: bytes that are not UTF-8 come back replaced. That alone
+            # is a lossy record, not a secret (replay says which), and the command still gets
+            # the exact bytes from the payload.
+            plain = [a.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for a in argv]
+            request["argv_lossy" if request["argv"] == plain else "argv_redacted"] = True
             payload["argv"] = argv
         for k, v in ((_chain or {}).get("env") or {}).items():  # resume: CASRUNS_RESUMED_FROM, plugin env
             payload["env"][k] = str(v)
@@ -538,6 +542,11 @@ class Registry:
         if req.get("argv_redacted"):
             raise InvalidInput(
                 f"run {run_id}'s command line held a secret and was stored redacted; it cannot be run again from its record"
+            )
+        if req.get("argv_lossy"):
+            raise InvalidInput(
+                f"run {run_id}'s command line held bytes that are not UTF-8 and was stored with them replaced; "
+                "it cannot be run again exactly from its record"
             )
         return m, req
 
@@ -801,7 +810,7 @@ class Registry:
                     report["pending"].append(rid)  # still full: the workspace stays for the next reap
                 continue
             if status in mf.TERMINAL:
-                if os.path.isdir(run.spool_dir) or os.path.isdir(run.artifacts_dir):
+                if os.path.lexists(run.spool_dir) or os.path.lexists(run.artifacts_dir):
                     run.remove_workspace()  # a crash between the terminal commit and cleanup
                     report["cleaned"] += 1
                 if rid in queued_entries:
@@ -880,7 +889,7 @@ class Registry:
             return True  # someone else restarted it
         try:
             req = m.get("request") or {}
-            if req.get("secret_env") or req.get("argv_redacted") or req.get("env_redacted"):
+            if req.get("secret_env") or req.get("argv_redacted") or req.get("argv_lossy") or req.get("env_redacted"):
                 with run.update() as mm:
                     if mm["status"] == mf.QUEUED:
                         mm["error"] = {

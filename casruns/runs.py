@@ -157,7 +157,11 @@ class RunDir:
     def remove_workspace(self) -> None:
         """Drop spool and artifact work files once their content is committed to the store."""
         for name in ("spool", "artifacts"):
-            _rmtree(self.file(name))
+            path = self.file(name)
+            if os.path.islink(path):
+                os.unlink(path)  # the link only: its target is not ours (rmtree would refuse it forever)
+            else:
+                _rmtree(path)
         for name in ("env.json", "cancel"):
             try:
                 os.unlink(self.file(name))

@@ -125,3 +125,56 @@ def test_export_refuses_a_dest_that_is_a_symlink_and_writes_a_fresh_one_whole(re
     assert (tmp_path / "fresh" / "logs" / "stdout.log").read_text() == "out\n"
     assert json.loads((tmp_path / "fresh" / "run.json").read_text())["run_id"] == rid
     assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["artifacts", "logs", "run.json"]
+
+
+# -- low items of issue 14 ------------------------------------------------------------------
+
+
+def test_archive_push_never_writes_through_a_symlinked_directory_in_the_archive(tmp_path):
+    from casruns import Registry
+    from test_gc import finished_run
+
+    reg = Registry(tmp_path / "A")
+    rid = finished_run(reg, files={"a.txt": b"artifact"})
+    dest = tmp_path / "arch"
+    reg.archive_push(str(dest), [rid])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shard = next(p for p in (dest / "blobs").iterdir() if p.is_dir())
+    for f in shard.iterdir():
+        f.unlink()
+    shard.rmdir()
+    shard.symlink_to(elsewhere)
+    proc, out = cli_json("archive", "push", str(dest), rid, "--verify-existing", env={"CASRUNS_HOME": str(reg.root)})
+    assert proc.returncode == 6 and out[0]["error"]["code"] == "stray_file", proc.stdout
+    assert not list(elsewhere.iterdir())
+
+
+def test_reap_removes_a_symlinked_workspace_once_not_forever(registry, tmp_path):
+    from test_gc import finished_run
+
+    rid = finished_run(registry)
+    run = registry.run_dir(rid)
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep.txt").write_text("keep")
+    os.symlink(target, run.artifacts_dir)
+    assert registry.reap()["cleaned"] == 1
+    assert registry.reap()["cleaned"] == 0
+    assert (target / "keep.txt").read_text() == "keep"
+
+
+@pytest.mark.slow
+def test_a_non_utf8_argv_runs_exactly_and_is_not_called_a_secret(registry, casruns_home):
+    import subprocess, sys
+
+    arg = b"caf\xe9"  # latin-1, not UTF-8
+    proc = subprocess.run([sys.executable, "-m", "casruns", "submit", "--json", "--", "printf", "%s", arg], capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    rid = json.loads(proc.stdout)["run_id"]
+    registry.wait([rid], timeout=60)
+    assert subprocess.run([sys.executable, "-m", "casruns", "logs", rid], capture_output=True).stdout == arg
+    req = registry.manifest(rid)["request"]
+    assert req.get("argv_lossy") is True and not req.get("argv_redacted")
+    proc, out = cli_json("replay", rid)
+    assert proc.returncode == 3 and "not UTF-8" in out[0]["error"]["message"]

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from ..errors import EXIT_USAGE, CasrunsError, UsageError
+from ..errors import CasrunsError, UsageError
 from . import render
 
 JSON_OPT = click.option("--json", "as_json", is_flag=True, help="Print JSON (errors too).")
@@ -68,10 +68,9 @@ def run_cli(args: list[str]) -> int:
         sys.stderr.write("casruns: aborted\n")
         return 1
     except click.UsageError as e:
-        if as_json:
-            return render.error(UsageError(e.format_message()), True)
-        e.show()
-        return EXIT_USAGE
+        # one line, like every other error (click's own format is four: usage, hint, blank, error)
+        where = f" (see casruns {e.ctx.command_path.split(' ', 1)[1] + ' ' if e.ctx and ' ' in e.ctx.command_path else ''}--help)"
+        return render.error(UsageError(" ".join(e.format_message().split()) + where), as_json)
     except click.ClickException as e:
         e.show()
         return e.exit_code

@@ -33,6 +33,8 @@ def try_run(argv: list[str]) -> int | None:
     if taken is None or not taken[1]:
         return None
     root, args = taken
+    if root is not None and os.path.exists(root) and not os.path.isdir(root):
+        return None  # click owns the error (usage, exit 2), so both paths say the same
     cmd, rest = args[0], args[1:]
     if cmd in ("status", "list"):
         # A short-lived process that allocates one dict per run: the cyclic collector only

@@ -13,7 +13,14 @@ from ..errors import CasrunsError
 
 
 def dump_json(obj) -> str:
-    return json.dumps(obj, sort_keys=False, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps(obj, sort_keys=False, separators=(",", ":"), ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # lone surrogates (bytes of non-UTF-8 input, e.g. a run id): escaped, the output stays
+        # valid UTF-8 and valid JSON
+        text = json.dumps(obj, sort_keys=False, separators=(",", ":"), ensure_ascii=True)
+    return text
 
 
 def emit_json(obj) -> None:
