@@ -40,7 +40,7 @@ from . import faults, fsutil
 from . import manifest as mf
 from .errors import (
     BackendMissing, BlobNotFound, CasrunsError, CorruptManifest, IntegrityError, InvalidInput, InvalidRunId, NoSpace,
-    RegistryError, RunNotFound, StrayFile, TooLarge, UnsupportedFormat,
+    ArchiveUnavailable, RegistryError, RunNotFound, StrayFile, TooLarge, UnsupportedFormat,
 )
 from .ids import is_run_id, validate_address, validate_run_id
 
@@ -181,11 +181,19 @@ class FsspecRemote(Remote):
     def _path(self, key: str) -> str:
         return f"{self.base.rstrip('/')}/{key}"
 
+    def _unavailable(self, what: str, e: BaseException) -> ArchiveUnavailable:
+        return ArchiveUnavailable(f"{self.url}: cannot {what}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+
     def size(self, key: str) -> int | None:
         try:
             return int(self.fs.info(self._path(key))["size"])
-        except (FileNotFoundError, OSError):
+        except FileNotFoundError:
             return None
+        except Exception as e:
+            if _backend_error(e):
+                # "absent" would be a lie here: a marker check would call a live archive no archive
+                raise self._unavailable(f"look up {key}", e) from e
+            raise
 
     def _commit(self, upload, key: str, size: int) -> None:
         target = self._path(key)
@@ -202,10 +210,18 @@ class FsspecRemote(Remote):
             raise RegistryError(f"{self.url}: uploaded {key} has {got} bytes, expected {size}")
 
     def put_file(self, local: str, key: str, size: int) -> None:
-        self._commit(lambda path: self.fs.put_file(local, path), key, size)
+        self._guarded(f"write {key}", lambda: self._commit(lambda path: self.fs.put_file(local, path), key, size))
 
     def put_bytes(self, data: bytes, key: str) -> None:
-        self._commit(lambda path: self.fs.pipe_file(path, data), key, len(data))
+        self._guarded(f"write {key}", lambda: self._commit(lambda path: self.fs.pipe_file(path, data), key, len(data)))
+
+    def _guarded(self, what: str, fn):
+        try:
+            return fn()
+        except Exception as e:
+            if _backend_error(e) and not _no_space(e):
+                raise self._unavailable(what, e) from e
+            raise
 
     def open(self, key: str) -> BinaryIO:
         path = self._path(key)
@@ -218,12 +234,20 @@ class FsspecRemote(Remote):
             return self.fs.open(path, "rb", block_size=READ_BLOCK)
         except FileNotFoundError:
             raise _missing(self.url, key) from None
+        except Exception as e:
+            if _backend_error(e):
+                raise self._unavailable(f"read {key}", e) from e
+            raise
 
     def list_runs(self) -> list[str]:
         try:
             entries = self.fs.ls(self._path("runs"), detail=False)
         except FileNotFoundError:
             return []
+        except Exception as e:
+            if _backend_error(e):
+                raise self._unavailable("list runs", e) from e
+            raise
         out = []
         for e in entries:
             name = e.rstrip("/").rsplit("/", 1)[-1]
@@ -232,6 +256,19 @@ class FsspecRemote(Remote):
             if self.size(f"runs/{name}/manifest.toml") is not None:
                 out.append(name)
         return sorted(out)
+
+
+_BACKENDS = {"botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "paramiko", "urllib3", "requests"}
+
+
+def _backend_error(e: BaseException) -> bool:
+    """An error of the archive's backend (network, credentials, the service), as opposed to a
+    bug of ours: OSErrors and the exception families of the libraries behind fsspec."""
+    if isinstance(e, CasrunsError):
+        return False
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        return True
+    return type(e).__module__.split(".", 1)[0] in _BACKENDS
 
 
 def _missing(url: str, key: str) -> CasrunsError:
@@ -318,6 +355,9 @@ def _interrupted(e: Exception, report: dict, where: str, done: str) -> Exception
         return NoSpace(f"no space left on the device {where}; {done} before it", report=report)
     if isinstance(e, CasrunsError):
         e.details.setdefault("report", report)
+        return e
+    if _backend_error(e):  # a read that failed mid-stream, say
+        return ArchiveUnavailable(f"the archive failed {where}: {type(e).__name__}: {' '.join(str(e).split())[:300]}; {done} before it", report=report)
     return e
 
 

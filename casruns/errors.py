@@ -152,6 +152,13 @@ class TooLarge(RegistryError):
     code = "too_large"
 
 
+class ArchiveUnavailable(RegistryError):
+    """The archive's backend failed: a network error, refused credentials or permissions, a
+    service error. Nothing is half-written; what a push or pull finished is in ``details``."""
+
+    code = "archive_unavailable"
+
+
 class StrayFile(RegistryError):
     """Something that is not a regular file (a FIFO, a socket, a directory, a symlink) where a
     registry file should be: reported and skipped, never opened for reading."""

@@ -239,3 +239,16 @@ def test_a_bad_regex_in_config_is_a_clear_error_naming_it(registry, casruns_home
         assert proc.returncode == 6, (args, proc.stdout)  # a bad config is a registry error, as every config error
         assert out[0]["error"]["code"] == "registry_error" and "redaction.patterns.mine" in out[0]["error"]["message"]
         assert "regular expression" in out[0]["error"]["message"]
+
+
+@pytest.mark.parametrize("args", [["archive", "list", "s3://bucket/p"], ["archive", "pull", "s3://bucket/p"], ["archive", "push", "s3://bucket/p", "--promoted"]])
+def test_an_unreachable_object_store_is_one_clear_line(registry, args):
+    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_MAX_ATTEMPTS": "1",
+           "CASRUNS_S3_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens on the discard port here
+    rid = finished_run(registry)
+    registry.promote(rid, reason="to push")
+    proc, out = cli_json(*args, env=env, timeout=120)
+    assert proc.returncode == 6, proc.stdout + proc.stderr
+    assert out[0]["error"]["code"] == "archive_unavailable", out
+    plain = cli(*args, env=env, timeout=120)
+    assert plain.returncode == 6 and len(plain.stderr.strip().splitlines()) == 1 and "internal error" not in plain.stderr
