@@ -36,7 +36,7 @@ import secrets
 import threading
 from typing import TYPE_CHECKING, BinaryIO
 
-from . import faults, fsutil
+from . import faults, fsutil, query
 from . import manifest as mf
 from .errors import (
     BackendMissing, BlobNotFound, CasrunsError, CorruptManifest, IntegrityError, InvalidInput, InvalidRunId, NoSpace,
@@ -45,7 +45,7 @@ from .errors import (
 from .ids import is_run_id, validate_address, validate_run_id
 
 if TYPE_CHECKING:
-    from .registry import Registry
+    from .root import RegistryRoot
 
 MARKER = "casruns-archive.toml"
 FORMAT = "casruns-archive"
@@ -296,12 +296,12 @@ def _check_marker(remote: Remote) -> None:
         raise UnsupportedFormat(f"{remote.url} is not a casruns archive this version can read ({MARKER}: {doc})")
 
 
-def open_remote(url: str, registry: "Registry") -> Remote:
+def open_remote(url: str, registry: "RegistryRoot") -> Remote:
     if "://" not in url or url.startswith("file://"):
         return LocalRemote(url[len("file://") :] if url.startswith("file://") else url)
     opts: dict = {}
     scheme = url.split("://", 1)[0].lower()
-    cfg = (registry.config.raw.get("archive") or {}) if registry._check_format() else {}
+    cfg = (registry.config.raw.get("archive") or {}) if registry.check_format() else {}
     if scheme in ("s3", "s3a"):
         endpoint = cfg.get("endpoint_url") or os.environ.get("CASRUNS_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
@@ -318,7 +318,7 @@ def _ensure_marker(remote: Remote) -> None:
     _check_marker(remote)
 
 
-def _run_blobs(registry: "Registry", m: dict) -> list[str]:
+def _run_blobs(registry: "RegistryRoot", m: dict) -> list[str]:
     """A run's blobs in push order: artifact files and logs, then the tree (the manifest last)."""
     from .tree import Tree
 
@@ -385,7 +385,7 @@ def check_archived(remote: Remote, address: str) -> str | None:
 
 
 def push(
-    registry: "Registry", dest: str, run_ids: list[str] | None, *, promoted: bool = False, progress=None, jobs: int = JOBS,
+    registry: "RegistryRoot", dest: str, run_ids: list[str] | None, *, promoted: bool = False, progress=None, jobs: int = JOBS,
     verify_existing: bool = False,
 ) -> dict:
     """Copy finished runs to ``dest``. A blob whose archived object has the local frame's size
@@ -399,7 +399,7 @@ def push(
         raise InvalidInput(f"--jobs must be at least 1, not {jobs}")
     ids = list(run_ids or [])
     if promoted:
-        ids += [r["run_id"] for r in registry.list(promoted=True) if r["run_id"] not in ids]
+        ids += [r["run_id"] for r in query.list_runs(registry, promoted=True) if r["run_id"] not in ids]
     manifests = {}
     for rid in ids:
         m = registry.run_dir(rid).read_fresh()
@@ -493,7 +493,7 @@ def remote_manifest(remote: Remote, run_id: str) -> dict:
     return m
 
 
-def list_archive(registry: "Registry", src: str) -> dict:
+def list_archive(registry: "RegistryRoot", src: str) -> dict:
     from .record import build
 
     remote = open_remote(src, registry)
@@ -513,7 +513,7 @@ def list_archive(registry: "Registry", src: str) -> dict:
     return out
 
 
-def pull(registry: "Registry", src: str, run_ids: list[str] | None, *, progress=None, jobs: int = JOBS) -> dict:
+def pull(registry: "RegistryRoot", src: str, run_ids: list[str] | None, *, progress=None, jobs: int = JOBS) -> dict:
     if jobs < 1:
         raise InvalidInput(f"--jobs must be at least 1, not {jobs}")
     remote = open_remote(src, registry)
@@ -525,7 +525,7 @@ def pull(registry: "Registry", src: str, run_ids: list[str] | None, *, progress=
     }
     rid = None
     try:
-        registry._ensure()
+        registry.ensure()
         for i, rid in enumerate(ids):
             if progress:
                 progress("pulling runs", i + 1, len(ids))
@@ -541,7 +541,7 @@ def pull(registry: "Registry", src: str, run_ids: list[str] | None, *, progress=
     return report
 
 
-def _pull_run(registry: "Registry", remote: Remote, rid: str, report: dict, jobs: int) -> None:
+def _pull_run(registry: "RegistryRoot", remote: Remote, rid: str, report: dict, jobs: int) -> None:
     from . import runs as runs_mod
     from .tree import Tree
 
@@ -585,7 +585,7 @@ def _pull_run(registry: "Registry", remote: Remote, rid: str, report: dict, jobs
     report["pulled"].append(rid)
 
 
-def _redact_pulled(registry: "Registry", m: dict) -> dict:
+def _redact_pulled(registry: "RegistryRoot", m: dict) -> dict:
     """An archive written by an older casruns (or by hand) must not plant a credential: the
     strings a record shows pass today's detectors before the manifest is stored."""
     redactor = registry.redactor()
@@ -605,7 +605,7 @@ def _redact_pulled(registry: "Registry", m: dict) -> dict:
     return out
 
 
-def _repair(registry: "Registry", remote: Remote, run_id: str, report: dict) -> None:
+def _repair(registry: "RegistryRoot", remote: Remote, run_id: str, report: dict) -> None:
     """A run that is here already may miss blobs (quarantined by verify): fetch those."""
     from .tree import Tree
 
@@ -703,7 +703,7 @@ def _import(remote: Remote, store, batch, address: str, report: dict, fetched: _
     report["bytes_received"] += size
 
 
-def compare(registry: "Registry", src: str, run_ids: list[str], *, read_data: bool = False, jobs: int = JOBS) -> list[dict]:
+def compare(registry: "RegistryRoot", src: str, run_ids: list[str], *, read_data: bool = False, jobs: int = JOBS) -> list[dict]:
     """Differences between local runs and their archived copies (verify --against): manifest
     fields, each blob's presence and size and, with ``read_data``, each archived blob's content
     (streamed, decoded and re-hashed against its address; a blob shared by runs is read once)."""

@@ -46,7 +46,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from . import faults, fsutil, locking
+from . import faults, fsutil, locking, recovery
 from . import store as storemod
 from . import manifest as mf
 from . import retention
@@ -56,7 +56,7 @@ from .ids import is_address
 from .runs import iter_run_ids, run_stray
 
 if TYPE_CHECKING:
-    from .registry import Registry
+    from .root import RegistryRoot
 
 SCHEMA = "casruns/gc/v1"
 CHUNK = 1000
@@ -101,10 +101,10 @@ def _fault(point: str) -> None:
     faults.point("gc_" + point)
 
 
-def collect_garbage(registry: "Registry", *, dry_run: bool = False, wait: bool = False, progress=None) -> dict:
+def collect_garbage(registry: "RegistryRoot", *, dry_run: bool = False, wait: bool = False, progress=None) -> dict:
     t0 = time.monotonic()
     stats = GCStats(dry_run=dry_run)
-    if not registry._check_format():
+    if not registry.check_format():
         return stats.to_json()
     fsutil.ensure_dir(os.path.join(registry.root, "locks"))
     lock_path = os.path.join(registry.root, "locks", "gc.lock")
@@ -121,7 +121,7 @@ def collect_garbage(registry: "Registry", *, dry_run: bool = False, wait: bool =
     return stats.to_json()
 
 
-def _run(registry: "Registry", stats: GCStats, dry_run: bool, progress, previous_at=None) -> None:
+def _run(registry: "RegistryRoot", stats: GCStats, dry_run: bool, progress, previous_at=None) -> None:
     store = registry.store
     config = registry.config
     runs_dir = registry.runs_dir
@@ -304,7 +304,7 @@ def _finish(registry, store, pins_dir, settled_at_start, now: float, grace: floa
                 pass
         stats.pins_removed += 1
     if not dry_run:
-        stats.temps_removed += registry._clean_leftovers(grace)
+        stats.temps_removed += recovery.clean_leftovers(registry, grace)
 
 
 def _young(path, st, now: float, grace: float, stats: GCStats, dry_run: bool, clock_behind: bool) -> bool:
@@ -329,7 +329,7 @@ def _young(path, st, now: float, grace: float, stats: GCStats, dry_run: bool, cl
     return age < grace
 
 
-def _read_run(registry: "Registry", rid: str, strays: dict[str, dict]) -> dict | None:
+def _read_run(registry: "RegistryRoot", rid: str, strays: dict[str, dict]) -> dict | None:
     """The manifest of run ``rid``, or None (noted in ``strays``) when the name is not a run
     (runs.run_stray: decided by lstat, nothing that could block or lead outside is opened). A
     directory with a regular ``manifest.toml`` is a run: if that file cannot be read or parsed,
@@ -391,7 +391,7 @@ def _sighting(run_path: str, m: dict, config, now: float, boot, stats: GCStats, 
     return s
 
 
-def _report_missing(registry: "Registry", marked: list, missing: set[str], stats: GCStats) -> None:
+def _report_missing(registry: "RegistryRoot", marked: list, missing: set[str], stats: GCStats) -> None:
     """Skip the sweep, and name each missing blob with the runs and places that reference it."""
     stats.swept = False
     stats.blobs_missing = len(missing)
@@ -536,12 +536,12 @@ def _merge_small_packs(store, stats: GCStats, progress) -> None:
     store.pack_names()  # forget the packs deleted here
 
 
-def referenced_addresses(registry: "Registry", m: dict, unreadable: list | None = None) -> set[str]:
+def referenced_addresses(registry: "RegistryRoot", m: dict, unreadable: list | None = None) -> set[str]:
     """Every blob a manifest references: log blobs, the artifact tree and its files."""
     return {address for _, address in _references(registry, m, unreadable)}
 
 
-def _references(registry: "Registry", m: dict, unreadable: list | None = None):
+def _references(registry: "RegistryRoot", m: dict, unreadable: list | None = None):
     """(where, address) for every blob a manifest references: ``logs.<stream>``,
     ``artifacts.tree`` and ``artifacts/<path>`` for each file the tree lists.
 

@@ -15,11 +15,12 @@ import itertools
 import json
 from typing import TYPE_CHECKING
 
+from . import evidence, query
 from .redaction import BINARY_SNIFF, looks_binary
 
 if TYPE_CHECKING:
     from .redaction import Redactor
-    from .registry import Registry
+    from .root import RegistryRoot
 
 SCHEMA = "casruns/scan/v1"
 
@@ -56,9 +57,9 @@ def _count_transcript(redactor: "Redactor", chunks) -> dict[str, int]:
     return out
 
 
-def scan_run(registry: "Registry", run_id: str, redactor: "Redactor") -> list[dict]:
+def scan_run(registry: "RegistryRoot", run_id: str, redactor: "Redactor") -> list[dict]:
     findings = []
-    m = registry.manifest(run_id)
+    m = query.manifest(registry, run_id)
 
     def add(where: str, hits: dict[str, int]) -> None:
         for detector, count in sorted(hits.items()):
@@ -83,7 +84,7 @@ def scan_run(registry: "Registry", run_id: str, redactor: "Redactor") -> list[di
         if ref:
             chunks = registry.store.iter_chunks(ref["blake3"])
             add(f"logs:{stream}", _count_transcript(redactor, chunks) if stream == "transcript" else _count(redactor, chunks))
-    tree = registry.tree(run_id)
+    tree = evidence.tree(registry, run_id)
     for entry in tree.entries:
         # the path is printed in the report: never print what a detector would mask in it
         where = redactor.text(entry.path)
@@ -100,7 +101,7 @@ def scan_run(registry: "Registry", run_id: str, redactor: "Redactor") -> list[di
     return findings
 
 
-def scan(registry: "Registry", run_ids: list[str] | None = None, progress=None) -> dict:
+def scan(registry: "RegistryRoot", run_ids: list[str] | None = None, progress=None) -> dict:
     from .runs import iter_run_ids
 
     redactor = registry.redactor()

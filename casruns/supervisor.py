@@ -25,152 +25,25 @@ import os
 import random
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 
 from . import collect, faults, fsutil, locking, proctree, scheduler
+from .capture import READ_SIZE, Transcript, _exited, _killpg, _write_all
+from .handover import LOCK_FD_ENV, PayloadIncomplete, read_payload
 from . import manifest as mf
 from .errors import CasrunsError
 from .redaction import Redactor, split_secrets
-from .runs import RunDir
 from .timefmt import format_ts, now_ts
 
-READ_SIZE = 65536
 POLL = 0.2
-TRANSCRIPT_MAX_LINE = 65536
-LOCK_FD_ENV = "CASRUNS_SUPERVISOR_LOCK_FD"
 # Space the supervisor holds from its start so that it can always record its own end on a
 # full disk: freed when a write fails with ENOSPC, then the terminal commit uses it.
 RESERVE_BYTES = 1 << 20
 NO_SPACE = "no_space"  # capture outcome: a spool write found the disk full
 
-# Variables a command gets from the submitter's environment unless --env says more.
-BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SHELL")
-# Variables the supervisor process itself keeps (how to import casruns, plugins, tests).
-SUPERVISOR_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "CASRUNS_PLUGINS")
-
-
-def spawn(root: str, run_id: str, payload: dict, lock_fd: int | None, *, by: str = "submit") -> int:
-    """Start a detached supervisor for ``run_id``; returns its pid.
-
-    ``lock_fd`` is the run's supervisor lock, already held: the child inherits it so the
-    lock is never free while the run is alive. ``by`` names the caller (``submit`` or
-    ``reap``) for the fault points of the hand-over.
-
-    Crash windows of the hand-over (spec/format.md, "The payload hand-over"): if the caller
-    dies after starting the supervisor and before the last byte of the framed payload, the
-    supervisor reads end-of-file before the end marker and ends the run ``failed`` with
-    ``payload_incomplete``, never running the command.
-    """
-    env = {k: os.environ[k] for k in SUPERVISOR_ENV if k in os.environ}
-    env.update({k: v for k, v in os.environ.items() if k.startswith("CASRUNS_TEST_")})
-    pass_fds: tuple[int, ...] = ()
-    if lock_fd is not None:
-        env[LOCK_FD_ENV] = str(lock_fd)
-        pass_fds = (lock_fd,)
-    run = RunDir(os.path.join(root, "runs"), run_id)
-    log_fd = fsutil.open_private(run.file("supervisor.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "casruns.supervisor", root, run_id],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=log_fd,
-            start_new_session=True,
-            close_fds=True,
-            pass_fds=pass_fds,
-            env=env,
-            cwd="/",
-        )
-    finally:
-        os.close(log_fd)
-    assert proc.stdin is not None
-    frame = encode_payload(payload)
-    faults.point(f"{by}_after_spawn")
-    try:
-        half = len(frame) // 2
-        proc.stdin.write(frame[:half])
-        proc.stdin.flush()
-        faults.point(f"{by}_mid_payload")
-        proc.stdin.write(frame[half:])
-        proc.stdin.close()
-    except BrokenPipeError:
-        pass
-    # The Popen object is dropped without wait(): a short-lived caller exits and init reaps
-    # the supervisor; a long-lived embedder's subprocess module reaps it at a later Popen.
-    return proc.pid
-
-
-PAYLOAD_MAGIC = b"casruns-payload/v1"
-PAYLOAD_MAX = 16 << 20  # bytes of JSON: environments are small; a larger frame is not ours
-PAYLOAD_WAIT = 60.0  # seconds (monotonic) the supervisor waits for the whole payload
-
-
-class PayloadIncomplete(Exception):
-    """The hand-over on stdin ended or stalled before its end marker, or failed its checksum."""
-
-
-def encode_payload(payload: dict) -> bytes:
-    """Frame the payload: ``casruns-payload/v1 <length>\n`` + JSON + ``\nend <sha256>\n``.
-
-    The length and the end marker make a truncated hand-over detectable: end-of-file before
-    the marker means the sender died, never "an empty payload".
-    """
-    import hashlib
-
-    body = json.dumps(payload, separators=(",", ":")).encode()
-    return b"%s %d\n%s\nend %s\n" % (PAYLOAD_MAGIC, len(body), body, hashlib.sha256(body).hexdigest().encode())
-
-
-def decode_payload(raw: bytes) -> dict:
-    """The payload in a complete frame; raises PayloadIncomplete otherwise."""
-    import hashlib
-
-    head, sep, rest = raw.partition(b"\n")
-    if not sep:
-        raise PayloadIncomplete(f"no payload header ({len(raw)} bytes received)")
-    magic, _, length = head.partition(b" ")
-    if magic != PAYLOAD_MAGIC or not length.isdigit():
-        raise PayloadIncomplete("the payload header is not casruns-payload/v1")
-    n = int(length)
-    body, trailer = rest[:n], rest[n:]
-    if len(body) < n or not trailer.startswith(b"\nend ") or not trailer.endswith(b"\n"):
-        raise PayloadIncomplete(f"the payload ended after {len(body)} of {n} bytes, before its end marker")
-    if trailer[len(b"\nend ") : -1] != hashlib.sha256(body).hexdigest().encode():
-        raise PayloadIncomplete("the payload does not match its checksum")
-    try:
-        payload = json.loads(body)
-    except ValueError as e:
-        raise PayloadIncomplete(f"the payload is not JSON: {e}") from None
-    if not isinstance(payload, dict):
-        raise PayloadIncomplete("the payload is not a JSON object")
-    return payload
-
-
-def read_payload(fd: int, wait: float = PAYLOAD_WAIT) -> dict:
-    """Read a framed payload from ``fd`` until end-of-file, for at most ``wait`` seconds."""
-    deadline = time.monotonic() + wait
-    parts: list[bytes] = []
-    got = 0
-    with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise PayloadIncomplete(f"the payload did not arrive within {wait:g}s ({got} bytes received)")
-            if not sel.select(timeout=left):
-                continue
-            data = os.read(fd, 65536)
-            if not data:
-                break
-            parts.append(data)
-            got += len(data)
-            if got > PAYLOAD_MAX + 4096:
-                raise PayloadIncomplete(f"the payload exceeds {PAYLOAD_MAX} bytes")
-    return decode_payload(b"".join(parts))
 
 
 class Supervisor:
@@ -855,75 +728,6 @@ def _excluded_paths(results: list) -> set[str]:
                 raise PluginError(f"plugin {plugin}: casruns_collect_artifacts returned an unsafe path {p!r}", plugin=plugin, hook="casruns_collect_artifacts")
             out.add(p)
     return out
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _exited(pid: int) -> bool:
-    """True once ``pid`` exited, without reaping it (so its group id stays reserved)."""
-    try:
-        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return True
-    return info is not None
-
-
-class Transcript:
-    """The combined transcript: one line per output line, ``<timestamp> <stream> <text>``."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.partial: dict[str, tuple[float, bytes]] = {}
-
-    def feed(self, stream: str, data: bytes, arrived: float | None = None) -> None:
-        """Add redacted output. ``arrived`` is when the oldest of these bytes was read from
-        the pipe (the redactor may have held them back a while); lines that start in this
-        data are stamped with it."""
-        at = time.time() if arrived is None else arrived
-        started, buf = self.partial.get(stream, (at, b""))
-        buf += data
-        lines = buf.split(b"\n")
-        rest = lines.pop()
-        # One timestamp string per chunk, not per line: formatting a time per line capped
-        # the transcript at 32 MB/s.
-        stamps = {started: format_ts(started).encode()}
-        stamps.setdefault(at, format_ts(at).encode())
-        prefix = b" " + stream.encode() + b" "
-        out = []
-        for line in lines:
-            while len(line) > TRANSCRIPT_MAX_LINE:
-                out.append(stamps[started] + prefix + line[:TRANSCRIPT_MAX_LINE] + b"\n")
-                line = line[TRANSCRIPT_MAX_LINE:]
-            out.append(stamps[started] + prefix + line + b"\n")
-            started = at
-        while len(rest) > TRANSCRIPT_MAX_LINE:
-            out.append(stamps[started] + prefix + rest[:TRANSCRIPT_MAX_LINE] + b"\n")
-            rest = rest[TRANSCRIPT_MAX_LINE:]
-        if rest:
-            self.partial[stream] = (started, rest)
-        else:
-            self.partial.pop(stream, None)
-        if out:
-            _write_all(self.fd, b"".join(out))
-
-    def _line(self, ts: float, stream: str, text: bytes) -> bytes:
-        return format_ts(ts).encode() + b" " + stream.encode() + b" " + text + b"\n"
-
-    def close(self) -> None:
-        for stream, (ts, rest) in sorted(self.partial.items()):
-            _write_all(self.fd, self._line(ts, stream, rest))
-        self.partial.clear()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from .ids import is_run_id
 from .runs import run_stray
 
 if TYPE_CHECKING:
-    from .registry import Registry
+    from .root import RegistryRoot
 
 SCHEMA = "casruns/verify/v1"
 
@@ -58,7 +58,7 @@ def check_manifest(m: dict) -> list[str]:
     return problems
 
 
-def verify(registry: "Registry", run_ids: list[str] | None = None, *, read_data: bool = False, quarantine: bool = False, progress=None) -> dict:
+def verify(registry: "RegistryRoot", run_ids: list[str] | None = None, *, read_data: bool = False, quarantine: bool = False, progress=None) -> dict:
     from .tree import Tree
 
     store = registry.store

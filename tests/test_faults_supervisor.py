@@ -110,7 +110,7 @@ def test_reap_restarts_a_queued_run_with_its_submitted_env_and_umask(casruns_hom
 
 
 def test_a_truncated_or_garbled_frame_is_refused():
-    from casruns.supervisor import PayloadIncomplete, decode_payload, encode_payload
+    from casruns.handover import PayloadIncomplete, decode_payload, encode_payload
 
     frame = encode_payload({"env": {"HOME": "/h"}, "secret_env": {"T": "s3cret"}, "umask": 18})
     assert decode_payload(frame)["env"] == {"HOME": "/h"}
@@ -239,7 +239,7 @@ def _supervise_under_faketime(registry, tmp_path, argv, timeout):
     """Submit without a supervisor, then start one whose wall clock the test can move."""
     import sys
 
-    from casruns.supervisor import encode_payload
+    from casruns.handover import encode_payload
 
     clock = tmp_path / "faketime"
     clock.write_text("+0\n")
@@ -311,7 +311,7 @@ def test_an_error_before_the_run_starts_fails_it_with_start_failed(casruns_home,
 def test_a_config_made_invalid_after_submit_fails_the_run_instead_of_crashing_its_supervisor(registry, casruns_home, tmp_path):
     import sys
 
-    from casruns.supervisor import encode_payload
+    from casruns.handover import encode_payload
 
     marker = tmp_path / "ran"
     rid = registry.submit(["touch", str(marker)], spawn=False)["run_id"]

@@ -265,7 +265,7 @@ def test_import_of_a_decompression_bomb_does_not_hold_it_in_memory(tmp_path):
 
 
 def test_long_complete_lines_are_split_in_the_transcript(tmp_path):
-    from casruns.supervisor import TRANSCRIPT_MAX_LINE, Transcript
+    from casruns.capture import TRANSCRIPT_MAX_LINE, Transcript
 
     fd = os.open(tmp_path / "t", os.O_WRONLY | os.O_CREAT)
     t = Transcript(fd)

@@ -182,7 +182,7 @@ def copy_loop(path: str, transform=None, close=None) -> float:
 
 
 def in_process(path: str, size: int, values: dict[str, str]) -> dict:
-    from casruns.supervisor import Transcript
+    from casruns.capture import Transcript
 
     rows = {}
     rows["plain copy loop"] = (copy_loop(path), None)
