@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from . import manifest as mf
 from . import record as rec
 from . import recovery
-from .errors import CasrunsError, InvalidInput, NoSpace, RunNotFound, StrayFile
+from .errors import CasrunsError, InvalidInput, RunNotFound, StrayFile
 from .ids import validate_run_id
 from .runs import RunDir, iter_run_ids
 from .timefmt import parse_ts
@@ -52,8 +52,11 @@ def record(reg: "RegistryRoot", run: RunDir, m: dict, *, reap: bool = True, kept
         if reap and m["status"] in mf.ACTIVE and recovery.is_lost(reg, run, m):
             try:
                 reaped = recovery.reap_lost(reg, run)
-            except NoSpace:
-                pass  # a read never needs free space: answer with the record as it stands
+            except (CasrunsError, OSError):
+                # a read never needs to write: on a full disk, a read-only snapshot, or with a
+                # workspace that cannot be collected, answer with the record as it stands (the
+                # next reap with room or write access ends the run)
+                pass
         if reaped is not None:
             m = reaped
         else:

@@ -70,10 +70,11 @@ def reap_lost(reg: "RegistryRoot", run: RunDir) -> dict:
             run, reg.store, status, error=error, artifacts=not _declared_secrets(m),
             redactor=reg.redactor(), policy=reg.config.artifact_policy,
         )
-    except Exception as e:
-        if not fsutil.is_no_space(e):
-            raise
-    # the disk is full: commit the end now, store the spooled output later (reap)
+    except (CasrunsError, OSError) as e:
+        # the output cannot be stored now (a full disk, a stray in the way): end the run anyway,
+        # keep the workspace, and store it at a later reap (collection_pending)
+        why = "the disk is full" if fsutil.is_no_space(e) else f"{type(e).__name__}: {getattr(e, 'message', e)}"
+        error = {**error, "message": error["message"].replace("was salvaged", f"is kept in the workspace until reap can store it ({why})")}
     return collect.finish_deferred(run, status, error=error)
 
 
@@ -104,10 +105,8 @@ def reap(reg: "RegistryRoot") -> dict:
                 )
                 if done is not None:
                     report["collected"].append(rid)
-            except Exception as e:
-                if not fsutil.is_no_space(e):
-                    raise
-                report["pending"].append(rid)  # still full: the workspace stays for the next reap
+            except (CasrunsError, OSError):
+                report["pending"].append(rid)  # still full, or still a stray in the way: the workspace stays
             continue
         if status in mf.TERMINAL:
             if os.path.lexists(run.spool_dir) or os.path.lexists(run.artifacts_dir):
@@ -119,7 +118,12 @@ def reap(reg: "RegistryRoot") -> dict:
             continue
         if status in mf.ACTIVE:
             if is_lost(reg, run, m):
-                final = reap_lost(reg, run)
+                try:
+                    final = reap_lost(reg, run)
+                except (CasrunsError, OSError) as e:
+                    # one run that cannot be ended now must not stop reap for all the others
+                    report.setdefault("errors", []).append({"run_id": rid, "code": getattr(e, "code", "registry_error"), "message": str(getattr(e, "message", e))})
+                    continue
                 report["reaped"].append({"run_id": rid, "status": final["status"]})
             continue
         # queued

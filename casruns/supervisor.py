@@ -577,14 +577,19 @@ class Supervisor:
                 )
             )
         except Exception as e:
-            if not fsutil.is_no_space(e):
-                raise
-            self.no_space = True
+            # Whatever stopped the collection (a full disk, a stray where a blob or blobs/tmp
+            # belongs, an I/O error), the run still ends: the output stays in the workspace
+            # (collection_pending) for reap to store, and the record says why.
+            if fsutil.is_no_space(e):
+                self.no_space = True
+                error = self.no_space_error()
+            else:
+                message = self.redactor.text(f"cannot store the run's output: {type(e).__name__}: {getattr(e, 'message', e)}")
+                error = {"code": "collect_failed", "message": message + "; it stays in the run's workspace until casruns reap stores it"}
             self.release_reserve()
-            print("casruns supervisor: the disk is full; output stays in the spool until reap stores it", file=sys.stderr)
+            print(f"casruns supervisor: {error['message']}", file=sys.stderr)
             return collect.finish_deferred(
-                self.run, mf.FAILED, exit_code=kw.get("exit_code"), signal=kw.get("signal"),
-                error=self.no_space_error(), extra=extra,
+                self.run, mf.FAILED, exit_code=kw.get("exit_code"), signal=kw.get("signal"), error=error, extra=extra,
             )
 
     # -- the capture loop --------------------------------------------------------------

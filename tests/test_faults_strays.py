@@ -412,3 +412,24 @@ def test_a_run_whose_regular_manifest_does_not_parse_is_damaged_not_a_stray(regi
     assert proc.returncode == 14 and out[0]["strays"] == []
     assert [(p["kind"], p["run_id"]) for p in out[0]["problems"]] == [("manifest_invalid", "01DAMAGED")]
     assert out[0]["runs_checked"] == 2 and rid
+
+
+def test_a_stray_that_stops_collection_still_ends_the_run_and_never_stops_reap(casruns_home):
+    """Hostile review: a directory where one of the run's blobs belongs made collection fail;
+    the run stayed collecting_artifacts with no supervisor and reap aborted on it."""
+    import blake3
+    import json as _json
+    from conftest import cli, poll_until
+
+    cli("init", check=0)
+    addr = blake3.blake3(b"strayblob\n").hexdigest()
+    (casruns_home / "blobs" / addr[:2] / addr[2:]).mkdir(parents=True)
+    rid = _json.loads(cli("submit", "--json", "--", "sh", "-c", "echo strayblob", check=0).stdout)["run_id"]
+    final = poll_until(lambda: (r := _json.loads(cli("status", rid, "--json").stdout))["terminal"] and r, what="terminal")
+    assert final["status"] == "failed" and final["error"]["code"] == "collect_failed", final
+    assert cli("logs", rid, check=0).stdout == "strayblob\n"  # kept in the workspace, readable
+    proc = cli("reap", "--json")
+    assert proc.returncode == 0 and rid in _json.loads(proc.stdout)["pending"], proc.stdout + proc.stderr
+    (casruns_home / "blobs" / addr[:2] / addr[2:]).rmdir()  # the operator removes the stray
+    assert rid in _json.loads(cli("reap", "--json", check=0).stdout)["collected"]
+    assert _json.loads(cli("status", rid, "--json").stdout)["logs"]["stdout"]["size"] == 10

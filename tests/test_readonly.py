@@ -77,3 +77,41 @@ def test_writes_to_a_read_only_registry_fail_with_one_clear_line(ro_registry):
         assert proc.returncode == 6 or (args[0] == "cancel" and proc.returncode in (0, 5)), (args, proc.returncode, proc.stderr)
         if proc.returncode:
             assert len(proc.stderr.strip().splitlines()) == 1 and "internal error" not in proc.stderr, proc.stderr
+
+
+def test_a_lost_run_on_a_read_only_registry_does_not_fail_the_readers(tmp_path, monkeypatch):
+    """Hostile review: one lost active run made status, list and wait exit 6 on a snapshot."""
+    import signal
+    import tomllib
+
+    from conftest import poll_until
+
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root (CI runs as root)")
+    src = tmp_path / "src"
+    home = src / "reg"
+    monkeypatch.setenv("CASRUNS_HOME", str(home))
+    rid = json.loads(cli("submit", "--json", "--", "sh", "-c", "echo started; sleep 300", check=0).stdout)["run_id"]
+    poll_until(lambda: json.loads(cli("status", rid, "--json").stdout)["status"] == "running", what="running")
+    m = tomllib.loads((home / "runs" / rid / "manifest.toml").read_text())
+    os.kill(m["supervisor"]["pid"], signal.SIGKILL)
+    def gone(pid: int) -> bool:
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    poll_until(lambda: gone(m["supervisor"]["pid"]), what="supervisor gone")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", str(src), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True)
+        monkeypatch.setenv("CASRUNS_HOME", str(ro / "reg"))
+        assert cli("status", rid, "--json").returncode == 0
+        proc = cli("list", "--json")
+        assert proc.returncode == 0 and json.loads(proc.stdout)["runs"][0]["run_id"] == rid
+        assert cli("wait", rid, "--timeout", "1").returncode == 13
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+        os.killpg(m["process"]["pgid"], signal.SIGKILL)
