@@ -225,19 +225,21 @@ def _check_env_name(name: str) -> None:
         raise InvalidInput(f"invalid environment variable name {name!r}")
 
 
-def _check_label(key: str, value: str) -> None:
+def _check_label(key: str, value: str, where: str = "a label") -> None:
+    # Messages never quote the label: it may hold a declared secret, and this check runs
+    # before anything knows which values are secret (the CLI parses labels first).
     if not key or len(key) > 128 or not all(c.isalnum() or c in "._-/" for c in key):
-        raise InvalidInput(f"invalid label key {key!r}: use letters, digits and . _ - /")
+        raise InvalidInput(f"invalid key in {where}: use 1-128 letters, digits and . _ - /")
     if not isinstance(value, str) or len(value) > 1024 or "\n" in value:
-        raise InvalidInput(f"invalid label value for {key!r}: at most 1024 characters, one line")
+        raise InvalidInput(f"invalid value in {where}: at most 1024 characters, one line")
 
 
 def parse_labels(items: Iterable[str]) -> dict[str, str]:
     out = {}
-    for item in items:
+    for n, item in enumerate(items, 1):
         key, sep, value = item.partition("=")
         if not sep:
-            raise InvalidInput(f"invalid label {item!r}: expected KEY=VALUE")
-        _check_label(key, value)
+            raise InvalidInput(f"invalid label (--label number {n}): expected KEY=VALUE")
+        _check_label(key, value, f"--label number {n}")
         out[key] = value
     return out

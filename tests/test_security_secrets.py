@@ -68,3 +68,11 @@ def test_submit_errors_never_echo_a_declared_secret(casruns_home, args):
         assert proc.returncode in (2, 3, 4), (args, proc.returncode, proc.stderr, proc.stdout)
         assert SECRET not in proc.stdout + proc.stderr, (args, proc.stdout, proc.stderr)
         assert (proc.stdout + proc.stderr).strip(), "the error still says something"
+
+
+@pytest.mark.parametrize("label", [SECRET, f"bad key {SECRET}=v", f"k={SECRET}" + "x" * 1100])
+def test_label_errors_never_echo_a_declared_secret(casruns_home, label):
+    for extra in ([], ["--json"]):
+        proc = cli("submit", *extra, "--secret-env", "TOKEN", "--label", label, "--", "true", env={"TOKEN": SECRET})
+        assert proc.returncode == 3, (proc.stdout, proc.stderr)
+        assert SECRET not in proc.stdout + proc.stderr and "label" in proc.stdout + proc.stderr
