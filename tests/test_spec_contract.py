@@ -335,6 +335,131 @@ def test_the_pack_constants_in_the_spec_are_the_code_s():
     assert store.FEW == 8 and store.PACK_TARGET == 16 << 20 and store.LEVEL == 3
 
 
+def test_a_minimal_reader_reads_the_format_2_fixture():
+    """Every blob the fixture's manifests reference, loose or packed, by the minimal reader."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent / "fixtures" / "registry-v2"
+    assert list((root / "blobs" / "packs").glob("*.pack"))
+    for manifest in (root / "runs").glob("*/manifest.toml"):
+        m = tomllib.loads(manifest.read_text())
+        refs = [r["blake3"] for r in (m.get("logs") or {}).values()]
+        tree = (m.get("artifacts") or {}).get("tree")
+        if tree:
+            refs.append(tree)
+            doc = json.loads(minimal_get(root, tree))
+            assert doc["schema"] == "casruns/tree/v1"
+            refs += [e["blake3"] for e in doc["entries"] if e["type"] == "file"]
+        assert refs
+        for address in refs:
+            minimal_get(root, address)
+
+
+# -- what casruns does with what a writer never writes (spec/format.md, "Blobs", "Packs") ------
+
+SKIPPABLE = struct.pack("<II", 0x184D2A50, 4) + b"abcd"
+EMPTY = blake3.blake3(b"").hexdigest()
+
+
+def _store_with_loose(tmp_path, address: str, stored: bytes):
+    from casruns.store import DiskStore
+
+    store = DiskStore(tmp_path / "blobs")
+    path = tmp_path / "blobs" / address[:2] / address[2:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(stored)
+    return store
+
+
+@pytest.mark.parametrize(
+    "case,content,stored,accepted",
+    [
+        ("bytes after the frame", LOOSE, lambda f: f + b"junk", True),
+        ("a second frame", LOOSE, lambda f: f + zstandard.ZstdCompressor().compress(b"more"), True),
+        ("a skippable frame after", LOOSE, lambda f: f + SKIPPABLE, True),
+        ("a skippable frame first", LOOSE, lambda f: SKIPPABLE + f, False),
+        ("a skippable frame first, empty blob", b"", lambda f: SKIPPABLE + f, True),
+        ("a zero-length file", LOOSE, lambda f: b"", False),
+        ("a zero-length file, empty blob", b"", lambda f: b"", True),
+        ("a dictionary id", LOOSE, lambda f: f[:4] + bytes([f[4] | 1, 7]) + f[5:], False),
+        ("no content size", LOOSE, lambda f: zstandard.ZstdCompressor(write_content_size=False).compress(LOOSE), True),
+        ("a content checksum", LOOSE, lambda f: zstandard.ZstdCompressor(write_checksum=True).compress(LOOSE), True),
+    ],
+)
+def test_loose_blob_files_are_read_as_the_spec_says(tmp_path, case, content, stored, accepted):
+    """The "Malformed files" table of spec/format.md, "Blobs": a change here changes that table."""
+    from casruns.errors import IntegrityError
+
+    address = blake3.blake3(content).hexdigest()
+    store = _store_with_loose(tmp_path, address, stored(zstandard.ZstdCompressor(level=3).compress(content)))
+    if accepted:
+        assert store.read_bytes(address) == content, f"spec/format.md says casruns accepts {case}"
+    else:
+        with pytest.raises(IntegrityError):
+            store.read_bytes(address)
+
+
+def _pack_store(tmp_path, records, frames: bytes):
+    from casruns.store import DiskStore
+
+    index = b"".join(struct.pack("<32sQQQ", bytes.fromhex(a), o, n, z) for a, o, n, z in sorted(records))
+    raw = frames + index + blake3.blake3(index).digest() + struct.pack("<Q", len(records)) + MAGIC
+    packs_dir = tmp_path / "blobs" / "packs"
+    packs_dir.mkdir(parents=True)
+    (packs_dir / (blake3.blake3(raw).hexdigest() + ".pack")).write_bytes(raw)
+    return DiskStore(tmp_path / "blobs")
+
+
+def test_packed_frames_are_read_as_the_spec_says(tmp_path):
+    """spec/format.md, "Packs", "Frames" and "Reading"."""
+    from casruns.errors import IntegrityError
+
+    one, two = PACKED[0], PACKED[1]
+    a1, a2 = (blake3.blake3(c).hexdigest() for c in (one, two))
+    f1, f2 = (zstandard.ZstdCompressor(level=3).compress(c) for c in (one, two))
+    # a gap and an overlap: casruns does not check them
+    store = _pack_store(tmp_path / "gap", [(a1, 0, len(f1), 4), (a2, len(f1) + 3, len(f2), 4)], f1 + b"gap" + f2)
+    assert store.read_bytes(a1) == one and store.read_bytes(a2) == two
+    store = _pack_store(tmp_path / "overlap", [(a1, 0, len(f1), 4), (EMPTY, 0, len(f1), 0)], f1)
+    assert store.read_bytes(a1) == one
+    # bytes after the frame inside its range: ignored by reads, refused by archive push's check
+    store = _pack_store(tmp_path / "junk", [(a1, 0, len(f1) + 4, 4)], f1 + b"junk")
+    assert store.read_bytes(a1) == one
+    with pytest.raises(IntegrityError):
+        store.check_frame(a1, f1 + b"junk")
+    # the header's content size must equal the record's size, and must be there
+    store = _pack_store(tmp_path / "size", [(a1, 0, len(f1), 5)], f1)
+    with pytest.raises(IntegrityError):
+        store.read_bytes(a1)
+    bare = zstandard.ZstdCompressor(write_content_size=False).compress(one)
+    store = _pack_store(tmp_path / "bare", [(a1, 0, len(bare), 4)], bare)
+    with pytest.raises(IntegrityError):
+        store.read_bytes(a1)
+    # a pack's name is not checked
+    store = _pack_store(tmp_path / "name", [(a1, 0, len(f1), 4)], f1)
+    (pack,) = (tmp_path / "name" / "blobs" / "packs").iterdir()
+    pack.rename(pack.with_name("0" * 64 + ".pack"))
+    from casruns.store import DiskStore
+
+    assert DiskStore(tmp_path / "name" / "blobs").read_bytes(a1) == one
+
+
+def test_a_toml_datetime_where_a_timestamp_belongs_is_manifest_corrupt(tmp_path):
+    """spec/format.md, "Timestamps" (the top-level fields casruns checks)."""
+    from casruns import manifest as mf
+    from casruns.errors import CorruptManifest
+
+    for key in ("created_at", "updated_at", "started_at", "finished_at", "deadline_at", "heartbeat_at", "last_activity_at"):
+        path = tmp_path / f"{key}.toml"
+        path.write_text(
+            'schema = "casruns/manifest/v1"\nrun_id = "r"\nstatus = "succeeded"\n'
+            'created_at = "2026-01-01T00:00:00.000000Z"\nupdated_at = "2026-01-01T00:00:00.000000Z"\n'.replace(f'{key} = "2026-01-01T00:00:00.000000Z"', f"{key} = 2026-01-01T00:00:00Z")
+            + ("" if key in ("created_at", "updated_at") else f"{key} = 2026-01-01T00:00:00Z\n")
+        )
+        with pytest.raises(CorruptManifest):
+            mf.read_toml(str(path), cache=False)
+
+
 # -- the run record ---------------------------------------------------------------------------
 
 
