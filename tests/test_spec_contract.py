@@ -185,9 +185,9 @@ class Corrupt(Exception):
 
 def read_frame_content(frame: bytes, expected_size: int | None = None) -> bytes:
     """Exactly one zstd frame, nothing after it, no dictionary; content size as recorded."""
-    params = zstandard.get_frame_parameters(frame)  # raises on a skippable frame's magic? see below
     if frame[:4] != b"\x28\xb5\x2f\xfd":
         raise Corrupt("not a zstd frame (skippable frames are refused)")
+    params = zstandard.get_frame_parameters(frame)
     if params.dict_id:
         raise Corrupt("a frame that needs a dictionary")
     if expected_size is not None and params.content_size != expected_size:
