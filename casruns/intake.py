@@ -158,6 +158,14 @@ def _submit(reg: "RegistryRoot", argv, *, provider, timeout, labels, env, secret
         plain = [a.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for a in argv]
         request["argv_lossy" if request["argv"] == plain else "argv_redacted"] = True
         payload["argv"] = argv
+    # a declared secret in the working directory or the recipe stays off disk too; the
+    # supervisor gets the real directory in memory (and a restart by reap cannot)
+    request["cwd"] = redactor.text(cwd)
+    if request["cwd"] != cwd:
+        request["cwd_redacted"] = True
+        payload["cwd"] = cwd
+    if recipe:
+        request["recipe"] = redactor.text(recipe)
     for k, v in ((_chain or {}).get("env") or {}).items():  # resume: CASRUNS_RESUMED_FROM, plugin env
         payload["env"][k] = str(v)
     # what a restart by reap needs to run it exactly as submitted (secrets aside: those fail it)

@@ -195,7 +195,7 @@ def restart_queued(reg: "RegistryRoot", run: RunDir, m: dict) -> bool:
         return True  # someone else restarted it
     try:
         req = m.get("request") or {}
-        if req.get("secret_env") or req.get("argv_redacted") or req.get("argv_lossy") or req.get("env_redacted"):
+        if req.get("secret_env") or req.get("argv_redacted") or req.get("argv_lossy") or req.get("env_redacted") or req.get("cwd_redacted"):
             with run.update() as mm:
                 if mm["status"] == mf.QUEUED:
                     mm["error"] = {

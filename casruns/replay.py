@@ -19,6 +19,8 @@ def recipe(reg: "RegistryRoot", run_id: str) -> tuple[dict, dict]:
         raise InvalidInput(
             f"run {run_id}'s command line held a secret and was stored redacted; it cannot be run again from its record"
         )
+    if req.get("cwd_redacted"):
+        raise InvalidInput(f"run {run_id}'s working directory held a secret and was stored redacted; it cannot be run again from its record")
     if req.get("argv_lossy"):
         raise InvalidInput(
             f"run {run_id}'s command line held bytes that are not UTF-8 and was stored with them replaced; "

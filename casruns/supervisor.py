@@ -400,7 +400,7 @@ class Supervisor:
             provider=m.get("provider", "shell"),
             argv=argv,
             env=env,
-            cwd=req.get("cwd") or "/",
+            cwd=self.payload.get("cwd") or req.get("cwd") or "/",  # the real one when stored redacted
             labels=dict(m.get("labels") or {}),
             artifacts_dir=self.run.artifacts_dir,
             registry_root=self.root,

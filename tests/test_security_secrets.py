@@ -76,3 +76,17 @@ def test_label_errors_never_echo_a_declared_secret(casruns_home, label):
         proc = cli("submit", *extra, "--secret-env", "TOKEN", "--label", label, "--", "true", env={"TOKEN": SECRET})
         assert proc.returncode == 3, (proc.stdout, proc.stderr)
         assert SECRET not in proc.stdout + proc.stderr and "label" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_a_secret_in_cwd_or_recipe_never_reaches_the_manifest(casruns_home, tmp_path):
+    workdir = tmp_path / f"d-{SECRET}"
+    workdir.mkdir()
+    rid = json.loads(cli("submit", "--json", "--secret-env", "TOKEN", "--cwd", str(workdir), "--recipe", f"make {SECRET}",
+                         "--", "sh", "-c", f'[ "$PWD" = "{workdir}" ] && echo right-dir', env={"TOKEN": SECRET}, check=0).stdout)["run_id"]
+    final = poll_until(lambda: (r := json.loads(cli("status", rid, "--json").stdout))["terminal"] and r, what="terminal")
+    assert final["status"] == "succeeded", final
+    assert cli("logs", rid, check=0).stdout == "right-dir\n"  # the command ran in the real directory
+    assert SECRET.encode() not in every_file_bytes(casruns_home)
+    proc, out = cli_json("replay", rid, env={"TOKEN": SECRET})
+    assert proc.returncode == 3 and "held a secret" in out[0]["error"]["message"]
