@@ -95,9 +95,19 @@ class Config:
             for key in ("kill_grace", "heartbeat_interval", "lost_after", "teardown_timeout", "hook_timeout", "gc_grace"):
                 if key in raw:
                     setattr(c, key, parse_duration(raw[key]))
+            # every table is type-checked here, once: readers then rely on the shapes
+            for table in ("redaction", "retention", "archive"):
+                if not isinstance(raw.get(table, {}), dict):
+                    raise InvalidInput(f"[{table}] must be a table")
             red = raw.get("redaction") or {}
-            if not isinstance(red, dict):
-                raise InvalidInput("[redaction] must be a table")
+            for sub in ("patterns", "detectors"):
+                if not isinstance(red.get(sub, {}), dict):
+                    raise InvalidInput(f"[redaction.{sub}] must be a table")
+            for name, on in (red.get("detectors") or {}).items():
+                if not isinstance(on, bool):
+                    raise InvalidInput(f"redaction.detectors.{name} must be true or false")
+            if not isinstance((raw.get("retention") or {}).get("keep_last", {}), dict):
+                raise InvalidInput("[retention.keep_last] must be a table of label = count")
             for name, pattern in (red.get("patterns") or {}).items():
                 if not isinstance(pattern, str):
                     raise InvalidInput(f"redaction.patterns.{name} must be a regular expression string")

@@ -59,10 +59,10 @@ class Supervisor:
         self.start_error: str | None = None  # why this run cannot start (ends it failed, never a crash loop)
         try:
             self.config = Config.load(self.root)
-        except CasrunsError as e:
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with it, the run must end, not crash
             # the config became invalid after submit: defaults keep us alive long enough to say so
             self.config = Config({})
-            self.start_error = f"the registry config is invalid: {e.message}"
+            self.start_error = f"the registry config is invalid: {getattr(e, 'message', None) or f'{type(e).__name__}: {e}'}"
         self._store = None
         self.payload = payload or {}
         self.payload_error = payload_error if payload is None else None

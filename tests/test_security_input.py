@@ -252,3 +252,15 @@ def test_an_unreachable_object_store_is_one_clear_line(registry, args):
     assert out[0]["error"]["code"] == "archive_unavailable", out
     plain = cli(*args, env=env, timeout=120)
     assert plain.returncode == 6 and len(plain.stderr.strip().splitlines()) == 1 and "internal error" not in plain.stderr
+
+
+@pytest.mark.parametrize("text", [
+    '[redaction]\npatterns = "x"\n', '[redaction]\npatterns = ["a"]\n', '[redaction]\ndetectors = "x"\n',
+    '[redaction.detectors]\ngithub_token = "no"\n', '[retention]\nkeep_last = 5\n', 'retention = "x"\n', 'archive = 3\n',
+])
+def test_a_config_table_of_the_wrong_type_is_a_clear_error(registry, casruns_home, text):
+    (casruns_home / "config.toml").write_text(text)
+    for args in (["submit", "--", "true"], ["list"], ["gc"]):
+        proc, out = cli_json(*args)
+        assert proc.returncode == 6 and out[0]["error"]["code"] == "registry_error", (args, text, proc.stdout)
+        assert "internal error" not in out[0]["error"]["message"]
