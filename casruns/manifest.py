@@ -176,8 +176,25 @@ def structural_problems(m: dict) -> list[str]:
         if not isinstance(value, str):
             problems.append(f"label {key} is not a string")
     req = m.get("request") if isinstance(m.get("request"), dict) else {}
-    if not isinstance(req.get("argv", []), list) or not all(isinstance(a, str) for a in req.get("argv", [])):
-        problems.append("request.argv is not a list of strings")
+    for key in ("argv", "env_names", "secret_env", "plugins"):
+        if not isinstance(req.get(key, []), list) or not all(isinstance(a, str) for a in req.get(key, [])):
+            problems.append(f"request.{key} is not a list of strings")
+    for key in ("cwd", "recipe"):
+        if req.get(key) is not None and not isinstance(req[key], str):
+            problems.append(f"request.{key} is not a string")
+    if req.get("timeout") is not None and (isinstance(req["timeout"], bool) or not isinstance(req["timeout"], (int, float)) or req["timeout"] != req["timeout"]):
+        problems.append("request.timeout is not a number of seconds")
+    ret = m.get("retention") if isinstance(m.get("retention"), dict) else {}
+    history = ret.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        problems.append("retention.history is not a list of tables")
+    if ret.get("retain_for") is not None and (isinstance(ret["retain_for"], bool) or not isinstance(ret["retain_for"], (int, float)) or ret["retain_for"] != ret["retain_for"]):
+        problems.append("retention.retain_for is not a number of seconds")
+    for key in ("cancel",):
+        for field in ("requested_at",):
+            v = (m.get(key) or {}).get(field) if isinstance(m.get(key), dict) else None
+            if v is not None and not isinstance(v, str):
+                problems.append(f"{key}.{field} is not a timestamp string")
     for stream, ref in (m.get("logs") if isinstance(m.get("logs"), dict) else {}).items():
         if not isinstance(ref, dict) or not _is_address(ref.get("blake3")):
             problems.append(f"logs.{stream} has no blake3 address")

@@ -26,6 +26,9 @@ def now_ts() -> str:
     return format_ts(time.time())
 
 
+MAX_YEAR = 9000
+
+
 def parse_ts(s: str) -> float:
     """Parse an RFC 3339 timestamp (any offset; ``Z`` accepted) to epoch seconds."""
     if not isinstance(s, str) or not s:
@@ -39,6 +42,9 @@ def parse_ts(s: str) -> float:
         raise InvalidInput(f"invalid timestamp {s!r}: expected RFC 3339, e.g. 2026-11-24T22:00:00Z") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
+    if dt.year > MAX_YEAR:
+        # every time casruns computes from it (retention, deadlines) must stay a timestamp
+        raise InvalidInput(f"invalid timestamp {s!r}: later than the year {MAX_YEAR}")
     return dt.timestamp()
 
 

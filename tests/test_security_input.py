@@ -264,3 +264,32 @@ def test_a_config_table_of_the_wrong_type_is_a_clear_error(registry, casruns_hom
         proc, out = cli_json(*args)
         assert proc.returncode == 6 and out[0]["error"]["code"] == "registry_error", (args, text, proc.stdout)
         assert "internal error" not in out[0]["error"]["message"]
+
+
+def test_a_timestamp_at_the_end_of_time_is_refused_not_a_crash(registry):
+    rid = finished_run(registry)
+    proc, out = cli_json("retain", rid, "--until", "9999-12-31T23:59:59.999999Z")
+    assert proc.returncode == 3 and out[0]["error"]["code"] == "invalid_input", proc.stdout
+    assert cli("status", rid).returncode == 0
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda m: m["retention"].update(history="x"),
+    lambda m: m["retention"].update(history=["x", 1]),
+    lambda m: m["retention"].update(retain_for="x"),
+    lambda m: m["request"].update(cwd=5),
+    lambda m: m.update(cancel={"requested_at": __import__("datetime").datetime(2026, 1, 1)}),
+    lambda m: m.update(finished_at="9999-12-31T23:59:59.999999Z"),
+], ids=["history-str", "history-mixed", "retain_for-str", "cwd-int", "cancel-datetime", "finished-year-9999"])
+def test_a_hand_edited_field_hides_only_its_run(registry, mutate):
+    good = finished_run(registry)
+    bad = finished_run(registry)
+    damage_manifest(registry.run_dir(bad), mutate)
+    for env in ({}, {"CASRUNS_NO_FASTPATH": "1"}):
+        proc, out = cli_json("status", bad, env=env)
+        assert proc.returncode == 6 and out[0]["error"]["code"] == "manifest_corrupt", (env, proc.stdout)
+        proc, out = cli_json("list", env=env)
+        assert proc.returncode == 6 and [r["run_id"] for r in out[0]["runs"]] == [good], proc.stdout
+    for args in (["promote", bad, "--reason", "x"], ["replay", bad], ["export", bad, "/tmp/casruns-never"]):
+        proc = cli(*args)
+        assert proc.returncode == 6 and "internal error" not in proc.stderr, (args, proc.stderr)
