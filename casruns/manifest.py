@@ -371,10 +371,16 @@ def parse_cache(data: bytes) -> dict | None:
         return None
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     m = doc.get("manifest") if isinstance(doc, dict) else None
     if not isinstance(m, dict) or m.get("schema") != SCHEMA or not isinstance(doc.get("tag"), list) or not isinstance(doc.get("toml"), str):
+        return None
+    # a cache that is not intact is never an error, only not used: its manifest must pass the
+    # same checks as the TOML's (a crafted one could hold anything a reader would choke on)
+    try:
+        check_schema(m, "(cache)")
+    except CasrunsError:
         return None
     return doc
 

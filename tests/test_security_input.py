@@ -293,3 +293,28 @@ def test_a_hand_edited_field_hides_only_its_run(registry, mutate):
     for args in (["promote", bad, "--reason", "x"], ["replay", bad], ["export", bad, "/tmp/casruns-never"]):
         proc = cli(*args)
         assert proc.returncode == 6 and "internal error" not in proc.stderr, (args, proc.stderr)
+
+
+def test_a_checksummed_cache_holding_garbage_is_ignored_not_a_crash(registry):
+    from casruns import manifest as mf
+
+    rid = finished_run(registry)
+    run = registry.run_dir(rid)
+    mf.read(run.manifest_path)  # the cache exists
+    cache = Path(run.path) / "manifest.json"
+    doc = json.loads(cache.read_bytes())
+    for bad in ("[" * 100_000 + "]" * 100_000, '{"schema": "casruns/manifest/v1", "run_id": 5}'):
+        body = json.dumps({k: v for k, v in doc.items() if k not in ("schema", "checksum")}, separators=(",", ":"))[1:-1]
+        body = body.replace(json.dumps(doc["manifest"], separators=(",", ":")), bad)
+        import hashlib
+
+        covered = (body + "}").encode()  # the checksum covers every byte after '",'
+        head = b'{"schema":"casruns/manifest-cache/v2","checksum":"blake2b-256:'
+        data = head + hashlib.blake2b(covered, digest_size=32).hexdigest().encode() + b'",' + covered
+        assert json.loads(data) if not bad.startswith("[") else True
+        assert mf.parse_cache(data) is None
+        st = cache.stat()
+        cache.write_bytes(data)
+        os.utime(cache, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert cli("status", rid, "--json").returncode == 0
+        assert cli("list", "--json").returncode == 0
