@@ -102,10 +102,11 @@ def scan_run(registry: "RegistryRoot", run_id: str, redactor: "Redactor") -> lis
 
 
 def scan(registry: "RegistryRoot", run_ids: list[str] | None = None, progress=None) -> dict:
-    from .runs import iter_run_ids
+    from .runs import iter_run_ids, run_stray
 
     redactor = registry.redactor()
-    ids = list(run_ids) if run_ids else sorted(iter_run_ids(registry.runs_dir))
+    # strays in runs/ are skipped (verify reports them), as every reader does
+    ids = list(run_ids) if run_ids else sorted(r for r in iter_run_ids(registry.runs_dir) if run_stray(registry.runs_dir, r) is None)
     findings: list[dict] = []
     for i, rid in enumerate(ids):
         findings.extend(scan_run(registry, rid, redactor))

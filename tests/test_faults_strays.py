@@ -433,3 +433,18 @@ def test_a_stray_that_stops_collection_still_ends_the_run_and_never_stops_reap(c
     (casruns_home / "blobs" / addr[:2] / addr[2:]).rmdir()  # the operator removes the stray
     assert rid in _json.loads(cli("reap", "--json", check=0).stdout)["collected"]
     assert _json.loads(cli("status", rid, "--json").stdout)["logs"]["stdout"]["size"] == 10
+
+
+def test_scan_skips_strays_in_runs_as_every_reader_does(registry, casruns_home):
+    import json as _json
+    import os as _os
+
+    from conftest import cli
+
+    (casruns_home / "runs" / "01EMPTYSTRAY0000000000000000").mkdir()
+    fifo_run = casruns_home / "runs" / "01FIFOSTRAY00000000000000000"
+    fifo_run.mkdir()
+    _os.mkfifo(fifo_run / "manifest.toml")
+    proc = cli("scan", "--json", timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _json.loads(proc.stdout)["runs_scanned"] == 0
