@@ -36,11 +36,15 @@ def get(reg: "RegistryRoot", run_id: str, *, reap: bool = True) -> dict:
     kept_by = None
     keep = reg.config.keep_last
     if keep and m["status"] in mf.TERMINAL and any(k in (m.get("labels") or {}) for k in keep):
-        from .retention import retention_of
+        import time
 
-        if retention_of(m, reg.config)["cleanup_eligible"]:
-            # only a run whose time is up can be kept by keep-last, and knowing whether
-            # it is needs every run: status pays that only then
+        from .retention import record_until
+
+        until = record_until(m, reg.config)
+        if until is not None and until[1] <= time.time() and not (m.get("retention") or {}).get("promoted"):
+            # only a run whose time is up by its record can be kept by keep-last (gc's own hold
+            # may still run), and knowing whether it is needs every run: status pays that only
+            # then. The same rule as list's, so both show the same retention.rule.
             kept_by = reg.keep_last_protected().get(run_id)
     return record(reg, run, m, reap=reap, kept_by=kept_by)
 
