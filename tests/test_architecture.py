@@ -27,3 +27,21 @@ def test_the_layers_name_every_module():
     named = {m.strip() for layer in layers for m in layer.replace("|", ":").split(":")}
     modules = {f"casruns.{p.stem}" for p in (ROOT / "casruns").glob("*.py") if p.stem != "__init__"} | {"casruns.cli"}
     assert modules == named, modules ^ named
+
+
+def test_architecture_md_names_every_module_and_only_existing_ones():
+    import re
+
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    table = text.split("## Layers", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([a-z_]+\.py|cli/)`", table))
+    modules = {p.name for p in (ROOT / "casruns").glob("*.py")} - {"__init__.py"} | {"cli/"}
+    assert named == modules, f"ARCHITECTURE.md layers table vs casruns/: {sorted(named ^ modules)}"
+
+
+def test_no_module_is_far_over_600_lines():
+    """One concept per module. Known exceptions are listed with the reason they are still big."""
+    still_big = {"store.py", "supervisor.py", "archive.py"}  # issue 15: split in progress (see the note)
+    sizes = {p.name: len(p.read_text().splitlines()) for p in (ROOT / "casruns").rglob("*.py")}
+    over = {n: s for n, s in sizes.items() if s > 660 and n not in still_big}
+    assert not over, over
