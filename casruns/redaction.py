@@ -590,6 +590,17 @@ class StreamRedactor:
         return self._patterns.feed(self._values.close()) + self._patterns.close()
 
 
+def policy(config: Mapping | None, values: Mapping[str, str] | None = None, patterns: Mapping[str, str] | None = None) -> "Redactor":
+    """The one place a run's redactor is assembled (the CLI, the supervisor and its fallbacks):
+    ``values`` (declared and plugin-contributed secrets), the built-in detectors, the config's
+    ``[redaction.patterns]`` and plugin ``patterns``, minus what ``[redaction.detectors]``
+    switches off. ``config`` is the config's ``[redaction]`` table (or None)."""
+    config = config or {}
+    switches = config.get("detectors") or {}
+    merged = {**DETECTORS, **(config.get("patterns") or {}), **(patterns or {})}
+    return Redactor(values or {}, {k: v for k, v in merged.items() if switches.get(k, True)})
+
+
 class Redactor:
     """The secrets of one run, applied to streams, strings and metadata."""
 

@@ -148,12 +148,9 @@ class RegistryRoot:
 
     def redactor(self, values: Mapping[str, str] | None = None):
         """A redactor with ``values`` and the detectors the config leaves on."""
-        from .redaction import DETECTORS, Redactor
+        from .redaction import policy
 
-        raw = (self.config.raw.get("redaction") or {}) if self.check_format() else {}
-        switches = raw.get("detectors") or {}
-        patterns = {**DETECTORS, **(raw.get("patterns") or {})}
-        return Redactor(values or {}, {k: v for k, v in patterns.items() if switches.get(k, True)})
+        return policy((self.config.raw.get("redaction") or {}) if self.check_format() else {}, values)
 
     def keep_last_protected(self) -> dict[str, str]:
         from .retention import keep_last_protected

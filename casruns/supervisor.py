@@ -36,6 +36,7 @@ from .handover import LOCK_FD_ENV, PayloadIncomplete, read_payload
 from . import manifest as mf
 from .errors import CasrunsError
 from .redaction import Redactor, split_secrets
+from .redaction import policy as redaction_policy
 from .timefmt import format_ts, now_ts
 
 POLL = 0.2
@@ -51,8 +52,6 @@ class Supervisor:
         # Built from the layers below, not from the Registry facade above us.
         from .config import Config
         from .runs import RunDir
-
-        from .errors import CasrunsError
 
         self.root = os.path.abspath(root)
         self.run = RunDir(os.path.join(self.root, "runs"), run_id)
@@ -375,6 +374,10 @@ class Supervisor:
             return "error", box["error"]
         return "ok", box.get("result")
 
+    def fallback_redactor(self):
+        """When plugins could not contribute: the declared values and the config's detectors."""
+        return redaction_policy(self.config.raw.get("redaction"), self.secrets)
+
     def plugin_error(self, e: BaseException) -> dict:
         details = getattr(e, "details", {}) or {}
         err = {"code": "plugin_error", "message": self.redactor.text(str(getattr(e, "message", e)))}
@@ -386,7 +389,6 @@ class Supervisor:
     def drive(self) -> int:
         from . import plugins as plugins_mod
         from .errors import PluginError
-        from .redaction import DETECTORS, Redactor
 
         m = self.run.read_fresh()
         req = m.get("request") or {}
@@ -412,11 +414,11 @@ class Supervisor:
         try:
             self.plugins = plugins_mod.load([*req.get("plugins", []), *self.config.plugins])
         except PluginError as e:
-            self.redactor = Redactor(self.secrets, {k: v for k, v in DETECTORS.items()})
+            self.redactor = self.fallback_redactor()
             return self.end(mf.FAILED, error=self.plugin_error(e), teardown=False)
         state, contribs = self.bounded(lambda: self.plugins.call("casruns_redaction", run=self.ctx), self.hook_limit())
         if state != "ok":
-            self.redactor = Redactor(self.secrets, {k: v for k, v in DETECTORS.items()})
+            self.redactor = self.fallback_redactor()
             if state == "cancelled":
                 return self.end(mf.CANCELLED, teardown=False)
             if state == "timeout" and self.deadline is not None and time.monotonic() >= self.deadline:
@@ -425,8 +427,7 @@ class Supervisor:
             return self.end(mf.FAILED, error=error, teardown=False)
         try:
             values = dict(self.secrets)
-            switches = (self.config.raw.get("redaction") or {}).get("detectors") or {}
-            patterns = {k: v for k, v in (self.config.raw.get("redaction") or {}).get("patterns", {}).items()}
+            patterns: dict = {}
             plugin_values = False
             for plugin, contrib in contribs:
                 if not isinstance(contrib, dict):
@@ -439,10 +440,9 @@ class Supervisor:
                 # a reaper salvaging this run must know there were secrets it cannot rescan for
                 with self.run.update() as mm:
                     mm.setdefault("redaction", {})["plugin_values"] = True
-            patterns = {k: v for k, v in patterns.items() if switches.get(k, True)}
-            self.redactor = Redactor(values, patterns)
+            self.redactor = redaction_policy(self.config.raw.get("redaction"), values, patterns)
         except PluginError as e:
-            self.redactor = Redactor(self.secrets, {k: v for k, v in DETECTORS.items()})
+            self.redactor = self.fallback_redactor()
             return self.end(mf.FAILED, error=self.plugin_error(e), teardown=False)
         self.notify(mf.QUEUED, mf.BOOTING, self.ctx.manifest)
         # boot, bounded by the run's timeout

@@ -371,3 +371,18 @@ def test_binary_stream_keeps_length_and_leaves_no_form_of_the_value(pieces, cuts
     assert len(result) == len(data)
     for form in list(forms.values())[:3]:
         assert form not in result
+
+
+def test_one_redaction_policy_honours_the_config_switches_everywhere(tmp_path):
+    """The supervisor's fallback redactor used to ignore [redaction.detectors]; now the CLI,
+    the supervisor and its fallbacks build it through one function."""
+    from casruns.redaction import policy
+
+    token = "ghp_" + "A1" * 18
+    on = policy({}, {})
+    off = policy({"detectors": {"github_token": False}}, {})
+    assert token not in on.text(f"x {token} y")
+    assert token in off.text(f"x {token} y")
+    custom = policy({"patterns": {"mine": r"ZZ-\d{6}"}}, {"S": "declaredvalue1"})
+    out = custom.text("ZZ-123456 declaredvalue1")
+    assert "ZZ-123456" not in out and "declaredvalue1" not in out
