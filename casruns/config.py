@@ -36,6 +36,7 @@ import stat
 
 from .errors import InvalidInput, RegistryError, UnsupportedFormat
 from .fsutil import read_regular
+from .manifest import STATUS_TABLE
 from .timefmt import parse_duration
 
 FORMAT_FILE = "casruns-registry.toml"
@@ -45,7 +46,7 @@ FORMAT_MAX = 64 * 1024  # bytes: the format record is a few lines; anything larg
 CONFIG_MAX = 1 << 20  # bytes of config.toml
 PACKS_SINCE = 2  # registries of format 1 hold loose blobs only; `casruns migrate` moves them to 2
 
-DEFAULT_RETENTION = {"succeeded": "14d", "failed": "7d", "timed_out": "7d", "cancelled": "3d"}
+DEFAULT_RETENTION = {s: i.default_retention for s, i in STATUS_TABLE.items() if i.default_retention}
 
 
 class Config:

@@ -44,7 +44,7 @@ def resume(reg: "RegistryRoot", run_id: str, *, environ: Mapping[str, str] | Non
     from .errors import InvalidTransition, PluginError
 
     m, req = recipe(reg, run_id)
-    if m["status"] not in (mf.FAILED, mf.TIMED_OUT, mf.CANCELLED):
+    if m["status"] not in mf.RESUMABLE:
         raise InvalidTransition(
             f"run {run_id} is {m['status']}; only a failed, timed_out or cancelled run can be resumed", run_id=run_id
         )
