@@ -1,7 +1,10 @@
 """The click CLI: parse arguments, call ``casruns.Registry``, render, map errors to exit codes.
 
-The group is built by :func:`build_cli`, not at import time. Every command takes ``--json``;
-with it, success and errors are both JSON on stdout (spec/cli.md).
+The group is built by :func:`build_cli`, not at import time, from one module per family of
+commands (``runs``, ``evidence``, ``maintenance``, ``archive``, ``plugins``), each with a
+``register(cli)``; their shared options are in ``options``, their output goes through
+``render.emit``. Every command takes ``--json``; with it, success and errors are both JSON
+on stdout (spec/cli.md).
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ import click
 
 from ..errors import CasrunsError, UsageError
 from . import render
-
-JSON_OPT = click.option("--json", "as_json", is_flag=True, help="Print JSON (errors too).")
 
 
 class Ctx:
@@ -45,13 +46,11 @@ def build_cli() -> click.Group:
         """casruns: a durable run registry for headless sandbox runs."""
         ctx.obj = Ctx(root, plugins)
 
-    from .archive import register as register_archive
-    from .plugins import register as register_plugins
-    from .runs import register as register_runs
+    from . import archive, evidence, maintenance, runs
+    from . import plugins as plugin_commands  # not the group's --plugin values
 
-    register_runs(cli)
-    register_plugins(cli)
-    register_archive(cli)
+    for family in (runs, evidence, maintenance, archive, plugin_commands):
+        family.register(cli)
     return cli
 
 

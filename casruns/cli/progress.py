@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class Progress:
@@ -38,3 +40,12 @@ class Progress:
         if self._shown:
             sys.stderr.write("\n")
             sys.stderr.flush()
+
+
+@contextmanager
+def progress(label: str, as_json: bool) -> Iterator[Progress]:
+    """A command's progress: shown on a terminal, never under ``--json``; its line is ended
+    once the work in the ``with`` block returns."""
+    p = Progress(label, enabled=False if as_json else None)
+    yield p
+    p.done()

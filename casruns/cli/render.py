@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterable  # already loaded at startup: free on the fast path
 
 from ..errors import CasrunsError
 
@@ -25,6 +26,29 @@ def dump_json(obj) -> str:
 
 def emit_json(obj) -> None:
     sys.stdout.write(dump_json(obj) + "\n")
+
+
+def emit(as_json: bool, doc, text: Callable[[dict], str | Iterable[str]] | None = None) -> None:
+    """A command's result: ``doc`` as one JSON line under ``--json``, else ``text(doc)`` for people.
+
+    :param text: the lines (or one string) a person reads, built from ``doc`` only when they
+        are printed; None when the command prints nothing else without ``--json`` (``run``:
+        the output streamed already).
+    """
+    if as_json:
+        emit_json(doc)
+    elif text is not None:
+        echo(text(doc))
+
+
+def echo(lines: str | Iterable[str], *, err: bool = False) -> None:
+    """Text for people (one line, or lines printed as they come), on stdout or stderr, through
+    ``click.echo``: it strips terminal escapes (from a run id, a label, a path) when the stream
+    is not a terminal. Only click commands call it; the fast path never imports click."""
+    import click
+
+    for line in [lines] if isinstance(lines, str) else lines:
+        click.echo(line, err=err)
 
 
 def error(err: CasrunsError, as_json: bool) -> int:

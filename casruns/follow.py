@@ -1,0 +1,60 @@
+"""Following a run's live output: what ``casruns run`` prints while the run goes on.
+
+While a run is active its supervisor appends each stream to a spool file in the run
+directory; when it ends the output is stored as a blob and the spool removed. This module
+tails the spools and hands out the bytes, so the command line never opens a run's files
+itself. It imports no click.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+POLL = 0.1  # seconds between looks at a live run (one manifest read and one read per spool)
+
+
+def follow_streams(
+    registry: "Registry", run_id: str, streams: Iterable[str] = ("stdout", "stderr"), *, poll: float = POLL
+) -> Iterator[tuple[str, bytes]]:
+    """Yield ``(stream, bytes)`` of a run's output as it is written, until the run is terminal.
+
+    :param streams: the streams to tail, in the order they are read on each pass; empty to
+        wait for the end without reading any output.
+    :return: an iterator that ends once the run is terminal and every byte of each stream
+        has been yielded. Polling goes through ``registry.get``, which reaps a run whose
+        supervisor is lost, so it always ends.
+
+    A stream whose spool was gone before it could be opened (the run ended first) is read
+    from the run's stored log after the end instead. A spool opened in time is read to its
+    end through the descriptor held open, even once the supervisor has removed its name.
+    """
+    streams = tuple(streams)
+    run = registry.run_dir(run_id)
+    fds: dict[str, int] = {}
+    try:
+        while True:
+            rec = registry.get(run_id)  # read before draining: a terminal run's spools are complete
+            for stream in streams:
+                if stream not in fds:
+                    try:
+                        fds[stream] = os.open(run.spool(stream), os.O_RDONLY | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        continue
+                while data := os.read(fds[stream], 1 << 16):
+                    yield stream, data
+            if rec["terminal"]:
+                break
+            time.sleep(poll)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    for stream in streams:
+        if stream not in fds:  # it ended before we could tail it: read the stored log
+            for chunk in registry.log_chunks(run_id, stream):
+                yield stream, chunk
