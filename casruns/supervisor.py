@@ -50,7 +50,7 @@ NO_SPACE = "no_space"  # capture outcome: a spool write found the disk full
 # Variables a command gets from the submitter's environment unless --env says more.
 BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SHELL")
 # Variables the supervisor process itself keeps (how to import casruns, plugins, tests).
-SUPERVISOR_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "CASRUNS_PLUGINS")
+SUPERVISOR_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "CASRUNS_PLUGINS", "CASRUNS_TRACE_PLUGINS")
 
 
 def spawn(root: str, run_id: str, payload: dict, lock_fd: int | None, *, by: str = "submit") -> int:
@@ -513,6 +513,7 @@ class Supervisor:
     def drive(self) -> int:
         from . import plugins as plugins_mod
         from .errors import PluginError
+        from .hookspecs import RunContext
         from .redaction import DETECTORS, Redactor
 
         m = self.run.read_fresh()
@@ -522,7 +523,7 @@ class Supervisor:
         env.update(self.secret_env)
         env["CASRUNS_RUN_ID"] = self.run.run_id
         env["CASRUNS_ARTIFACTS_DIR"] = self.run.artifacts_dir
-        self.ctx = plugins_mod.RunContext(
+        self.ctx = RunContext(
             run_id=self.run.run_id,
             provider=m.get("provider", "shell"),
             argv=argv,

@@ -77,6 +77,61 @@ def test_every_hookspec_docstring_names_its_process():
         assert re.search(r"Called by the (supervisor|CLI)", doc), h
 
 
+def undocumented(spec) -> list[str]:
+    """What a hookspec's docstring leaves out, in pytest's shape: a ``:param NAME:`` line for each
+    argument, and a ``:return:`` line unless the hook returns None."""
+    doc = spec.__doc__ or ""
+    sig = inspect.signature(spec)
+    missing = [f":param {p}:" for p in sig.parameters if not re.search(rf"^\s*:param {p}:", doc, re.M)]
+    if sig.return_annotation not in ("None", None) and not re.search(r"^\s*:return:", doc, re.M):
+        missing.append(":return:")
+    return missing
+
+
+def test_every_hook_argument_and_result_is_documented():
+    assert {h: undocumented(getattr(hookspecs, h)) for h in HOOKS} == {h: [] for h in HOOKS}
+
+
+def test_the_docstring_check_finds_a_missing_param():
+    def casruns_example(run, extra) -> dict | None:
+        """Called by the CLI.
+
+        :param run: the run.
+        """
+
+    assert undocumented(casruns_example) == [":param extra:", ":return:"]
+
+
+def test_gc_roots_docstring_says_when_gc_calls_it():
+    """The docstring's promise, "before it removes any run or deletes any blob", matches the code:
+    the hook is asked before phase 1 (run removal), after phase 0 (leftover trash)."""
+    source = (ROOT / "casruns" / "gc.py").read_text()
+    body = source[source.index("def _run(") :]
+    ask = body.index('"casruns_gc_roots"')
+    assert body.index(".trash-") < ask < body.index("# 1. remove eligible runs") < body.index("os.rename(run.path")
+    doc = hookspecs.casruns_gc_roots.__doc__
+    assert "before it removes any run or deletes any blob" in doc and "--dry-run" in doc
+
+
+def test_run_context_lives_with_the_hook_specs_and_the_old_name_still_works():
+    from casruns import plugins
+
+    assert plugins.RunContext is hookspecs.RunContext
+    assert hookspecs.RunContext.__module__ == "casruns.hookspecs"
+
+
+def test_hookspecs_import_nothing_of_casruns_at_run_time():
+    """Annotation-only imports stay under TYPE_CHECKING: the spec module costs pluggy and nothing else."""
+    code = (
+        "import sys, casruns\n"
+        "before = set(sys.modules)\n"
+        "import casruns.hookspecs\n"
+        "print(sorted(m for m in set(sys.modules) - before if m.startswith('casruns')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['casruns.hookspecs']"
+
+
 # -- discovery ----------------------------------------------------------------------------------
 
 
@@ -129,6 +184,59 @@ def test_status_and_list_never_load_plugins():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "loaded:"
+
+
+# -- tracing -----------------------------------------------------------------------------------
+
+TRACE = re.compile(r"^casruns trace: (?P<plugin>\S+) (?P<hook>casruns_\w+) \d+\.\d{3}ms (?P<outcome>returned \w+|raised \w+)$")
+
+
+def traces(text: str) -> list[tuple[str, str, str]]:
+    lines = [line for line in text.splitlines() if line.startswith("casruns trace:")]
+    assert all(TRACE.match(line) for line in lines), lines
+    return [(m["plugin"], m["hook"], m["outcome"]) for m in map(TRACE.match, lines)]
+
+
+def test_trace_plugins_prints_every_hook_call_in_the_cli_and_the_supervisor(fake, casruns_home):
+    secret = "label-secret-value-42"
+    trace = {"CASRUNS_TRACE_PLUGINS": "1"}
+    proc, out = cli_json("submit", "--provider", "fakesandbox", "--label", fake["label"], "--label", "fake.notify=crash",
+                         "--label", f"note={secret}", "--", "sh", "-c", 'echo "key=$FAKESANDBOX_KEY"', env=trace)
+    assert proc.returncode == 0, proc.stderr
+    rid = out[0]["run_id"]
+    # the CLI: submit asks every plugin for its providers
+    assert ("fakesandbox", "casruns_providers", "returned list") in traces(proc.stderr)
+    assert {p for p, h, _ in traces(proc.stderr) if h == "casruns_providers"} == {"shell", "fakesandbox"}
+    assert cli("wait", rid, "--timeout", "30").returncode == 0
+    log = casruns_home / "runs" / rid / "supervisor.log"
+    # the supervisor: run hooks through call(), status changes through notify() (on their own thread)
+    poll_until(lambda: sum(h == "casruns_status_changed" for _, h, _ in traces(log.read_text())) == 4, what="4 traced notifications")
+    seen = traces(log.read_text())
+    assert ("fakesandbox", "casruns_redaction", "returned dict") in seen
+    assert ("redact", "casruns_redaction", "returned dict") in seen
+    assert ("fakesandbox", "casruns_boot", "returned dict") in seen and ("shell", "casruns_boot", "returned None") in seen
+    assert ("fakesandbox", "casruns_collect_artifacts", "returned list") in seen
+    assert ("fakesandbox", "casruns_teardown", "returned None") in seen
+    assert [o for p, h, o in seen if h == "casruns_status_changed"] == ["raised RuntimeError"] * 4
+    # names and outcomes only: no argument or result value reaches the log
+    text = log.read_text()
+    traced = "\n".join(line for line in text.splitlines() if line.startswith("casruns trace:"))
+    for value in (secret, "fake-sandbox-key-123456", "runtime-token-abcdef", f"fake-{rid}", "notification endpoint down"):
+        assert value not in traced, value
+    # the CLI again: gc asks for roots; without the variable nothing is traced
+    assert ("fakesandbox", "casruns_gc_roots", "returned None") in traces(cli("gc", env=trace, check=0).stderr)
+    assert traces(cli("gc", check=0).stderr) == []
+
+
+def test_trace_plugins_names_the_exception_type_of_a_failing_hook_and_nothing_more(fake, casruns_home):
+    cli("init", check=0)
+    (casruns_home / "fakesandbox-roots.txt").mkdir()  # the sample plugin's open() raises IsADirectoryError
+    proc = cli("gc", env={"CASRUNS_TRACE_PLUGINS": "1"})
+    assert proc.returncode == 8
+    assert traces(proc.stderr) == [("fakesandbox", "casruns_gc_roots", "raised IsADirectoryError")]
+    assert [l for l in proc.stderr.splitlines() if not l.startswith("casruns trace:")] == [
+        l for l in cli("gc").stderr.splitlines()
+    ]  # the error line is the same with or without tracing; the path it names is not in the trace
 
 
 # -- one test per hook ---------------------------------------------------------------------------
