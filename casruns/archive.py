@@ -52,7 +52,7 @@ FORMAT = "casruns-archive"
 VERSION = 1
 CHUNK = 1 << 20
 READ_BLOCK = 4 << 20  # an fsspec reader's block: what one open archived object may hold in memory
-EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "sftp": "sftp", "ssh": "sftp"}
+from .backends import EXTRAS  # scheme -> the extra that installs its backend
 
 
 MARKER_MAX = 64 * 1024  # bytes: the marker is a few lines
@@ -297,18 +297,14 @@ def _check_marker(remote: Remote) -> None:
 
 
 def open_remote(url: str, registry: "Registry") -> Remote:
-    if "://" not in url or url.startswith("file://"):
-        return LocalRemote(url[len("file://") :] if url.startswith("file://") else url)
-    opts: dict = {}
-    scheme = url.split("://", 1)[0].lower()
-    cfg = (registry.config.raw.get("archive") or {}) if registry._check_format() else {}
-    if scheme in ("s3", "s3a"):
-        endpoint = cfg.get("endpoint_url") or os.environ.get("CASRUNS_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            opts["endpoint_url"] = endpoint
-        if cfg.get("region"):
-            opts["client_kwargs"] = {"region_name": cfg["region"]}
-    return FsspecRemote(url, opts)
+    """The archive at ``url``, opened by the backend its scheme names (casruns/backends.py)."""
+    from .backends import open_archive
+
+    return open_archive(
+        url,
+        config=lambda: (registry.config.raw.get("archive") or {}) if registry._check_format() else {},
+        plugins=lambda: registry.plugins,
+    )
 
 
 def _ensure_marker(remote: Remote) -> None:

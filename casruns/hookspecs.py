@@ -10,7 +10,7 @@ Two processes call hooks:
 * the **supervisor** (the detached process that drives one run) calls the run hooks, in
   the run phase each docstring names;
 * the **CLI** process (or an embedder's process using ``casruns.Registry``) calls the
-  registry hooks (providers at submit, promotion, gc roots).
+  registry hooks (providers at submit, promotion, gc roots, resume, archive backends).
 
 Failure isolation: an exception in a run hook ends the run ``failed`` with
 ``error.code = "plugin_error"`` naming the plugin and hook (teardown still runs); in a CLI
@@ -21,9 +21,12 @@ recorded in the supervisor log and never affect the run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:
+    from .backends import Backend
 
 hookspec = pluggy.HookspecMarker("casruns")
 
@@ -172,4 +175,20 @@ def casruns_resume(run: dict[str, Any], attempt: int) -> dict[str, Any] | None:
         or ``{"env": {...}}`` to give the new attempt extra environment variables (for
         example a snapshot to restore), kept like ``--env`` values: in the supervisor's
         memory, and while the run is queued in its private ``env.json``.
+    """
+
+
+@hookspec
+def casruns_archive_backends() -> dict[str, Backend] | None:
+    """Add archive backends: URL schemes casruns does not know, and how to open them.
+
+    Called by the CLI (``casruns archive push``, ``pull``, ``list``, ``verify --against``)
+    when an archive URL's scheme is not one of the built-in ones (:data:`casruns.backends.BACKENDS`),
+    before the archive is opened. A built-in scheme is never replaced; when two plugins name
+    the same scheme, the first one called keeps it. A scheme no plugin names goes to fsspec.
+
+    :return: None, or ``{scheme: casruns.backends.Backend(open, extra)}``. casruns calls
+        ``open(url, config)`` (``config``: the registry config's ``[archive]`` table), which
+        returns a :class:`casruns.archive.Remote`; an exception it raises (other than a
+        casruns error such as ``backend_missing``) is a ``plugin_error`` naming the plugin.
     """

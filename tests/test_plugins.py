@@ -371,3 +371,24 @@ def test_crashing_artifact_hook_fails_the_run_but_keeps_logs(fake):
     rec = status(rid)
     assert rec["error"]["code"] == "plugin_error" and rec["error"]["hook"] == "casruns_collect_artifacts"
     assert cli("logs", rid).stdout == f"in sandbox fake-{rid}\n"
+
+
+def test_hook_casruns_archive_backends(fake, tmp_path, validate):
+    """A plugin's scheme works end to end in every archive command, through the real CLI."""
+    other, box = {"CASRUNS_HOME": str(tmp_path / "B")}, tmp_path / "box"
+    url = f"fakebox://{box}"
+    rid = submit_fake(fake)
+    assert cli("wait", rid, "--timeout", "30").returncode == 0
+    proc, out = cli_json("archive", "push", url, rid)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert validate(out[0], "reports.schema.json#/$defs/archive_push")["runs"] == 1
+    assert (box / "casruns-archive.toml").is_file() and (box / "runs" / rid / "manifest.toml").is_file()
+    _, out = cli_json("archive", "list", url, env=other)
+    assert [r["run_id"] for r in out[0]["runs"]] == [rid]
+    proc, out = cli_json("archive", "pull", url, env=other)
+    assert proc.returncode == 0 and out[0]["runs"] == 1, proc.stdout
+    assert cli("logs", rid, env=other).stdout == f"in sandbox fake-{rid}\n"
+    assert cli("verify", "--against", url, rid, env=other).returncode == 0
+    # without the plugin the scheme is unknown, to fsspec too
+    proc, out = cli_json("archive", "list", url, env={**other, "CASRUNS_LOAD_PLUGINS": "shell"})
+    assert proc.returncode == 3 and out[0]["error"]["code"] == "backend_missing"
