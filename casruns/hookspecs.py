@@ -155,8 +155,7 @@ def casruns_gc_roots(registry_root: str) -> list[str] | None:
     (``runs/.trash-*``) and before it removes any run or deletes any blob. Not called when
     the registry does not exist yet. A run id named here is not removed by this gc, even if
     retention makes it eligible, and its blobs are kept; a blob address named here is kept
-    even if no run references it. A failure stops the gc
-    before it removes anything.
+    even if no run references it. A failure stops the gc before it removes anything.
 
     :param registry_root: the registry's root directory.
     :return: None, or a list of blob addresses and/or run ids.

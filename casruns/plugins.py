@@ -1,7 +1,8 @@
 """The plugin manager: discovery, selection, and calling hooks with failure isolation.
 
 Plugins load lazily: only the paths that need them (submit, run, the supervisor, promote,
-gc, ``casruns plugins``) call :func:`load`; ``status`` and ``list`` never import pluggy.
+resume, gc, ``casruns plugins``, an archive URL whose scheme is not built in) call
+:func:`load`; ``status`` and ``list`` never import pluggy.
 
 Sources, in load order:
 

@@ -53,6 +53,12 @@ def submit_fake(fake, *extra, cmd=("sh", "-c", "echo in sandbox $FAKESANDBOX_ID"
     return out[0]["run_id"]
 
 
+def python_prints(*lines: str) -> str:
+    """The last line a fresh interpreter prints running ``lines`` (what it imported is its own)."""
+    code = "\n".join(lines) + "\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+
+
 def status(rid):
     return cli_json("status", rid)[1][0]
 
@@ -122,14 +128,13 @@ def test_run_context_lives_with_the_hook_specs_and_the_old_name_still_works():
 
 def test_hookspecs_import_nothing_of_casruns_at_run_time():
     """Annotation-only imports stay under TYPE_CHECKING: the spec module costs pluggy and nothing else."""
-    code = (
-        "import sys, casruns\n"
-        "before = set(sys.modules)\n"
-        "import casruns.hookspecs\n"
-        "print(sorted(m for m in set(sys.modules) - before if m.startswith('casruns')))\n"
+    out = python_prints(
+        "import sys, casruns",
+        "before = set(sys.modules)",
+        "import casruns.hookspecs",
+        "print(sorted(m for m in set(sys.modules) - before if m.startswith('casruns')))",
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['casruns.hookspecs']"
+    assert out == "['casruns.hookspecs']"
 
 
 # -- discovery ----------------------------------------------------------------------------------
@@ -176,14 +181,13 @@ def test_unknown_provider_is_refused_before_the_run_exists(casruns_home):
 
 
 def test_status_and_list_never_load_plugins():
-    code = (
-        "import sys, casruns.cli.fast as f\n"
-        "f.try_run(['list', '--json'])\n"
-        "bad = [m for m in ('pluggy', 'click', 'zstandard', 'blake3', 'casruns.plugins') if m in sys.modules]\n"
-        "print('loaded:' + ','.join(bad))\n"
+    out = python_prints(
+        "import sys, casruns.cli.fast as f",
+        "f.try_run(['list', '--json'])",
+        "bad = [m for m in ('pluggy', 'click', 'zstandard', 'blake3', 'casruns.plugins') if m in sys.modules]",
+        "print('loaded:' + ','.join(bad))",
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "loaded:"
+    assert out == "loaded:"
 
 
 # -- tracing -----------------------------------------------------------------------------------
