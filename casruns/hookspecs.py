@@ -152,7 +152,8 @@ def casruns_gc_roots(registry_root: str) -> list[str] | None:
 
     Called by the CLI (``casruns gc``, ``casruns gc --dry-run``, ``Registry.gc``) once per gc,
     while it holds ``locks/gc.lock``: after gc finished the run deletions a killed gc left
-    (``runs/.trash-*``) and before it removes any run or deletes any blob. Not called when
+    (``runs/.trash-*``; a dry run only counts them) and before it removes any run or
+    deletes any blob. Not called when
     the registry does not exist yet. A run id named here is not removed by this gc, even if
     retention makes it eligible, and its blobs are kept; a blob address named here is kept
     even if no run references it. A failure stops the gc before it removes anything.

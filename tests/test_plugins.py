@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from casruns import hookspecs
+from casruns.errors import PluginError
+from casruns.plugins import hookimpl
 from conftest import cli, cli_json, poll_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,15 +110,38 @@ def test_the_docstring_check_finds_a_missing_param():
     assert undocumented(casruns_example) == [":param extra:", ":return:"]
 
 
-def test_gc_roots_docstring_says_when_gc_calls_it():
-    """The docstring's promise, "before it removes any run or deletes any blob", matches the code:
-    the hook is asked before phase 1 (run removal), after phase 0 (leftover trash)."""
-    source = (ROOT / "casruns" / "gc.py").read_text()
-    body = source[source.index("def _run(") :]
-    ask = body.index('"casruns_gc_roots"')
-    assert body.index(".trash-") < ask < body.index("# 1. remove eligible runs") < body.index("os.rename(run.path")
-    doc = hookspecs.casruns_gc_roots.__doc__
-    assert "before it removes any run or deletes any blob" in doc and "--dry-run" in doc
+def test_gc_asks_for_roots_once_after_old_trash_and_before_removing_any_run_or_blob(registry):
+    """What the casruns_gc_roots docstring promises, observed from inside the hook."""
+    from test_gc import config, finished_run, make_old
+
+    config(registry, '[retention]\nsucceeded = "0s"\n')
+    rid = finished_run(registry, files={"a.txt": b"eligible"})
+    garbage = registry.store.put_bytes(b"nothing references this").address
+    make_old(registry)
+    trash = Path(registry.runs_dir) / ".trash-left-by-a-killed-gc"
+
+    class Probe:
+        def __init__(self, fail=False):
+            self.seen, self.fail = [], fail
+
+        @hookimpl
+        def casruns_gc_roots(self, registry_root):
+            self.seen.append((registry.run_dir(rid).exists(), registry.store.contains(garbage), trash.exists()))
+            if self.fail:
+                raise RuntimeError("roots service down")
+
+    for fail, dry_run in ((True, False), (False, True), (False, False)):
+        trash.mkdir(exist_ok=True)
+        probe = Probe(fail)
+        registry.plugins.register(probe, f"probe-{fail}-{dry_run}", "module")
+        try:
+            registry.gc(dry_run=dry_run)
+        except PluginError as e:
+            assert fail and e.details == {"plugin": "probe-True-False", "hook": "casruns_gc_roots"}
+        finally:
+            registry.plugins.pm.unregister(probe)
+        assert probe.seen == [(True, True, dry_run)]  # once; the run and the blob still there, old trash gone
+        assert registry.run_dir(rid).exists() == registry.store.contains(garbage) == (fail or dry_run)
 
 
 def test_run_context_lives_with_the_hook_specs_and_the_old_name_still_works():
