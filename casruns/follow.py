@@ -13,14 +13,16 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from . import evidence, query
+
 if TYPE_CHECKING:
-    from .registry import Registry
+    from .root import RegistryRoot
 
 POLL = 0.1  # seconds between looks at a live run (one manifest read and one read per spool)
 
 
 def follow_streams(
-    registry: "Registry", run_id: str, streams: Iterable[str] = ("stdout", "stderr"), *, poll: float = POLL
+    registry: "RegistryRoot", run_id: str, streams: Iterable[str] = ("stdout", "stderr"), *, poll: float = POLL
 ) -> Iterator[tuple[str, bytes]]:
     """Yield ``(stream, bytes)`` of a run's output as it is written, until the run is terminal.
 
@@ -39,7 +41,7 @@ def follow_streams(
     fds: dict[str, int] = {}
     try:
         while True:
-            rec = registry.get(run_id)  # read before draining: a terminal run's spools are complete
+            rec = query.get(registry, run_id)  # read before draining: a terminal run's spools are complete
             for stream in streams:
                 if stream not in fds:
                     try:
@@ -56,5 +58,5 @@ def follow_streams(
             os.close(fd)
     for stream in streams:
         if stream not in fds:  # it ended before we could tail it: read the stored log
-            for chunk in registry.log_chunks(run_id, stream):
+            for chunk in evidence.log_chunks(registry, run_id, stream):
                 yield stream, chunk

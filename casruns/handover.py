@@ -25,7 +25,7 @@ LOCK_FD_ENV = "CASRUNS_SUPERVISOR_LOCK_FD"
 # Variables a command gets from the submitter's environment unless --env says more.
 BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "SHELL")
 # Variables the supervisor process itself keeps (how to import casruns, plugins, tests).
-SUPERVISOR_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "CASRUNS_PLUGINS")
+SUPERVISOR_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "CASRUNS_PLUGINS", "CASRUNS_TRACE_PLUGINS")
 
 
 def spawn(root: str, run_id: str, payload: dict, lock_fd: int | None, *, by: str = "submit") -> int:

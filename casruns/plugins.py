@@ -1,7 +1,8 @@
 """The plugin manager: discovery, selection, and calling hooks with failure isolation.
 
 Plugins load lazily: only the paths that need them (submit, run, the supervisor, promote,
-gc, ``casruns plugins``) call :func:`load`; ``status`` and ``list`` never import pluggy.
+resume, gc, ``casruns plugins``, an archive URL whose scheme is not built in) call
+:func:`load`; ``status`` and ``list`` never import pluggy.
 
 Sources, in load order:
 
@@ -10,7 +11,9 @@ Sources, in load order:
 2. modules named by the registry config's ``plugins`` list, ``--plugin MODULE`` and the
    ``CASRUNS_PLUGINS`` variable (comma-separated), which is how a supervisor gets them.
 
-``CASRUNS_TRACE_PLUGINS=1`` prints every hook call on stderr.
+``CASRUNS_TRACE_PLUGINS=1`` prints one line per hook implementation call on stderr (the
+supervisor's stderr is ``runs/<id>/supervisor.log``): plugin, hook, duration and outcome
+(``returned <type>`` or ``raised <exception type>``), never an argument or a value.
 
 Hooks are called one implementation at a time (in pluggy's order), so a failure names the
 plugin and the hook that failed: :meth:`Plugins.call` raises PluginError with both;
@@ -22,33 +25,18 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pluggy
 
 from . import hookspecs
 from .errors import PluginError
+from .hookspecs import RunContext  # noqa: F401 - where plugin authors have imported it from
 
 hookimpl = pluggy.HookimplMarker("casruns")
-
-
-@dataclass
-class RunContext:
-    """What a run hook sees of a run. ``argv``, ``env`` and ``cwd`` may be changed in boot."""
-
-    run_id: str
-    provider: str
-    argv: list[str]
-    env: dict[str, str]
-    cwd: str
-    labels: dict[str, str]
-    artifacts_dir: str
-    registry_root: str
-    attempt: int = 1
-    resumed_from: str | None = None
-    manifest: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,9 +56,7 @@ class Plugins:
         self.pm = pluggy.PluginManager("casruns")
         self.pm.add_hookspecs(hookspecs)
         self.sources: dict[str, str] = {}
-        if os.environ.get("CASRUNS_TRACE_PLUGINS"):
-            self.pm.trace.root.setwriter(sys.stderr.write)
-            self.pm.enable_tracing()
+        self.trace = os.environ.get("CASRUNS_TRACE_PLUGINS", "") not in ("", "0")
 
     def register(self, plugin: object, name: str, source: str) -> None:
         if self.pm.has_plugin(name) or self.pm.is_registered(plugin):
@@ -106,6 +92,24 @@ class Plugins:
         # pluggy calls the last registered implementation first; keep its order.
         return list(reversed(caller.get_hookimpls()))
 
+    def _call_impl(self, impl, hook_name: str, kwargs: dict[str, Any]) -> Any:
+        """One implementation, traced when ``CASRUNS_TRACE_PLUGINS`` is set.
+
+        Hooks are called through ``impl.function`` (to know which plugin failed), which
+        bypasses pluggy's own tracing; so the trace is written here, one line per call.
+        """
+        args = {k: kwargs[k] for k in impl.argnames if k in kwargs}
+        if not self.trace:
+            return impl.function(**args)
+        t0 = time.perf_counter()
+        try:
+            res = impl.function(**args)
+        except BaseException as e:
+            _trace_line(impl.plugin_name, hook_name, t0, f"raised {type(e).__name__}")
+            raise
+        _trace_line(impl.plugin_name, hook_name, t0, f"returned {'None' if res is None else type(res).__name__}")
+        return res
+
     def call(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Call every implementation; return ``[(plugin name, result)]`` for non-None results.
 
@@ -113,9 +117,8 @@ class Plugins:
         """
         results = []
         for impl in self._impls(hook_name):
-            args = {k: kwargs[k] for k in impl.argnames if k in kwargs}
             try:
-                res = impl.function(**args)
+                res = self._call_impl(impl, hook_name, kwargs)
             except Exception as e:
                 raise PluginError(
                     f"plugin {impl.plugin_name} failed in {hook_name}: {type(e).__name__}: {e}",
@@ -130,9 +133,8 @@ class Plugins:
         """Like :meth:`call` but never raises; returns the error messages."""
         errors = []
         for impl in self._impls(hook_name):
-            args = {k: kwargs[k] for k in impl.argnames if k in kwargs}
             try:
-                impl.function(**args)
+                self._call_impl(impl, hook_name, kwargs)
             except Exception as e:
                 errors.append(f"plugin {impl.plugin_name} failed in {hook_name}: {type(e).__name__}: {e}")
         return errors
@@ -157,6 +159,15 @@ class Plugins:
                 PluginInfo(name, self.sources.get(name, "unknown"), module, hooks, sorted(p for p, owner in providers.items() if owner == name))
             )
         return out
+
+
+def _trace_line(plugin: str, hook: str, t0: float, outcome: str) -> None:
+    """``casruns trace: <plugin> <hook> <ms>ms <outcome>`` on stderr, in one write (hooks run on
+    several threads in the supervisor). Names and the result's type only, never a value: an
+    argument or a result can hold a secret, and the supervisor's stderr is its log file."""
+    ms = (time.perf_counter() - t0) * 1000
+    sys.stderr.write(f"casruns trace: {plugin} {hook} {ms:.3f}ms {outcome}\n")
+    sys.stderr.flush()
 
 
 def env_plugins() -> list[str]:

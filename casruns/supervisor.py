@@ -389,6 +389,7 @@ class Supervisor:
     def drive(self) -> int:
         from . import plugins as plugins_mod
         from .errors import PluginError
+        from .hookspecs import RunContext
 
         m = self.run.read_fresh()
         req = m.get("request") or {}
@@ -397,7 +398,7 @@ class Supervisor:
         env.update(self.secret_env)
         env["CASRUNS_RUN_ID"] = self.run.run_id
         env["CASRUNS_ARTIFACTS_DIR"] = self.run.artifacts_dir
-        self.ctx = plugins_mod.RunContext(
+        self.ctx = RunContext(
             run_id=self.run.run_id,
             provider=m.get("provider", "shell"),
             argv=argv,

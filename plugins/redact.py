@@ -12,7 +12,8 @@ names and text artifacts alike.
 
 from __future__ import annotations
 
-from casruns.plugins import RunContext, hookimpl
+from casruns.hookspecs import RunContext
+from casruns.plugins import hookimpl
 
 
 @hookimpl

@@ -8,7 +8,8 @@ from __future__ import annotations
 import platform
 import socket
 
-from casruns.plugins import RunContext, hookimpl
+from casruns.hookspecs import RunContext
+from casruns.plugins import hookimpl
 
 PROVIDER = "shell"
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from casruns import hookspecs
+from casruns.errors import PluginError
+from casruns.plugins import hookimpl
 from conftest import cli, cli_json, poll_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +55,12 @@ def submit_fake(fake, *extra, cmd=("sh", "-c", "echo in sandbox $FAKESANDBOX_ID"
     return out[0]["run_id"]
 
 
+def python_prints(*lines: str) -> str:
+    """The last line a fresh interpreter prints running ``lines`` (what it imported is its own)."""
+    code = "\n".join(lines) + "\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+
+
 def status(rid):
     return cli_json("status", rid)[1][0]
 
@@ -75,6 +83,83 @@ def test_every_hookspec_docstring_names_its_process():
     for h in HOOKS:
         doc = getattr(hookspecs, h).__doc__
         assert re.search(r"Called by the (supervisor|CLI)", doc), h
+
+
+def undocumented(spec) -> list[str]:
+    """What a hookspec's docstring leaves out, in pytest's shape: a ``:param NAME:`` line for each
+    argument, and a ``:return:`` line unless the hook returns None."""
+    doc = spec.__doc__ or ""
+    sig = inspect.signature(spec)
+    missing = [f":param {p}:" for p in sig.parameters if not re.search(rf"^\s*:param {p}:", doc, re.M)]
+    if sig.return_annotation not in ("None", None) and not re.search(r"^\s*:return:", doc, re.M):
+        missing.append(":return:")
+    return missing
+
+
+def test_every_hook_argument_and_result_is_documented():
+    assert {h: undocumented(getattr(hookspecs, h)) for h in HOOKS} == {h: [] for h in HOOKS}
+
+
+def test_the_docstring_check_finds_a_missing_param():
+    def casruns_example(run, extra) -> dict | None:
+        """Called by the CLI.
+
+        :param run: the run.
+        """
+
+    assert undocumented(casruns_example) == [":param extra:", ":return:"]
+
+
+def test_gc_asks_for_roots_once_after_old_trash_and_before_removing_any_run_or_blob(registry):
+    """What the casruns_gc_roots docstring promises, observed from inside the hook."""
+    from test_gc import config, finished_run, make_old
+
+    config(registry, '[retention]\nsucceeded = "0s"\n')
+    rid = finished_run(registry, files={"a.txt": b"eligible"})
+    garbage = registry.store.put_bytes(b"nothing references this").address
+    make_old(registry)
+    trash = Path(registry.runs_dir) / ".trash-left-by-a-killed-gc"
+
+    class Probe:
+        def __init__(self, fail=False):
+            self.seen, self.fail = [], fail
+
+        @hookimpl
+        def casruns_gc_roots(self, registry_root):
+            self.seen.append((registry.run_dir(rid).exists(), registry.store.contains(garbage), trash.exists()))
+            if self.fail:
+                raise RuntimeError("roots service down")
+
+    for fail, dry_run in ((True, False), (False, True), (False, False)):
+        trash.mkdir(exist_ok=True)
+        probe = Probe(fail)
+        registry.plugins.register(probe, f"probe-{fail}-{dry_run}", "module")
+        try:
+            registry.gc(dry_run=dry_run)
+        except PluginError as e:
+            assert fail and e.details == {"plugin": "probe-True-False", "hook": "casruns_gc_roots"}
+        finally:
+            registry.plugins.pm.unregister(probe)
+        assert probe.seen == [(True, True, dry_run)]  # once; the run and the blob still there, old trash gone
+        assert registry.run_dir(rid).exists() == registry.store.contains(garbage) == (fail or dry_run)
+
+
+def test_run_context_lives_with_the_hook_specs_and_the_old_name_still_works():
+    from casruns import plugins
+
+    assert plugins.RunContext is hookspecs.RunContext
+    assert hookspecs.RunContext.__module__ == "casruns.hookspecs"
+
+
+def test_hookspecs_import_nothing_of_casruns_at_run_time():
+    """Annotation-only imports stay under TYPE_CHECKING: the spec module costs pluggy and nothing else."""
+    out = python_prints(
+        "import sys, casruns",
+        "before = set(sys.modules)",
+        "import casruns.hookspecs",
+        "print(sorted(m for m in set(sys.modules) - before if m.startswith('casruns')))",
+    )
+    assert out == "['casruns.hookspecs']"
 
 
 # -- discovery ----------------------------------------------------------------------------------
@@ -121,14 +206,66 @@ def test_unknown_provider_is_refused_before_the_run_exists(casruns_home):
 
 
 def test_status_and_list_never_load_plugins():
-    code = (
-        "import sys, casruns.cli.fast as f\n"
-        "f.try_run(['list', '--json'])\n"
-        "bad = [m for m in ('pluggy', 'click', 'zstandard', 'blake3', 'casruns.plugins') if m in sys.modules]\n"
-        "print('loaded:' + ','.join(bad))\n"
+    out = python_prints(
+        "import sys, casruns.cli.fast as f",
+        "f.try_run(['list', '--json'])",
+        "bad = [m for m in ('pluggy', 'click', 'zstandard', 'blake3', 'casruns.plugins') if m in sys.modules]",
+        "print('loaded:' + ','.join(bad))",
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "loaded:"
+    assert out == "loaded:"
+
+
+# -- tracing -----------------------------------------------------------------------------------
+
+TRACE = re.compile(r"^casruns trace: (?P<plugin>\S+) (?P<hook>casruns_\w+) \d+\.\d{3}ms (?P<outcome>returned \w+|raised \w+)$")
+
+
+def traces(text: str) -> list[tuple[str, str, str]]:
+    lines = [line for line in text.splitlines() if line.startswith("casruns trace:")]
+    assert all(TRACE.match(line) for line in lines), lines
+    return [(m["plugin"], m["hook"], m["outcome"]) for m in map(TRACE.match, lines)]
+
+
+def test_trace_plugins_prints_every_hook_call_in_the_cli_and_the_supervisor(fake, casruns_home):
+    secret = "label-secret-value-42"
+    trace = {"CASRUNS_TRACE_PLUGINS": "1"}
+    proc, out = cli_json("submit", "--provider", "fakesandbox", "--label", fake["label"], "--label", "fake.notify=crash",
+                         "--label", f"note={secret}", "--", "sh", "-c", 'echo "key=$FAKESANDBOX_KEY"', env=trace)
+    assert proc.returncode == 0, proc.stderr
+    rid = out[0]["run_id"]
+    # the CLI: submit asks every plugin for its providers
+    assert ("fakesandbox", "casruns_providers", "returned list") in traces(proc.stderr)
+    assert {p for p, h, _ in traces(proc.stderr) if h == "casruns_providers"} == {"shell", "fakesandbox"}
+    assert cli("wait", rid, "--timeout", "30").returncode == 0
+    log = casruns_home / "runs" / rid / "supervisor.log"
+    # the supervisor: run hooks through call(), status changes through notify() (on their own thread)
+    poll_until(lambda: sum(h == "casruns_status_changed" for _, h, _ in traces(log.read_text())) == 4, what="4 traced notifications")
+    seen = traces(log.read_text())
+    assert ("fakesandbox", "casruns_redaction", "returned dict") in seen
+    assert ("redact", "casruns_redaction", "returned dict") in seen
+    assert ("fakesandbox", "casruns_boot", "returned dict") in seen and ("shell", "casruns_boot", "returned None") in seen
+    assert ("fakesandbox", "casruns_collect_artifacts", "returned list") in seen
+    assert ("fakesandbox", "casruns_teardown", "returned None") in seen
+    assert [o for p, h, o in seen if h == "casruns_status_changed"] == ["raised RuntimeError"] * 4
+    # names and outcomes only: no argument or result value reaches the log
+    text = log.read_text()
+    traced = "\n".join(line for line in text.splitlines() if line.startswith("casruns trace:"))
+    for value in (secret, "fake-sandbox-key-123456", "runtime-token-abcdef", f"fake-{rid}", "notification endpoint down"):
+        assert value not in traced, value
+    # the CLI again: gc asks for roots; without the variable nothing is traced
+    assert ("fakesandbox", "casruns_gc_roots", "returned None") in traces(cli("gc", env=trace, check=0).stderr)
+    assert traces(cli("gc", check=0).stderr) == []
+
+
+def test_trace_plugins_names_the_exception_type_of_a_failing_hook_and_nothing_more(fake, casruns_home):
+    cli("init", check=0)
+    (casruns_home / "fakesandbox-roots.txt").mkdir()  # the sample plugin's open() raises IsADirectoryError
+    proc = cli("gc", env={"CASRUNS_TRACE_PLUGINS": "1"})
+    assert proc.returncode == 8
+    assert traces(proc.stderr) == [("fakesandbox", "casruns_gc_roots", "raised IsADirectoryError")]
+    assert [l for l in proc.stderr.splitlines() if not l.startswith("casruns trace:")] == [
+        l for l in cli("gc").stderr.splitlines()
+    ]  # the error line is the same with or without tracing; the path it names is not in the trace
 
 
 # -- one test per hook ---------------------------------------------------------------------------
@@ -263,3 +400,24 @@ def test_crashing_artifact_hook_fails_the_run_but_keeps_logs(fake):
     rec = status(rid)
     assert rec["error"]["code"] == "plugin_error" and rec["error"]["hook"] == "casruns_collect_artifacts"
     assert cli("logs", rid).stdout == f"in sandbox fake-{rid}\n"
+
+
+def test_hook_casruns_archive_backends(fake, tmp_path, validate):
+    """A plugin's scheme works end to end in every archive command, through the real CLI."""
+    other, box = {"CASRUNS_HOME": str(tmp_path / "B")}, tmp_path / "box"
+    url = f"fakebox://{box}"
+    rid = submit_fake(fake)
+    assert cli("wait", rid, "--timeout", "30").returncode == 0
+    proc, out = cli_json("archive", "push", url, rid)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert validate(out[0], "reports.schema.json#/$defs/archive_push")["runs"] == 1
+    assert (box / "casruns-archive.toml").is_file() and (box / "runs" / rid / "manifest.toml").is_file()
+    _, out = cli_json("archive", "list", url, env=other)
+    assert [r["run_id"] for r in out[0]["runs"]] == [rid]
+    proc, out = cli_json("archive", "pull", url, env=other)
+    assert proc.returncode == 0 and out[0]["runs"] == 1, proc.stdout
+    assert cli("logs", rid, env=other).stdout == f"in sandbox fake-{rid}\n"
+    assert cli("verify", "--against", url, rid, env=other).returncode == 0
+    # without the plugin the scheme is unknown, to fsspec too
+    proc, out = cli_json("archive", "list", url, env={**other, "CASRUNS_LOAD_PLUGINS": "shell"})
+    assert proc.returncode == 3 and out[0]["error"]["code"] == "backend_missing"
