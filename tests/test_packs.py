@@ -20,7 +20,7 @@ import blake3
 import pytest
 import zstandard
 
-from casruns import Registry, gc as gcmod, packs
+from casruns import Registry, gc as gcmod, packs, pins
 from casruns import store as storemod
 from casruns.errors import BlobNotFound, IntegrityError
 from casruns.store import DiskStore
@@ -544,7 +544,7 @@ def test_a_settled_pin_keeps_its_name_and_gc_judges_it_by_its_lock(registry):
     assert locking.is_held(path)
     pin.release()
     assert path.exists() and not locking.is_held(path) and not list(store.pins_dir.glob("*.done"))
-    assert gcmod._read_pins(store.pins_dir, skip=set()) == {"c" * 64}
+    assert pins.read_pins(store.pins_dir, skip=set()) == {"c" * 64}
     registry.gc()
     assert not path.exists()  # settled before the gc began: its mark covered it
 

@@ -14,7 +14,8 @@ import blake3
 import pytest
 
 from casruns.errors import BlobNotFound, IntegrityError, InvalidAddress
-from casruns.store import DiskStore, MemoryStore
+from casruns.memstore import MemoryStore
+from casruns.store import DiskStore
 
 
 @pytest.fixture(params=["disk", "memory"])
