@@ -13,9 +13,10 @@ holds until it is synced or discarded, and when a pack is begun and closed.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, BinaryIO
 
-from . import fsutil, packs
+from . import fsutil
 
 if TYPE_CHECKING:
     from .pins import Pin
@@ -113,3 +114,37 @@ class Batch:
             self._pack = None
         self._temps, self._packs, self._small = [], [], []
         self._pending.clear()
+
+
+def commit_in_order(root, temps: list, packs_: list, place_loose: Callable, place_pack: Callable) -> None:
+    """Make a batch durable in the write order: data first, then names, then the directories
+    (spec/format.md, "Batches and the write order rule", steps 2 to 4). ``place_loose(tmp,
+    info)`` and ``place_pack(tmp, name, index)`` rename a synced temp to its name in the store
+    and return the directory that then needs a sync."""
+    files = [t for t, _ in temps] + [t for t, _, _ in packs_]
+    many = len(files) > FEW
+    # 1. data: every temp file's content reaches stable storage before any rename.
+    if many:
+        try:
+            fsutil.syncfs(root)
+        except OSError:
+            many = False
+    if not many:
+        for tmp in files:
+            fd = fsutil.open_regular(tmp)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    # 2. names (creating shard directories durably as needed).
+    dirs = fsutil.DirSync()
+    for tmp, info in temps:
+        dirs.add(place_loose(tmp, info))
+    for tmp, name, index in packs_:
+        dirs.add(place_pack(tmp, name, index))
+    # 3. directories: one syncfs covers them all when there are many.
+    if many:
+        fsutil.syncfs(root)
+    else:
+        dirs.sync()
+

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import fsutil, packs
-from .errors import StrayFile
+from .errors import BlobNotFound, StrayFile
 from .ids import is_address, validate_address
 
 PIN_SUFFIXES = (".pin", ".done")  # pin files gc reads: live or settled pins, and settled pins of casruns 0.1
@@ -110,6 +110,20 @@ def loose_stray(root: str, address: str) -> tuple[str, str] | None:
         if not is_kind(mode):
             return rel, fsutil.kind_of(mode)
     return None
+
+
+def missing_error(root: str, address: str) -> BlobNotFound:
+    """The error for a blob that is not stored, naming a stray in its place if there is one."""
+    stray = loose_stray(root, address)
+    if stray is None:
+        return BlobNotFound(f"blob {address} not found in {root}", address=address)
+    path = f"{root}/{stray[0]}"
+    what = {"fifo": "a FIFO", "symlink": "a symlink", "directory": "a directory", "file": "a file"}.get(stray[1], f"a {stray[1]}")
+    return BlobNotFound(
+        f"blob {address} is not stored: {path} is {what}, a stray that is never read (run casruns verify)",
+        address=address,
+        path=path,
+    )
 
 
 def unlink_quiet(path: str | os.PathLike) -> None:

@@ -112,6 +112,34 @@ class SharedSweep:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
+class SweepLock:
+    """``blobs/sweep.lock``: writers hold it shared around "pin, then check" and around listings
+    of ``blobs/packs/``; gc holds it exclusively while it reads the pins and deletes. So gc either
+    sees our pin or we see the blob gone (and write it again), and a listing never overlaps a
+    pack's deletion."""
+
+    def __init__(self, store_dir: Path) -> None:
+        self.dir = store_dir
+        self.path = store_dir / "sweep.lock"
+        self._share: SharedSweep | None = None
+
+    def shared(self) -> SharedSweep:
+        """The shared hold: re-entrant and shared by the process' threads (one descriptor,
+        counted holders)."""
+        if self._share is None:
+            if not self.dir.is_dir():
+                fsutil.ensure_dir(self.dir)
+            self._share = SharedSweep(fsutil.open_lock_file(self.path))
+        return self._share
+
+    def exclusive(self) -> locking.FileLock:
+        """The exclusive hold (gc's deletions, pack replacement). Never taken by a thread that
+        holds it shared: flock would wait for ourselves."""
+        if not self.dir.is_dir():
+            fsutil.ensure_dir(self.dir)
+        return locking.FileLock(str(self.path))
+
+
 def pin_files(pins_dir: str | os.PathLike) -> list[str]:
     """The pin files of ``blobs/pins/`` (``*.pin``, and ``*.done`` left by casruns 0.1),
     sorted. Only regular files: a stray with a pin's name pins nothing and is never opened

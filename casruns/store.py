@@ -21,8 +21,9 @@ Around it, one module per concept: :mod:`casruns.batch` (what a batch holds unti
 the write order rule), :mod:`casruns.pins` (the pin protocol and the sweep lock, writer and
 reader), :mod:`casruns.packset` (the packs of ``blobs/packs/``: index cache and maintenance),
 :mod:`casruns.packs` (one pack file's format), :mod:`casruns.layout` (directory names, typed
-listings, strays). This module holds the interface and the read and put paths of both
-implementations; it is the one place that decides what a put writes and where.
+listings, strays), :mod:`casruns.frames` (checking a frame read whole or from elsewhere),
+:mod:`casruns.memstore` (the in-memory implementation). This module holds the interface and
+DiskStore's read and put paths: the one place that decides what a put writes and where.
 
 Packs: a batch with many small blobs writes them into pack files (``blobs/packs/``) instead of
 one file each. Readers look for a loose file first, then in the packs' indexes.
@@ -50,12 +51,12 @@ import blake3
 import zstandard
 
 from . import frames, fsutil, layout, packs
-from .batch import FEW, Batch
+from .batch import Batch, commit_in_order
 from .errors import BlobNotFound, IntegrityError, RegistryError, StrayFile
 from .ids import validate_address
 from .layout import ABSENT as _ABSENT, DIR_FLAGS as _DIR_FLAGS
 from .packset import PackSet
-from .pins import Pin, SharedSweep, live_addresses, pin_files
+from .pins import Pin, SharedSweep, SweepLock, live_addresses, pin_files
 
 CHUNK = 1 << 20
 SMALL = 1 << 20  # content up to this size is hashed before it is compressed (cheap dedup)
@@ -189,6 +190,7 @@ class _HashingReader:
             self.size += len(data)
         return data
 
+
 class DiskStore(BlobStore):
     """Blobs as zstd files under a directory (normally ``<registry>/blobs``)."""
 
@@ -207,7 +209,7 @@ class DiskStore(BlobStore):
         self.threads = threads if threads is not None else min(os.cpu_count() or 1, 4)
         self._local = threading.local()
         self.pins_dir = self.path / "pins"
-        self._share: SharedSweep | None = None
+        self.sweep = SweepLock(self.path)
 
     def pin(self) -> Pin:
         self._real_dir(self.pins_dir)
@@ -220,28 +222,15 @@ class DiskStore(BlobStore):
         """The pin files of ``blobs/pins/`` (see :func:`casruns.pins.pin_files`)."""
         return pin_files(self.pins_dir)
 
+    # -- the sweep lock (casruns.pins.SweepLock) -------------------------------------------
     def sweep_lock_path(self) -> Path:
-        return self.path / "sweep.lock"
+        return self.sweep.path
 
     def _sweep_shared(self) -> SharedSweep:
-        """Shared hold of the sweep lock around "pin, then check" and around listings of
-        ``blobs/packs/``: gc deletes under the exclusive hold, so it either sees our pin or we
-        see the blob gone (and rewrite it), and a listing never overlaps a pack's deletion.
-        Re-entrant and shared by the process' threads (one descriptor, counted holders)."""
-        if self._share is None:
-            if not self.path.is_dir():
-                fsutil.ensure_dir(self.path)
-            self._share = SharedSweep(fsutil.open_lock_file(self.sweep_lock_path()))
-        return self._share
+        return self.sweep.shared()
 
     def exclusive(self):
-        """The sweep lock held exclusively (gc's deletions, pack replacement). Never taken by a
-        thread that holds it shared: flock would wait for ourselves."""
-        from . import locking
-
-        if not self.path.is_dir():
-            fsutil.ensure_dir(self.path)
-        return locking.FileLock(str(self.sweep_lock_path()))
+        return self.sweep.exclusive()
 
     # -- paths -------------------------------------------------------------------------
     def path_for(self, address: str) -> Path:
@@ -322,16 +311,7 @@ class DiskStore(BlobStore):
 
     def _missing(self, address: str) -> BlobNotFound:
         """The error for a blob that is not stored, naming a stray in its place if there is one."""
-        stray = self.loose_stray(address)
-        if stray is None:
-            return BlobNotFound(f"blob {address} not found in {self.path}", address=address)
-        path = f"{self.path}/{stray[0]}"
-        what = {"fifo": "a FIFO", "symlink": "a symlink", "directory": "a directory", "file": "a file"}.get(stray[1], f"a {stray[1]}")
-        return BlobNotFound(
-            f"blob {address} is not stored: {path} is {what}, a stray that is never read (run casruns verify)",
-            address=address,
-            path=path,
-        )
+        return layout.missing_error(self._root, address)
 
     _real_dir = staticmethod(layout.real_dir)
 
@@ -584,42 +564,23 @@ class DiskStore(BlobStore):
         return received
 
     def _commit_batch(self, temps: list[tuple[str, BlobInfo]], packs_: list[tuple[str, str, dict]]) -> None:
-        """Make a batch durable: data first, then names, then the directories."""
-        files = [t for t, _ in temps] + [t for t, _, _ in packs_]
-        many = len(files) > FEW
-        # 1. data: every temp file's content reaches stable storage before any rename.
-        if many:
-            try:
-                fsutil.syncfs(self.path)
-            except OSError:
-                many = False
-        if not many:
-            for tmp in files:
-                fd = fsutil.open_regular(tmp)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        # 2. names.
-        dirs = fsutil.DirSync()
-        for tmp, info in temps:
-            final = self._ensure_dirs(info.address)
-            try:
-                os.rename(tmp, final)
-            except OSError as e:
-                raise self._store_error(info.address, final, e) from e
-            dirs.add(final.parent)
-        if packs_:
-            self._real_dir(self.packs_dir)
-            for tmp, name, index in packs_:
-                os.rename(tmp, self.packs_dir / name)
-                self.packset.add(name, index)
-            dirs.add(self.packs_dir)
-        # 3. directories: one syncfs covers them all when there are many.
-        if many:
-            fsutil.syncfs(self.path)
-        else:
-            dirs.sync()
+        commit_in_order(self.path, temps, packs_, self._place_loose, self._place_pack)
+
+    def _place_loose(self, tmp: str, info: BlobInfo) -> Path:
+        """Rename a batch's synced temp to its address; the directory to sync."""
+        final = self._ensure_dirs(info.address)
+        try:
+            os.rename(tmp, final)
+        except OSError as e:
+            raise self._store_error(info.address, final, e) from e
+        return final.parent
+
+    def _place_pack(self, tmp: str, name: str, index: dict) -> Path:
+        """Rename a batch's synced pack temp to its name, and index it; the directory to sync."""
+        self._real_dir(self.packs_dir)
+        os.rename(tmp, self.packs_dir / name)
+        self.packset.add(name, index)
+        return self.packs_dir
 
     def _read_packed(self, address: str) -> bytes:
         got = self.read_frame(address)

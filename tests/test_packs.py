@@ -20,7 +20,7 @@ import blake3
 import pytest
 import zstandard
 
-from casruns import Registry, gc as gcmod, packs, pins
+from casruns import Registry, batch as batchmod, gc as gcmod, packs, pins
 from casruns import store as storemod
 from casruns.errors import BlobNotFound, IntegrityError
 from casruns.store import DiskStore
@@ -115,7 +115,7 @@ def test_a_packed_batch_costs_two_fsyncs_whatever_its_size(tmp_path, monkeypatch
 
 def test_a_batch_with_few_blobs_and_large_blobs_stay_loose(tmp_path):
     store = DiskStore(tmp_path / "blobs")
-    few = contents(storemod.FEW)
+    few = contents(batchmod.FEW)
     big = os.urandom(packs.MAX_BLOB + 1)
     put_batch(store, few + [big])
     assert pack_files(store) == []
