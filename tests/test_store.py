@@ -359,3 +359,26 @@ def test_streaming_put_and_read_of_a_large_file_stay_under_100_mib(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True).stdout
     assert int(out.strip()) < 100
+
+
+def test_the_store_modules_import_nothing_above_them():
+    """The layering is one way: packs.py (the format) <- layout, pins, packset, batch, frames <-
+    store <- memstore; none of them imports gc, the registry, runs, archive, verify or the CLI
+    (at module level or inside a function)."""
+    import ast
+    from pathlib import Path
+
+    import casruns
+
+    store_modules = ["packs", "layout", "pins", "packset", "batch", "frames", "store", "memstore"]
+    allowed = set(store_modules) | {"errors", "ids", "fsutil", "locking"}
+    pkg = Path(casruns.__file__).parent
+    for name in store_modules:
+        tree = ast.parse((pkg / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets = [node.module] if node.module else [a.name for a in node.names]
+                for target in targets:
+                    assert target.split(".")[0] in allowed, f"casruns/{name}.py imports casruns.{target}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("casruns") for a in node.names), f"casruns/{name}.py: {ast.dump(node)}"
