@@ -84,7 +84,6 @@ class Pin:
         self.release()
 
 
-
 class SharedSweep:
     """``with``: the sweep lock held shared, by one descriptor for the whole process.
 

@@ -204,12 +204,12 @@ class DiskStore(BlobStore):
         self.level = level
         # Registry format 1 has no packs: a store of such a registry writes loose blobs only.
         self.packing = packing
-        self.packset = PackSet(self.packs_dir, self._sweep_shared, self.exclusive, self._new_pack)
+        self.pins_dir = self.path / "pins"
+        self.sweep = SweepLock(self.path)
+        self.packset = PackSet(self.packs_dir, self.sweep.shared, self.sweep.exclusive, self._new_pack)
         # Large inputs compress on worker threads while this thread reads and hashes.
         self.threads = threads if threads is not None else min(os.cpu_count() or 1, 4)
         self._local = threading.local()
-        self.pins_dir = self.path / "pins"
-        self.sweep = SweepLock(self.path)
 
     def pin(self) -> Pin:
         self._real_dir(self.pins_dir)
