@@ -39,8 +39,8 @@ from .errors import (
     BlobNotFound, CasrunsError, CorruptManifest, IntegrityError, InvalidInput, InvalidRunId, NoSpace,
     ArchiveUnavailable, RegistryError, RunNotFound, StrayFile, TooLarge, UnsupportedFormat,
 )
-from .ids import validate_address, validate_run_id
-from .remotes import CHUNK, FsspecRemote, LocalRemote, Remote, _backend_error, _no_space  # noqa: F401 (the remotes, re-exported)
+from .ids import validate_run_id
+from .remotes import CHUNK, FsspecRemote, LocalRemote, Remote, _backend_error, _no_space  # noqa: F401 - FsspecRemote, LocalRemote re-exported
 
 if TYPE_CHECKING:
     from .root import RegistryRoot
@@ -54,8 +54,9 @@ MARKER_MAX = 64 * 1024  # bytes: the marker is a few lines
 
 
 def blob_key(address: str) -> str:
-    validate_address(address)
-    return f"blobs/{address[:2]}/{address[2:]}"
+    from .layout import loose_name  # the store's layout: archives keep it (validates the address)
+
+    return f"blobs/{loose_name(address)}"
 
 
 def manifest_key(run_id: str) -> str:
@@ -139,9 +140,9 @@ def _raise_interrupted(e: Exception, report: dict, where: str, done: str):
 def check_archived(remote: Remote, address: str) -> str | None:
     """Stream an archived blob through decode and re-hash (bounded memory): None if it is a
     good copy, else why not."""
-    from .store import _FrameCheck
+    from .frames import FrameCheck
 
-    check = _FrameCheck(address)
+    check = FrameCheck(address)
     try:
         with remote.open(blob_key(address)) as f:
             while chunk := f.read(CHUNK):

@@ -46,8 +46,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from . import faults, fsutil, locking, recovery
-from . import store as storemod
+from . import faults, fsutil, locking, pins, recovery
 from . import manifest as mf
 from . import retention
 from .errors import BlobNotFound, Busy, CasrunsError, CorruptManifest, RegistryError, RunNotFound
@@ -197,7 +196,7 @@ def _run(registry: "RegistryRoot", stats: GCStats, dry_run: bool, progress, prev
 
     # 2. snapshot pins (2a: done/dead pins are covered by the mark and removed at the end)
     pins_dir = store.pins_dir
-    settled_at_start = [p for p in _pin_files(pins_dir) if p.endswith(".done") or storemod.pin_settled(p)]
+    settled_at_start = pins.settled_pins(pins_dir)
     settled = set(settled_at_start)
 
     # 3. mark
@@ -255,7 +254,7 @@ def _run(registry: "RegistryRoot", stats: GCStats, dry_run: bool, progress, prev
         if progress:
             progress("sweeping", min(start + CHUNK, len(candidates)), len(candidates))
         with store.exclusive():
-            pinned = _read_pins(pins_dir, skip=settled)
+            pinned = pins.read_pins(pins_dir, skip=settled)
             for address in chunk:
                 if address in pinned:
                     stats.blobs_pinned += 1
@@ -268,8 +267,8 @@ def _run(registry: "RegistryRoot", stats: GCStats, dry_run: bool, progress, prev
                 if _young(path, st, now, grace, stats, dry_run, clock_behind):
                     stats.blobs_in_grace += 1
                     continue
-                if not _remove(path, dry_run):
-                    continue
+                if not dry_run and not store.remove_loose(address):
+                    continue  # already gone
                 stats.blobs_removed += 1
                 stats.bytes_freed += st.st_size
                 if stats.blobs_removed == 1:
@@ -288,7 +287,7 @@ def _run(registry: "RegistryRoot", stats: GCStats, dry_run: bool, progress, prev
             continue  # its writer is alive
         if not _young(path, st, now, grace, stats, dry_run, clock_behind):
             if not dry_run:
-                path.unlink(missing_ok=True)
+                store.remove_temp(path)
             stats.temps_removed += 1
     _finish(registry, store, pins_dir, settled_at_start, now, grace, stats, dry_run)
 
@@ -296,12 +295,9 @@ def _run(registry: "RegistryRoot", stats: GCStats, dry_run: bool, progress, prev
 def _finish(registry, store, pins_dir, settled_at_start, now: float, grace: float, stats: GCStats, dry_run: bool) -> None:
     """The end of every gc, swept or not: settled and stale pins, leftovers."""
     # pins of writers killed while creating them, and pins the mark covered
-    for p in [*_stale_new_pins(pins_dir, now), *settled_at_start]:
+    for p in [*pins.stale_new_pins(pins_dir, now), *settled_at_start]:
         if not dry_run:
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
+            pins.remove(p)
         stats.pins_removed += 1
     if not dry_run:
         stats.temps_removed += recovery.clean_leftovers(registry, grace)
@@ -403,17 +399,6 @@ def _report_missing(registry: "RegistryRoot", marked: list, missing: set[str], s
     stats.missing = out
 
 
-def _remove(path, dry_run: bool) -> bool:
-    """Delete a swept file (unless dry run); False if it was already gone."""
-    if dry_run:
-        return True
-    try:
-        os.unlink(path)
-        return True
-    except FileNotFoundError:
-        return False
-
-
 REWRITE_FRACTION = 0.2  # a pack is rewritten once this share of its stored bytes is garbage
 
 
@@ -461,7 +446,7 @@ def _sweep_packs(
             new_size = os.stat(store.pack_path(new)).st_size
             _fault("after_pack_rewrite")
         with store.exclusive():
-            pinned = _read_pins(store.pins_dir, skip=settled)
+            pinned = pins.read_pins(store.pins_dir, skip=settled)
             in_use = [a for a in dead if a in pinned]
             try:
                 touched = os.stat(path).st_mtime_ns != st.st_mtime_ns
@@ -471,7 +456,7 @@ def _sweep_packs(
                 stats.blobs_pinned += len(in_use)
                 stats.blobs_in_grace += len(dead) - len(in_use)
                 continue
-            if new == name or not _remove(path, dry_run):
+            if new == name or not (dry_run or store.unlink_pack(name)):
                 continue  # (names are content hashes: never delete what was just written)
         stats.blobs_removed += len(dead)
         stats.bytes_freed += max(st.st_size - new_size, 0)
@@ -487,53 +472,10 @@ MERGE_GROUP = 256  # source packs per merged pack
 
 
 def _merge_small_packs(store, stats: GCStats, progress) -> None:
-    """Merge small packs into packs of up to the batch target size (every run with many
-    artifacts leaves one small pack; thousands of them would make every reader's first
-    lookup load thousands of indexes). Every entry is copied, garbage included, so deleting
-    the merged packs afterwards needs no pin check; the new pack is durable first."""
-    from .packs import MAX_ENTRIES
-    from .store import PACK_TARGET
-
-    small = []
-    for name in store.pack_names():
-        try:
-            size = os.stat(store.pack_path(name)).st_size
-        except FileNotFoundError:
-            continue
-        if size < MERGE_BELOW:
-            small.append((name, size, len(store.pack_index(name))))
-    if len(small) < MERGE_MIN:
-        return
-    # A group fits one pack: its bytes, its entries (readers refuse a pack of more than
-    # MAX_ENTRIES) and a bounded number of source files.
-    groups: list[list[str]] = [[]]
-    total = entries = 0
-    for name, size, count in small:
-        if groups[-1] and (total + size > PACK_TARGET or entries + count > MAX_ENTRIES or len(groups[-1]) >= MERGE_GROUP):
-            groups.append([])
-            total = entries = 0
-        groups[-1].append(name)
-        total += size
-        entries += count
-    for i, group in enumerate(groups):
-        if progress:
-            progress("merging small packs", i + 1, len(groups))
-        if len(group) < 2:
-            continue
-        try:
-            merged = store.merge_packs(group)
-        except (OSError, ValueError):
-            continue  # one of them vanished (quarantine), or a full disk: the next gc merges again
-        if merged is None or not store.pack_readable(merged):
-            continue  # never delete the sources of a pack no reader would accept
-        _fault("after_pack_merge")
-        with store.exclusive():  # not for pins (nothing was dropped): so that no listing of packs/ overlaps
-            for name in group:
-                # Names are content hashes: when one pack of the group holds all the others'
-                # entries in address order, the merge reproduces it byte for byte, under its name.
-                if name != merged and _remove(store.pack_path(name), False):
-                    stats.packs_merged += 1
-    store.pack_names()  # forget the packs deleted here
+    """Merge small packs (casruns.packset does it; these thresholds are gc's policy)."""
+    stats.packs_merged += store.merge_small_packs(
+        below=MERGE_BELOW, at_least=MERGE_MIN, group=MERGE_GROUP, progress=progress, merged_hook=lambda: _fault("after_pack_merge")
+    )
 
 
 def referenced_addresses(registry: "RegistryRoot", m: dict, unreadable: list | None = None) -> set[str]:
@@ -573,45 +515,3 @@ def _references(registry: "RegistryRoot", m: dict, unreadable: list | None = Non
     for e in tree.entries:
         if e.type == "file" and e.blake3:
             yield f"artifacts/{e.path}", e.blake3
-
-
-def _pin_files(pins_dir) -> list[str]:
-    return storemod.pin_files(pins_dir)  # regular files only: a stray pins nothing
-
-
-def _stale_new_pins(pins_dir, now: float) -> list[str]:
-    try:
-        names = [n for n in os.listdir(pins_dir) if n.endswith(".pin.new")]
-    except FileNotFoundError:
-        return []
-    out = []
-    for n in names:
-        p = os.path.join(pins_dir, n)
-        try:
-            st = os.lstat(p)
-            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > 60 and storemod.pin_settled(p):
-                out.append(p)
-        except OSError:
-            continue
-    return out
-
-
-def _read_pins(pins_dir, skip: set[str]) -> set[str]:
-    """Addresses in every pin file except those settled before the mark (which the mark
-    covers): live pins, and pins that settled or died after the snapshot, are roots."""
-    out: set[str] = set()
-    for path in _pin_files(pins_dir):
-        if path in skip:
-            continue
-        # casruns 0.1 settled a pin by renaming *.pin to *.done without the sweep lock: a pin
-        # listed as *.pin may be *.done by the time we open it. Skipping it lost blobs (the
-        # stress test caught it ~5% of runs): read it under its settled name. (Writers now
-        # settle by freeing the flock only, so a listing cannot miss a settling pin.)
-        names = [path, path[: -len(".pin")] + ".done"] if path.endswith(".pin") else [path]
-        for name in names:
-            try:
-                out.update(storemod.read_pin(name))  # O_NONBLOCK|O_NOFOLLOW: a stray reads as empty
-                break
-            except FileNotFoundError:
-                continue
-    return out

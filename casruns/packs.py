@@ -10,8 +10,9 @@ blob would hold, then an index of fixed-size records sorted by address, then a t
 Its name is ``blake3(the whole file).hexdigest() + ".pack"``. Why packs exist: creating a file
 costs ~0.7 ms of kernel time on the machines we measured, so 5,000 small artifacts as 5,000
 blob files cost seconds; as one pack they cost one file. This module only encodes and decodes;
-:mod:`casruns.store` decides what goes into a pack and keeps the rules about when a pack is
-visible and when it may be deleted.
+:mod:`casruns.store` and :mod:`casruns.batch` decide what goes into a pack and when it becomes
+visible, and :mod:`casruns.packset` keeps the set of packs and the rules about when one may be
+deleted.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ from .ids import safe_relpath, validate_address
 
 if TYPE_CHECKING:
     from .redaction import Redactor
-    from .store import Batch, BlobStore
+    from .batch import Batch
+    from .store import BlobStore
 
 TREE_SCHEMA = "casruns/tree/v1"
 SMALL = 1 << 20

@@ -166,11 +166,8 @@ def verify(registry: "RegistryRoot", run_ids: list[str] | None = None, *, read_d
             fsutil.ensure_dir(qdir)
             if store.pack_readable(name):
                 continue  # replaced meanwhile by a good pack of the same content (names are hashes)
-            try:
-                os.rename(store.pack_path(name), os.path.join(qdir, name))
+            if store.quarantine_pack(name, qdir):
                 quarantined_packs.append(name)
-            except FileNotFoundError:
-                pass
         if quarantined or quarantined_packs:
             fsutil.fsync_dir(qdir)
     return {

@@ -19,7 +19,7 @@ import blake3
 import pytest
 
 from casruns import Registry, locking
-from casruns import store as storemod
+from casruns import pins as pinsmod
 from casruns.errors import BlobNotFound, StrayFile
 from casruns.store import DiskStore
 from conftest import cli, cli_json
@@ -329,12 +329,12 @@ def test_stray_pins_are_no_pins_and_verify_reports_them(registry, validate, tmp_
     with store.pin() as live:
         live.add(b3(b"pinned"))
         assert store.pin_files() == [live.path]  # strays are not listed as pins
-        assert not storemod.pin_settled(live.path)
-        assert storemod.read_pin(live.path) == {b3(b"pinned")}
+        assert not pinsmod.pin_settled(live.path)
+        assert pinsmod.read_pin(live.path) == {b3(b"pinned")}
     for rel in expected:  # never opened for reading (a FIFO would block), never held
         path = str(store.path / rel)
-        assert storemod.read_pin(path) == set()
-        assert storemod.pin_settled(path)
+        assert pinsmod.read_pin(path) == set()
+        assert pinsmod.pin_settled(path)
     env = {"CASRUNS_HOME": registry.root}
     rid = submit_many_artifacts(env)  # a real ingest pins beside them
     proc, out = run_cli("verify", env=env)

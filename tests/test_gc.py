@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from casruns import Registry, collect, gc as gcmod, locking, retention
+from casruns import pins as pinsmod
 from casruns import manifest as mf
 from casruns.store import DiskStore
 from conftest import casruns_exe, cli, cli_json, poll_until
@@ -338,8 +339,8 @@ def test_gc_reads_a_pin_settled_between_its_listing_and_its_read(tmp_path, monke
     pins = tmp_path / "pins"
     pins.mkdir()
     (pins / "42-abcd.done").write_text("a" * 64 + "\n" + "b" * 64 + "\n")
-    monkeypatch.setattr(gcmod, "_pin_files", lambda d: [str(pins / "42-abcd.pin")])  # the listing
-    assert gcmod._read_pins(pins, skip=set()) == {"a" * 64, "b" * 64}
+    monkeypatch.setattr(pinsmod, "pin_files", lambda d: [str(pins / "42-abcd.pin")])  # the listing
+    assert pinsmod.read_pins(pins, skip=set()) == {"a" * 64, "b" * 64}
 
 
 # -- the stress test ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import blake3
 import pytest
 import zstandard
 
-from casruns import Registry, gc as gcmod, packs
+from casruns import Registry, batch as batchmod, gc as gcmod, packs, pins
 from casruns import store as storemod
 from casruns.errors import BlobNotFound, IntegrityError
 from casruns.store import DiskStore
@@ -115,7 +115,7 @@ def test_a_packed_batch_costs_two_fsyncs_whatever_its_size(tmp_path, monkeypatch
 
 def test_a_batch_with_few_blobs_and_large_blobs_stay_loose(tmp_path):
     store = DiskStore(tmp_path / "blobs")
-    few = contents(storemod.FEW)
+    few = contents(batchmod.FEW)
     big = os.urandom(packs.MAX_BLOB + 1)
     put_batch(store, few + [big])
     assert pack_files(store) == []
@@ -544,7 +544,7 @@ def test_a_settled_pin_keeps_its_name_and_gc_judges_it_by_its_lock(registry):
     assert locking.is_held(path)
     pin.release()
     assert path.exists() and not locking.is_held(path) and not list(store.pins_dir.glob("*.done"))
-    assert gcmod._read_pins(store.pins_dir, skip=set()) == {"c" * 64}
+    assert pins.read_pins(store.pins_dir, skip=set()) == {"c" * 64}
     registry.gc()
     assert not path.exists()  # settled before the gc began: its mark covered it
 

@@ -14,7 +14,8 @@ import blake3
 import pytest
 
 from casruns.errors import BlobNotFound, IntegrityError, InvalidAddress
-from casruns.store import DiskStore, MemoryStore
+from casruns.memstore import MemoryStore
+from casruns.store import DiskStore
 
 
 @pytest.fixture(params=["disk", "memory"])
@@ -99,6 +100,56 @@ class TestContract:
             assert again.existed
         for i, info in enumerate(infos):
             assert store.read_bytes(info.address) == f"file {i}\n".encode() * 10
+
+    # -- batches and pins (casruns.batch, casruns.pins): the same contract on both stores --------
+    @pytest.mark.parametrize("count", [1, 40], ids=["few", "packed"])
+    def test_batch_puts_are_invisible_until_sync(self, store, count):
+        datas = [f"pending {i}\n".encode() * 20 for i in range(count)] + [b"streamed " * 300_000]
+        with store.batch() as batch:
+            infos = [batch.put_bytes(d) for d in datas[:-1]] + [batch.put_stream(io.BytesIO(datas[-1]))]
+            assert not any(store.contains(i.address) for i in infos)
+            assert all(batch.pending(i.address) == i for i in infos)
+        assert all(batch.pending(i.address) is None for i in infos)
+        assert [store.read_bytes(i.address) for i in infos] == datas
+        assert set(store.iter_addresses()) == {i.address for i in infos}
+
+    def test_a_discarded_batch_stores_nothing(self, store):
+        with pytest.raises(RuntimeError):
+            with store.batch() as batch:
+                infos = [batch.put_bytes(f"abandoned {i}".encode()) for i in range(20)]
+                raise RuntimeError("the ingest failed")
+        assert not any(store.contains(i.address) for i in infos)
+        assert list(store.iter_addresses()) == []
+
+    def test_batch_dedups_against_stored_content(self, store):
+        stored = store.put_bytes(b"already here")
+        with store.batch() as batch:
+            again = batch.put_bytes(b"already here")
+            assert again.existed and again.address == stored.address and batch.pending(stored.address) is None
+        assert list(store.iter_addresses()) == [stored.address]
+
+    def test_a_pin_holds_every_address_its_batches_use_until_released(self, store):
+        old = store.put_bytes(b"deduplicated")
+        with store.pin() as pin:
+            with store.batch(pin) as batch:
+                hit = batch.put_bytes(b"deduplicated")
+                new = batch.put_bytes(b"new content")
+            assert hit.existed and {old.address, new.address} <= pin.addresses
+            assert store.pinned() == {old.address, new.address}  # still held after the sync
+            pin.add("c" * 64)
+            assert "c" * 64 in store.pinned()
+        assert store.pinned() == set()
+        assert store.read_bytes(new.address) == b"new content"
+
+    def test_pins_are_released_one_by_one(self, store):
+        first, second = store.pin(), store.pin()
+        first.add("a" * 64)
+        second.add("b" * 64)
+        assert store.pinned() == {"a" * 64, "b" * 64}
+        first.release()
+        assert store.pinned() == {"b" * 64}
+        second.release()
+        assert store.pinned() == set()
 
 
 class TestDisk:
@@ -308,3 +359,26 @@ def test_streaming_put_and_read_of_a_large_file_stay_under_100_mib(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True).stdout
     assert int(out.strip()) < 100
+
+
+def test_the_store_modules_import_nothing_above_them():
+    """The layering is one way: packs.py (the format) <- layout, pins, packset, batch, frames <-
+    store <- memstore; none of them imports gc, the registry, runs, archive, verify or the CLI
+    (at module level or inside a function)."""
+    import ast
+    from pathlib import Path
+
+    import casruns
+
+    store_modules = ["packs", "layout", "pins", "packset", "batch", "frames", "store", "memstore"]
+    allowed = set(store_modules) | {"errors", "ids", "fsutil", "locking"}
+    pkg = Path(casruns.__file__).parent
+    for name in store_modules:
+        tree = ast.parse((pkg / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets = [node.module] if node.module else [a.name for a in node.names]
+                for target in targets:
+                    assert target.split(".")[0] in allowed, f"casruns/{name}.py imports casruns.{target}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("casruns") for a in node.names), f"casruns/{name}.py: {ast.dump(node)}"

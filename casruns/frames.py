@@ -1,0 +1,93 @@
+"""Checking a blob's stored form, one zstd frame, that was not read through a loose file:
+a frame from a pack (decoded whole: packed blobs are small) or from elsewhere (an archive, a
+pull), decoded and re-hashed as it arrives with bounded memory (spec/format.md, "Blobs":
+verification; "Packs": reading).
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+import blake3
+import zstandard
+
+from .errors import IntegrityError
+
+CHUNK = 1 << 20
+
+
+def decode_packed(address: str, size: int, frame: bytes, where: str) -> bytes:
+    """The content of a packed blob's frame, verified: its header's content size must equal
+    the index's ``size`` (so a damaged header cannot make us allocate more), and the content
+    must hash to ``address``. ``where`` names the pack in errors."""
+    try:
+        if zstandard.frame_content_size(frame) != size:
+            raise IntegrityError(f"blob {address} is corrupt: its frame header disagrees with the index of {where}", address=address)
+        data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=max(size, 1))
+    except zstandard.ZstdError as e:
+        raise IntegrityError(f"blob {address} cannot be decoded ({e}): {where}", address=address) from None
+    digest = blake3.blake3(data).hexdigest()
+    if digest != address:
+        raise IntegrityError(f"blob {address} is corrupt: its content hashes to {digest}: {where}", address=address)
+    return data
+
+
+def check_frame(address: str, frame: bytes) -> int:
+    """Verify a frame in memory (one whole frame, content hashing to ``address``); its size."""
+    check = FrameCheck(address)
+    check.feed(frame)
+    return check.finish()
+
+
+class FrameCheck:
+    """Decode and re-hash a frame from elsewhere as it arrives: exactly one frame, nothing
+    after it, content hashing to the address. Fed in pieces of 512 input bytes, each of which
+    expands to at most ~16 MiB (RLE blocks), so a hostile frame cannot blow up memory."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.hasher = blake3.blake3()
+        self.dobj = zstandard.ZstdDecompressor().decompressobj()
+        self.size = 0
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            for i in range(0, len(chunk), 512):
+                if self.dobj.eof:
+                    raise IntegrityError(f"blob {self.address} has data after its zstd frame", address=self.address)
+                out = self.dobj.decompress(chunk[i : i + 512])
+                self.hasher.update(out)
+                self.size += len(out)
+        except zstandard.ZstdError as e:
+            raise IntegrityError(f"blob {self.address} cannot be decoded ({e})", address=self.address) from None
+
+    def finish(self) -> int:
+        """The content size, once the frame is known to be whole and to match its address."""
+        if not self.dobj.eof:
+            raise IntegrityError(f"blob {self.address} is truncated (the zstd frame does not end)", address=self.address)
+        if self.dobj.unused_data:
+            raise IntegrityError(f"blob {self.address} has data after its zstd frame", address=self.address)
+        digest = self.hasher.hexdigest()
+        if digest != self.address:
+            raise IntegrityError(f"blob {self.address} is corrupt: its content hashes to {digest}", address=self.address)
+        return self.size
+
+
+def read_up_to(stream: BinaryIO, n: int) -> bytes:
+    """Up to ``n`` bytes: fewer only at the end of the stream (a socket may return short reads)."""
+    parts, got = [], 0
+    while got < n:
+        chunk = stream.read(min(CHUNK, n - got))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def content_size(frame: bytes) -> int:
+    """The content size a frame's header records; -1 if it records none (or is no frame)."""
+    try:
+        return zstandard.frame_content_size(frame)
+    except zstandard.ZstdError:
+        return -1
