@@ -117,6 +117,18 @@ class Registry(RegistryRoot):
         """Every attempt of the run's chain (linked by ``resumed_from``), first attempt first."""
         return replay.chain(self, run_id)
 
+    def follow(self, run_id: str, streams: Iterable[str] = ("stdout", "stderr"), *, poll: float = 0.1) -> Iterator[tuple[str, bytes]]:
+        """``(stream, bytes)`` of a run's output as it is written, until the run is terminal."""
+        from .follow import follow_streams
+
+        return follow_streams(self, run_id, streams, poll=poll)
+
+    def scan(self, run_ids: list[str] | None = None, *, progress=None) -> dict:
+        """Look for secrets that were not masked in runs' logs, artifacts and records."""
+        from .scan import scan
+
+        return scan(self, run_ids, progress=progress)
+
     def reap_lost(self, run: RunDir) -> dict:
         """End an active run whose supervisor is gone: kill leftovers, salvage, mark failed."""
         return recovery.reap_lost(self, run)

@@ -128,10 +128,9 @@ def _add_scan(cli: click.Group) -> None:
     @click.pass_obj
     def scan(obj, run_ids, as_json):
         """Re-check stored runs against today's secret detectors (exit 14 if anything is found)."""
-        from ..scan import scan as scan_runs
 
         with progress("scanning runs", as_json) as p:
-            report = scan_runs(obj.registry, options.optional_run_ids(run_ids), progress=p)
+            report = obj.registry.scan(options.optional_run_ids(run_ids), progress=p)
         render.emit(as_json, report, _scan_lines)
         return E.EXIT_FINDINGS if report["findings"] else 0
 

@@ -77,10 +77,8 @@ def _add_run(cli: click.Group) -> None:
 
 def _follow(reg, run_id: str, streams: tuple[str, ...]) -> None:
     """Copy a run's streams to ours until it is terminal (none: just wait for the end)."""
-    from ..follow import follow_streams
-
     sinks = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
-    for stream, data in follow_streams(reg, run_id, streams):
+    for stream, data in reg.follow(run_id, streams):
         sinks[stream].write(data)
         sinks[stream].flush()
 
