@@ -100,18 +100,13 @@ def _ensure_marker(remote: Remote) -> None:
 
 def _run_blobs(registry: "RegistryRoot", m: dict) -> list[str]:
     """A run's blobs in push order: artifact files and logs, then the tree (the manifest last)."""
-    from .tree import Tree
+    from .tree import blob_refs
 
-    out: list[str] = []
-    tree_ref = (m.get("artifacts") or {}).get("tree")
-    if tree_ref:
-        out.extend(sorted(Tree.load(registry.store, tree_ref).addresses()))
-    for ref in (m.get("logs") or {}).values():
-        if isinstance(ref, dict) and ref.get("blake3"):
-            out.append(ref["blake3"])
-    if tree_ref:
-        out.append(tree_ref)
-    return list(dict.fromkeys(out))
+    refs = list(blob_refs(registry.store, m))
+    files = sorted(a for where, a in refs if where.startswith("artifacts/"))
+    logs = [a for where, a in refs if where.startswith("logs.")]
+    tree = [a for where, a in refs if where == "artifacts.tree"]
+    return list(dict.fromkeys(files + logs + tree))
 
 
 JOBS = 8  # concurrent requests: an object store is latency-bound (~19 requests a run, one at a time)

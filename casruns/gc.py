@@ -484,34 +484,15 @@ def referenced_addresses(registry: "RegistryRoot", m: dict, unreadable: list | N
 
 
 def _references(registry: "RegistryRoot", m: dict, unreadable: list | None = None):
-    """(where, address) for every blob a manifest references: ``logs.<stream>``,
-    ``artifacts.tree`` and ``artifacts/<path>`` for each file the tree lists.
+    """(where, address) for every blob a manifest references (tree.blob_refs). A tree that is
+    present but cannot be read, parsed or is over its size cap is appended to ``unreadable``
+    (the caller then sweeps nothing, and reports it); without that list it stops gc."""
+    from .tree import blob_refs
 
-    A missing tree yields only its own address (the caller finds it missing and sweeps
-    nothing). A tree that is present but cannot be read, parsed or is over its size cap is
-    appended to ``unreadable`` (the caller then sweeps nothing either, and reports it); without
-    that list it stops gc."""
-    from .tree import Tree
-
-    for stream, ref in (m.get("logs") or {}).items():
-        if isinstance(ref, dict) and ref.get("blake3"):
-            yield f"logs.{stream}", ref["blake3"]
-    tree_ref = (m.get("artifacts") or {}).get("tree")
-    if not tree_ref:
-        return
-    yield "artifacts.tree", tree_ref
     try:
-        tree = Tree.load(registry.store, tree_ref)
-    except BlobNotFound:
-        return
+        yield from blob_refs(registry.store, m, unreadable)
     except CasrunsError as e:
-        if unreadable is not None:
-            unreadable.append({"run_id": m.get("run_id"), "address": tree_ref, "code": e.code, "message": e.message})
-            return
         raise CorruptManifest(
             f"gc stopped before sweeping: the artifact tree of run {m.get('run_id')} cannot be read ({e.message}); "
             "run casruns verify"
         ) from None
-    for e in tree.entries:
-        if e.type == "file" and e.blake3:
-            yield f"artifacts/{e.path}", e.blake3

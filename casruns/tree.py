@@ -343,6 +343,38 @@ def _printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def blob_refs(store: "BlobStore", m: dict, unreadable: list | None = None) -> Iterator[tuple[str, str]]:
+    """``(where, address)`` for every blob a run's manifest references: ``logs.<stream>``,
+    ``artifacts.tree``, then ``artifacts/<path>`` for each file its tree lists. The one walker
+    gc and archive push use.
+
+    A missing tree yields only its own address (the caller decides what missing means). A tree
+    that cannot be read, parsed, or is over its cap: appended to ``unreadable`` (as
+    ``{run_id, address, code, message}``) when a list is given, else the error is raised.
+    """
+    from .errors import BlobNotFound, CasrunsError
+
+    for stream, ref in (m.get("logs") or {}).items():
+        if isinstance(ref, dict) and ref.get("blake3"):
+            yield f"logs.{stream}", ref["blake3"]
+    tree_ref = (m.get("artifacts") or {}).get("tree")
+    if not tree_ref:
+        return
+    yield "artifacts.tree", tree_ref
+    try:
+        tree = Tree.load(store, tree_ref)
+    except BlobNotFound:
+        return
+    except CasrunsError as e:
+        if unreadable is None:
+            raise
+        unreadable.append({"run_id": m.get("run_id"), "address": tree_ref, "code": e.code, "message": e.message})
+        return
+    for e in tree.entries:
+        if e.type == "file" and e.blake3:
+            yield f"artifacts/{e.path}", e.blake3
+
+
 def materialize(tree: Tree, store: "BlobStore", dest: str | os.PathLike, progress=None) -> dict:
     """Write a tree's files under ``dest``; refuse anything that would land outside it.
 
