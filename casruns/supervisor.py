@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import selectors
 import signal
 import subprocess
 import sys
@@ -31,7 +30,9 @@ import threading
 import time
 
 from . import collect, faults, fsutil, locking, proctree, scheduler
-from .capture import READ_SIZE, Transcript, _exited, _killpg, _write_all
+from . import capture
+from .hookcalls import _Notifier, _excluded_paths
+from .capture import NO_SPACE, _killpg
 from .handover import LOCK_FD_ENV, PayloadIncomplete, read_payload
 from . import manifest as mf
 from .errors import CasrunsError
@@ -43,7 +44,6 @@ POLL = 0.2
 # Space the supervisor holds from its start so that it can always record its own end on a
 # full disk: freed when a write fails with ENOSPC, then the terminal commit uses it.
 RESERVE_BYTES = 1 << 20
-NO_SPACE = "no_space"  # capture outcome: a spool write found the disk full
 
 
 
@@ -595,145 +595,8 @@ class Supervisor:
 
     # -- the capture loop --------------------------------------------------------------
     def capture(self, child: subprocess.Popen) -> tuple[str | None, str | None]:
-        """Pump the child's output into the spool until it ends; enforce timeout and cancel."""
-        spool = {
-            name: fsutil.open_private(self.run.spool(name), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-            for name in ("stdout", "stderr", "transcript")
-        }
-        redactors = {"stdout": self.redactor.stream(), "stderr": self.redactor.stream()}
-        transcript = Transcript(spool["transcript"])
-        sel = selectors.DefaultSelector()
-        assert child.stdout is not None and child.stderr is not None
-        sel.register(child.stdout, selectors.EVENT_READ, "stdout")
-        sel.register(child.stderr, selectors.EVENT_READ, "stderr")
-        open_streams = 2
-        outcome: str | None = None
-        kill_at: float | None = None  # when SIGKILL follows the SIGTERM we sent
-        exited_at: float | None = None
-        deadline = self.deadline
-
-        pending_since: dict[str, float | None] = {"stdout": None, "stderr": None}
-
-        def emit(name: str, data: bytes) -> None:
-            if data and not self.no_space:
-                try:
-                    _write_all(spool[name], data)
-                    transcript.feed(name, data, pending_since[name])
-                except OSError as e:
-                    if not fsutil.is_no_space(e):
-                        raise
-                    # Stop spooling (output from here on is dropped) and stop the command.
-                    self.no_space = True
-
-        try:
-            while True:
-                for key, _ in sel.select(timeout=POLL):
-                    name = key.data
-                    data = os.read(key.fileobj.fileno(), READ_SIZE)  # type: ignore[union-attr]
-                    if not data:
-                        sel.unregister(key.fileobj)
-                        open_streams -= 1
-                        emit(name, redactors[name].close())
-                        continue
-                    if pending_since[name] is None:
-                        pending_since[name] = time.time()  # the oldest byte not yet emitted
-                    emit(name, redactors[name].feed(data))
-                    pending_since[name] = None if redactors[name].idle else time.time()
-                self.beat()
-                now = time.monotonic()
-                if outcome is None:
-                    if self.no_space:
-                        outcome = NO_SPACE
-                    elif deadline is not None and now >= deadline:
-                        outcome = mf.TIMED_OUT
-                    elif self.cancel_requested():
-                        outcome = mf.CANCELLED
-                    if outcome is not None:
-                        _killpg(child.pid, signal.SIGTERM)
-                        kill_at = time.monotonic() + self.config.kill_grace
-                if kill_at is not None and time.monotonic() >= kill_at:
-                    _killpg(child.pid, signal.SIGKILL)
-                    kill_at = None
-                if exited_at is None and _exited(child.pid):
-                    exited_at = time.monotonic()
-                    # The command is over: whatever it left running in its group goes too,
-                    # before the child is reaped, so the group id cannot have been reused.
-                    _killpg(child.pid, signal.SIGTERM)
-                    _killpg(child.pid, signal.SIGKILL)
-                    child.wait()
-                    # Processes that left the group (setsid, double fork) are still our
-                    # descendants (we are their subreaper): they end with the command too.
-                    self.strays_killed = (self.strays_killed or 0) + proctree.end_descendants(
-                        self.config.kill_grace, spare=self.spare
-                    )
-                if exited_at is not None and (open_streams == 0 or time.monotonic() - exited_at > 2.0):
-                    break  # a process outside the group may hold the pipes; stop after 2 s
-        finally:
-            for name in ("stdout", "stderr"):
-                emit(name, redactors[name].close())
-            try:
-                if not self.no_space:
-                    transcript.close()
-            except OSError as e:
-                if not fsutil.is_no_space(e):
-                    raise
-                self.no_space = True
-            for fd in spool.values():
-                os.close(fd)
-            sel.close()
-            for stream in (child.stdout, child.stderr):
-                try:
-                    stream.close()
-                except Exception:
-                    pass
-        return outcome, None
-
-
-class _Notifier:
-    """Delivers status changes to ``casruns_status_changed`` in commit order, on one thread."""
-
-    def __init__(self, sup: "Supervisor") -> None:
-        import queue
-
-        self.sup = sup
-        self.queue: "queue.SimpleQueue" = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._loop, daemon=True, name="casruns-notify")
-        self.thread.start()
-
-    def put(self, old, new, m) -> None:
-        self.queue.put((old, new, m))
-
-    def _loop(self) -> None:
-        sup = self.sup
-        while (item := self.queue.get()) is not None:
-            old, new, m = item
-            for err in sup.plugins.notify("casruns_status_changed", run_id=sup.run.run_id, old=old, new=new, manifest=m):
-                print(f"casruns supervisor: {sup.redactor.text(err)}", file=sys.stderr)
-
-    def close(self, timeout: float) -> None:
-        """Let pending notifications finish, for at most ``timeout`` seconds, then abandon them."""
-        self.queue.put(None)
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            print(f"casruns supervisor: casruns_status_changed did not return within {timeout:g}s; abandoned", file=sys.stderr)
-
-
-def _excluded_paths(results: list) -> set[str]:
-    """The artifact paths ``casruns_collect_artifacts`` asked to leave out, checked: a list of
-    relative paths inside the artifact directory (a bare string or a traversal is the plugin's
-    error, never a reason to lose the artifacts)."""
-    from .errors import PluginError
-
-    out: set[str] = set()
-    for plugin, paths in results:
-        if not isinstance(paths, (list, tuple, set)) or not all(isinstance(p, str) for p in paths):
-            raise PluginError(f"plugin {plugin}: casruns_collect_artifacts must return a list of paths", plugin=plugin, hook="casruns_collect_artifacts")
-        for p in paths:
-            parts = p.replace("\\", "/").split("/")
-            if not p or p.startswith("/") or ".." in parts or "\0" in p:
-                raise PluginError(f"plugin {plugin}: casruns_collect_artifacts returned an unsafe path {p!r}", plugin=plugin, hook="casruns_collect_artifacts")
-            out.add(p)
-    return out
+        """Pump the child's output into the spool until it ends (casruns/capture.py)."""
+        return capture.pump(self, child)
 
 
 def main(argv: list[str] | None = None) -> int:
