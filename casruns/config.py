@@ -170,10 +170,15 @@ def _simple_toml(data: bytes) -> dict | None:
     return out
 
 
+def packs_for(version: int | None) -> bool:
+    """May a registry of this format version (None: not created yet) hold packs? The one rule."""
+    return version is None or version >= PACKS_SINCE
+
+
 def packs_allowed(root: str | os.PathLike) -> bool:
     """Whether the registry's format lets writers store blobs in packs (format 2 and later)."""
     doc = read_format(root)
-    return doc is None or doc["version"] >= PACKS_SINCE
+    return packs_for(None if doc is None else doc["version"])
 
 
 SAFE_SUBDIRS = ("runs", "blobs", "locks", "slots", "queue")

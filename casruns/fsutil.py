@@ -75,6 +75,20 @@ def ensure_dir(path: str | os.PathLike, *, sync_parent: bool = True) -> bool:
     return True
 
 
+def writer_alive(name: str) -> bool:
+    """True if the process that a temp or leftover name names is alive on this host. casruns
+    writes two shapes: ``.tmp-<name>-<pid>-<hex>`` / ``.new-<id>-<pid>-<hex>`` (the pid second
+    to last) and blob temps ``<pid>-<hex>`` (first). A name without a pid: unknown (False)."""
+    parts = name.rsplit("-", 2)
+    if name.startswith(".") and len(parts) == 3 and parts[1].isdigit():
+        pid = parts[1]
+    else:
+        pid = name.split("-", 1)[0]
+        if not pid.isdigit():
+            return False
+    return os.path.exists(f"/proc/{pid}")
+
+
 def temp_name(target_name: str) -> str:
     """A unique temporary name beside a target: ``.tmp-<name>-<pid>-<random>``."""
     return f".tmp-{target_name[:40]}-{os.getpid()}-{os.urandom(6).hex()}"

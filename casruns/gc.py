@@ -282,8 +282,7 @@ def _run(registry: "RegistryRoot", stats: GCStats, dry_run: bool, progress, prev
             st = path.stat()
         except FileNotFoundError:
             continue
-        pid = path.name.split("-", 1)[0]
-        if pid.isdigit() and os.path.exists(f"/proc/{pid}"):
+        if fsutil.writer_alive(path.name):
             continue  # its writer is alive
         if not _young(path, st, now, grace, stats, dry_run, clock_behind):
             if not dry_run:

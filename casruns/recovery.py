@@ -150,10 +150,7 @@ def clean_leftovers(reg: "RegistryRoot", grace: float = 3600.0) -> int:
     cutoff = time.time() - max(grace, 60.0)
 
     def abandoned(path: str, name: str) -> bool:
-        # names end in -<pid>-<random>: .new-<run id>-<pid>-<hex>, .tmp-<name>-<pid>-<hex>
-        parts = name.rsplit("-", 2)
-        pid = parts[1] if len(parts) == 3 and parts[1].isdigit() else None
-        if pid is not None and os.path.exists(f"/proc/{pid}"):
+        if fsutil.writer_alive(name):  # names end in -<pid>-<random> (fsutil.temp_name)
             return False
         try:
             return os.lstat(path).st_mtime < cutoff

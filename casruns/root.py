@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 
 from . import fsutil
-from .config import FORMAT_FILE, FORMAT_NAME, FORMAT_VERSION, PACKS_SINCE, Config, read_format
+from .config import FORMAT_FILE, FORMAT_NAME, FORMAT_VERSION, Config, packs_for, read_format
 from .errors import CasrunsError
 from .runs import RunDir, iter_run_ids
 from .timefmt import now_ts
@@ -60,7 +60,7 @@ class RegistryRoot:
         if self._store is None:
             from .store import DiskStore
 
-            self._store = DiskStore(os.path.join(self.root, "blobs"), packing=self.format_version >= PACKS_SINCE)
+            self._store = DiskStore(os.path.join(self.root, "blobs"), packing=packs_for(self.format_version))
         return self._store
 
     @property

@@ -18,13 +18,10 @@ def register(cli: click.Group) -> None:
 
 
 def exit_for_status(status: str) -> int:
-    """The exit code of ``run`` and ``wait`` for a run that ended with ``status``."""
-    return {
-        "succeeded": 0,
-        "failed": E.EXIT_RUN_FAILED,
-        "timed_out": E.EXIT_RUN_TIMED_OUT,
-        "cancelled": E.EXIT_RUN_CANCELLED,
-    }.get(status, E.EXIT_WAIT_TIMEOUT)
+    """The exit code of ``run`` and ``wait`` for a run that ended with ``status`` (the status table)."""
+    from ..manifest import exit_code_for
+
+    return exit_code_for(status)
 
 
 def _submit_request(obj, command, labels, **kw) -> dict:
