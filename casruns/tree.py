@@ -343,14 +343,18 @@ def _printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def blob_refs(store: "BlobStore", m: dict, unreadable: list | None = None) -> Iterator[tuple[str, str]]:
+def blob_refs(
+    store: "BlobStore", m: dict, unreadable: list | None = None, *, missing_tree_is_error: bool = False
+) -> Iterator[tuple[str, str]]:
     """``(where, address)`` for every blob a run's manifest references: ``logs.<stream>``,
     ``artifacts.tree``, then ``artifacts/<path>`` for each file its tree lists. The one walker
-    gc and archive push use.
+    gc's mark, verify and archive push use. (``scan`` reads content, not addresses, and a pull
+    must import a tree before it can read it: both read the tree themselves.)
 
-    A missing tree yields only its own address (the caller decides what missing means). A tree
-    that cannot be read, parsed, or is over its cap: appended to ``unreadable`` (as
-    ``{run_id, address, code, message}``) when a list is given, else the error is raised.
+    A missing tree yields only its own address (the caller decides what missing means; with
+    ``missing_tree_is_error`` it is reported like an unreadable one). A tree that cannot be
+    read, parsed, or is over its cap: appended to ``unreadable`` (as ``{run_id, address, code,
+    message}``) when a list is given, else the error is raised. Reading the tree verifies it.
     """
     from .errors import BlobNotFound, CasrunsError
 
@@ -363,7 +367,9 @@ def blob_refs(store: "BlobStore", m: dict, unreadable: list | None = None) -> It
     yield "artifacts.tree", tree_ref
     try:
         tree = Tree.load(store, tree_ref)
-    except BlobNotFound:
+    except BlobNotFound as e:
+        if missing_tree_is_error and unreadable is not None:
+            unreadable.append({"run_id": m.get("run_id"), "address": tree_ref, "code": e.code, "message": e.message})
         return
     except CasrunsError as e:
         if unreadable is None:

@@ -20,7 +20,6 @@ moved to ``quarantine/<name>.pack`` whole, since none of its blobs can be locate
 from __future__ import annotations
 
 import os
-import stat
 from typing import TYPE_CHECKING
 
 from . import fsutil
@@ -59,7 +58,7 @@ def check_manifest(m: dict) -> list[str]:
 
 
 def verify(registry: "RegistryRoot", run_ids: list[str] | None = None, *, read_data: bool = False, quarantine: bool = False, progress=None) -> dict:
-    from .tree import Tree
+    from .tree import blob_refs
 
     store = registry.store
     everything = not run_ids
@@ -108,30 +107,23 @@ def verify(registry: "RegistryRoot", run_ids: list[str] | None = None, *, read_d
             unchecked += 1
         for p in check_manifest(m):
             problems.append({"kind": "manifest_invalid", "run_id": rid, "message": p})
-        for stream, ref in (m.get("logs") or {}).items() if isinstance(m.get("logs"), dict) else ():
-            if isinstance(ref, dict) and isinstance(ref.get("blake3"), str):
-                if check_blob(ref["blake3"], rid, f"log {stream}") or checked.get(ref["blake3"]):
-                    referenced.add(ref["blake3"])
+        tree_errors: list = []
+        for where, address in blob_refs(store, m, tree_errors, missing_tree_is_error=True):
+            referenced.add(address)
+            if where == "artifacts.tree":
+                continue  # checked below, once blob_refs has read (and so verified) it
+            check_blob(address, rid, f"log {where[5:]}" if where.startswith("logs.") else f"artifact {where[len('artifacts/'):]}")
         tree_ref = (m.get("artifacts") or {}).get("tree")
-        if tree_ref:
-            referenced.add(tree_ref)
-            try:
-                tree = Tree.load(store, tree_ref)  # a verified read: counts as checked
-                checked.setdefault(tree_ref, None)
-            except BlobNotFound:
+        for err in tree_errors:
+            if err["code"] == "blob_not_found":
                 problems.append({"kind": "blob_missing", "run_id": rid, "address": tree_ref, "message": f"artifact tree blob {tree_ref} is missing"})
-                continue
-            except IntegrityError:
+            elif err["code"] == "integrity_error":
                 checked[tree_ref] = "blob_corrupt"
                 problems.append({"kind": "blob_corrupt", "run_id": rid, "address": tree_ref, "message": f"artifact tree blob {tree_ref} is corrupt"})
-                continue
-            except CasrunsError as e:
-                problems.append({"kind": "tree_invalid", "run_id": rid, "address": tree_ref, "message": e.message})
-                continue
-            for entry in tree.entries:
-                if entry.type == "file" and entry.blake3:
-                    referenced.add(entry.blake3)
-                    check_blob(entry.blake3, rid, f"artifact {entry.path}")
+            else:
+                problems.append({"kind": "tree_invalid", "run_id": rid, "address": tree_ref, "message": err["message"]})
+        if tree_ref and not tree_errors:
+            checked.setdefault(tree_ref, None)  # a verified read: counts as checked
 
     orphans = 0
     if everything:
