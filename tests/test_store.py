@@ -370,7 +370,7 @@ def test_the_store_modules_import_nothing_above_them():
 
     import casruns
 
-    store_modules = ["packs", "layout", "pins", "packset", "batch", "frames", "store", "memstore"]
+    store_modules = ["packs", "layout", "pins", "packset", "batch", "frames", "blobstore", "store", "memstore"]
     allowed = set(store_modules) | {"errors", "ids", "fsutil", "locking"}
     pkg = Path(casruns.__file__).parent
     for name in store_modules:
