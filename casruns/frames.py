@@ -6,6 +6,7 @@ verification; "Packs": reading).
 
 from __future__ import annotations
 
+import os
 from typing import BinaryIO
 
 import blake3
@@ -91,3 +92,27 @@ def content_size(frame: bytes) -> int:
         return zstandard.frame_content_size(frame)
     except zstandard.ZstdError:
         return -1
+
+
+def frame_end(fd: int) -> int:
+    """Where the first zstd frame of an open file ends (its compressed size), found by walking
+    the block headers with ``pread``: a few bytes read per 128 KiB block, nothing decoded.
+
+    A loose blob is exactly one frame (spec/format.md, "Blobs"): a reader that decodes only
+    the first frame would otherwise take a file with bytes after it for a good copy (and push
+    it to an archive, whose pull then refuses it). Raises ValueError on a malformed header.
+    """
+    head = os.pread(fd, 18, 0)  # the longest frame header
+    size = zstandard.frame_header_size(head)
+    params = zstandard.get_frame_parameters(head)
+    pos = size
+    while True:
+        raw = os.pread(fd, 3, pos)
+        if len(raw) < 3:
+            raise ValueError("the zstd frame ends inside a block header")
+        v = int.from_bytes(raw, "little")
+        last, kind, length = v & 1, (v >> 1) & 3, v >> 3
+        pos += 3 + (1 if kind == 1 else length)  # an RLE block stores one byte
+        if last:
+            break
+    return pos + (4 if params.has_checksum else 0)

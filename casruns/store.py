@@ -260,6 +260,13 @@ class DiskStore(BlobStore):
                     held = chunk
             except zstandard.ZstdError as e:
                 raise IntegrityError(f"blob {address} cannot be decoded ({e}): {p}", address=address) from None
+            # exactly one frame: bytes after it make the file something else than the blob
+            try:
+                whole = frames.frame_end(f.fileno()) == os.fstat(f.fileno()).st_size
+            except (ValueError, zstandard.ZstdError, OSError):
+                whole = False
+            if not whole:
+                raise IntegrityError(f"blob {address} has data after its zstd frame: {p}", address=address, path=str(p))
         if hasher.hexdigest() != address:
             raise IntegrityError(
                 f"blob {address} is corrupt: its content hashes to {hasher.hexdigest()}: {p}",

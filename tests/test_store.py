@@ -382,3 +382,21 @@ def test_the_store_modules_import_nothing_above_them():
                     assert target.split(".")[0] in allowed, f"casruns/{name}.py imports casruns.{target}"
             elif isinstance(node, ast.Import):
                 assert not any(a.name.startswith("casruns") for a in node.names), f"casruns/{name}.py: {ast.dump(node)}"
+
+
+def test_a_loose_blob_with_bytes_after_its_frame_is_corrupt_for_every_reader(tmp_path):
+    """A reader that decoded only the first frame took such a file for a good copy: verify said
+    ok and archive push sent it, and only a pull refused it (spec: exactly one frame)."""
+    from casruns.errors import IntegrityError
+
+    store = DiskStore(tmp_path / "blobs")
+    for data in (b"hello\n" * 1000, os.urandom(300_000), b"\0" * 5_000_000, b""):
+        info = store.put_bytes(data)
+        assert store.read_bytes(info.address) == data  # a whole frame reads
+        path = store.path_for(info.address)
+        os.chmod(path, 0o600)
+        with open(path, "ab") as f:
+            f.write(b"trailing")
+        with pytest.raises(IntegrityError, match="after its zstd frame"):
+            store.read_bytes(info.address)
+        os.unlink(path)
