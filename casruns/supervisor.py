@@ -217,7 +217,9 @@ class Supervisor:
         except (OSError, CasrunsError) as e:
             print(f"casruns supervisor: cannot reserve {RESERVE_BYTES} bytes: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
             self.release_reserve()  # whatever part of it was allocated
-            return False
+            # Only a full disk stops the run; a filesystem that cannot preallocate (or refuses
+            # the file for another reason) runs it without a reserve, as casruns 0.2 did.
+            return not fsutil.is_no_space(e)
 
     def release_reserve(self) -> bool:
         """Free the reserve for the writes that record the run's end. True if it was there."""

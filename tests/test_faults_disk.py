@@ -197,3 +197,30 @@ def test_a_run_does_not_start_without_room_to_record_its_end(small_fs, monkeypat
     final = wait_terminal(rid)
     assert final["status"] == "failed" and final["error"]["code"] == "no_space", final
     assert not marker.exists()
+
+
+def test_a_filesystem_that_cannot_preallocate_still_runs_commands(casruns_home, monkeypatch):
+    """Only a full disk keeps a run from starting: an EOPNOTSUPP from posix_fallocate (some
+    filesystems) must not fail every run."""
+    import errno
+
+    from casruns import supervisor as sup_mod
+
+    class FakeSup:
+        reserve_path = str(casruns_home / "reserve-probe")
+
+        def release_reserve(self):
+            return True
+
+    def refuse(fd, off, n):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", refuse)
+    casruns_home.mkdir(parents=True, exist_ok=True)
+    assert sup_mod.Supervisor.take_reserve(FakeSup()) is True
+
+    def full(fd, off, n):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    assert sup_mod.Supervisor.take_reserve(FakeSup()) is False
