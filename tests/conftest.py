@@ -116,3 +116,39 @@ def damage_manifest(run, mutate) -> None:
         os.unlink(os.path.join(run.path, "manifest.json"))
     except FileNotFoundError:
         pass
+
+
+from contextlib import contextmanager
+
+
+@contextmanager
+def mounted_tmpfs(path: Path, mib: int):
+    """A fresh tmpfs of ``mib`` MiB at ``path`` (a real disk that fills up), unmounted lazily at
+    the end (a Registry of the test may still hold a lock open there). Skips, saying why, when
+    not root or when mounting is not allowed."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0700", "tmpfs", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@contextmanager
+def read_only_view(src: Path, dst: Path):
+    """``src`` bind-mounted read-only at ``dst`` (a snapshot, an archived disk). Skips, saying
+    why, when not root or when bind mounts are not allowed."""
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root (CI runs as root)")
+    dst.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "--bind", str(src), str(dst)], capture_output=True).returncode != 0:
+        pytest.skip("bind mounts are not allowed here")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(dst)], check=True, capture_output=True)
+        yield dst
+    finally:
+        subprocess.run(["umount", "-l", str(dst)], capture_output=True)

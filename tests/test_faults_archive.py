@@ -5,7 +5,6 @@ and the moto S3 server (tests/test_archive.py) where the fault can happen there.
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -222,16 +221,10 @@ def test_pull_whose_batch_sync_hits_a_full_disk_leaves_no_temp(tmp_path, monkeyp
 @pytest.fixture
 def small_fs(tmp_path):
     """A 4 MiB tmpfs (a real full disk); unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    d = tmp_path / "small"
-    d.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(d)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    yield d
-    # lazily: a Registry object of the test may still hold its sweep lock open there
-    subprocess.run(["umount", "-l", str(d)], check=False)
+    from conftest import mounted_tmpfs
+
+    with mounted_tmpfs(tmp_path / "small", 4) as d:
+        yield d
 
 
 def test_pull_onto_a_real_full_tmpfs(tmp_path, small_fs, validate):

@@ -30,13 +30,14 @@ def wait_terminal(rid, timeout=60) -> dict:
 @pytest.fixture
 def small_fs(tmp_path):
     """A fresh tmpfs of a few MiB; ``resize(n)`` grows it, as freeing space elsewhere would."""
-    if os.geteuid() != 0:
-        pytest.skip("the real full-disk tier mounts a tmpfs, which needs root (CI runs as root)")
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    from conftest import mounted_tmpfs
+
+    with mounted_tmpfs(tmp_path / "fs", 8) as mnt:
+        yield _FS(mnt)
+
+
+def _FS(mnt: Path):
+    """The tmpfs at ``mnt`` with what the tests do to it."""
 
     class FS:
         path = mnt
@@ -66,8 +67,7 @@ def small_fs(tmp_path):
                 os.close(fd)
             return path
 
-    yield FS
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    return FS
 
 
 def test_a_run_that_fills_the_disk_ends_failed_no_space_and_keeps_its_output(small_fs, monkeypatch, tmp_path, validate):

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import cli
+from conftest import cli, read_only_view
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def ro_registry(tmp_path, monkeypatch):
     if os.geteuid() != 0:
-        pytest.skip("a read-only bind mount needs root (CI runs as root)")
+        pytest.skip("a read-only bind mount needs root (CI runs as root)")  # before building anything
     src = tmp_path / "src"
     home = src / "reg"
     monkeypatch.setenv("CASRUNS_HOME", str(home))
@@ -27,17 +27,10 @@ def ro_registry(tmp_path, monkeypatch):
     cli("promote", rid, "--reason", "evidence", check=0)
     for cache in home.glob("runs/*/manifest.json"):
         cache.unlink()  # missing caches: a reader must not need to write them
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    if subprocess.run(["mount", "--bind", str(src), str(ro)], capture_output=True).returncode != 0:
-        pytest.skip("bind mounts are not allowed here")
-    try:
-        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True, capture_output=True)
+    with read_only_view(src, tmp_path / "ro") as ro:
         monkeypatch.setenv("CASRUNS_HOME", str(ro / "reg"))
         assert subprocess.run(["touch", str(ro / "reg" / "probe")], capture_output=True).returncode != 0
         yield rid, tmp_path
-    finally:
-        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
 
 
 def test_read_only_commands_work_on_a_read_only_registry(ro_registry, validate):
@@ -102,18 +95,14 @@ def test_a_lost_run_on_a_read_only_registry_does_not_fail_the_readers(tmp_path, 
             return True
 
     poll_until(lambda: gone(m["supervisor"]["pid"]), what="supervisor gone")
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    subprocess.run(["mount", "--bind", str(src), str(ro)], check=True)
     try:
-        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True)
-        monkeypatch.setenv("CASRUNS_HOME", str(ro / "reg"))
-        assert cli("status", rid, "--json").returncode == 0
-        proc = cli("list", "--json")
-        assert proc.returncode == 0 and json.loads(proc.stdout)["runs"][0]["run_id"] == rid
-        assert cli("wait", rid, "--timeout", "1").returncode == 13
+        with read_only_view(src, tmp_path / "ro") as ro:
+            monkeypatch.setenv("CASRUNS_HOME", str(ro / "reg"))
+            assert cli("status", rid, "--json").returncode == 0
+            proc = cli("list", "--json")
+            assert proc.returncode == 0 and json.loads(proc.stdout)["runs"][0]["run_id"] == rid
+            assert cli("wait", rid, "--timeout", "1").returncode == 13
     finally:
-        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
         try:
             os.killpg(m["process"]["pgid"], signal.SIGKILL)  # the reader's reap may have ended it already
         except ProcessLookupError:
