@@ -165,7 +165,7 @@ def pump(sup, child: "subprocess.Popen") -> tuple[str | None, str | None]:
                 # Processes that left the group (setsid, double fork) are still our
                 # descendants (we are their subreaper): they end with the command too.
                 sup.strays_killed = (sup.strays_killed or 0) + proctree.end_descendants(
-                    sup.config.kill_grace, spare=sup.spare
+                    sup.config.kill_grace, spare=sup.spare, group=child.pid
                 )
             if exited_at is not None and (open_streams == 0 or time.monotonic() - exited_at > 2.0):
                 break  # a process outside the group may hold the pipes; stop after 2 s

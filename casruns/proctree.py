@@ -49,12 +49,15 @@ def iter_procs() -> Iterator[tuple[int, str, int, int, int]]:
             continue
 
 
-def descendants(root: int | None = None) -> dict[int, int]:
-    """Live (not zombie) descendants of ``root`` (default: this process): pid -> start time."""
+def descendants(root: int | None = None, *, groups: dict[int, int] | None = None) -> dict[int, int]:
+    """Live (not zombie) descendants of ``root`` (default: this process): pid -> start time.
+    ``groups``, if given, is filled with pid -> process group id."""
     root = os.getpid() if root is None else root
     children: dict[int, list[tuple[int, str, int]]] = {}
-    for pid, state, ppid, _pgid, start in iter_procs():
+    for pid, state, ppid, pgid, start in iter_procs():
         children.setdefault(ppid, []).append((pid, state, start))
+        if groups is not None:
+            groups[pid] = pgid
     out: dict[int, int] = {}
     todo = [root]
     while todo:
@@ -78,25 +81,33 @@ def reap_zombies() -> None:
             return
 
 
-def end_descendants(grace: float, *, spare: dict[int, int] | None = None) -> int:
+def end_descendants(grace: float, *, spare: dict[int, int] | None = None, group: int | None = None) -> int:
     """SIGTERM every descendant of this process, SIGKILL what is left after ``grace`` seconds
     (monotonic), until none is left. ``spare`` (pid -> start time) names processes to leave
-    alone. Returns how many distinct processes had to be ended.
+    alone. Returns how many distinct processes had to be ended, not counting members of process
+    group ``group`` (the command's own group, already killed with it: not strays, only not yet
+    gone when we looked).
 
     Call only once the command's own leader was waited for: this reaps any child.
     """
     spare = spare or {}
+    groups: dict[int, int] = {}
 
     def targets() -> dict[int, int]:
-        return {p: st for p, st in descendants().items() if spare.get(p) != st}
+        return {p: st for p, st in descendants(groups=groups).items() if spare.get(p) != st}
 
     ended: set[tuple[int, int]] = set()
+
+    def end(pid: int, start: int) -> None:
+        if groups.get(pid) != group:
+            ended.add((pid, start))
+        _signal(pid, signal.SIGTERM)
+
     found = targets()
     if not found:
         return 0
     for pid, start in found.items():
-        ended.add((pid, start))
-        _signal(pid, signal.SIGTERM)
+        end(pid, start)
     deadline = time.monotonic() + grace
     while True:
         reap_zombies()
@@ -105,8 +116,7 @@ def end_descendants(grace: float, *, spare: dict[int, int] | None = None) -> int
             return len(ended)
         new = {p: st for p, st in found.items() if (p, st) not in ended}
         for pid, start in new.items():  # forked while we waited: same treatment
-            ended.add((pid, start))
-            _signal(pid, signal.SIGTERM)
+            end(pid, start)
         if time.monotonic() >= deadline:
             for pid in found:
                 _signal(pid, signal.SIGKILL)

@@ -555,7 +555,8 @@ class Supervisor:
                 status = mf.CANCELLED
         if self.strays_killed is not None:
             # whatever the command's escaped processes started while teardown ran
-            self.strays_killed += proctree.end_descendants(self.config.kill_grace, spare=self.spare)
+            group = self.child.pid if self.child is not None else None
+            self.strays_killed += proctree.end_descendants(self.config.kill_grace, spare=self.spare, group=group)
             extra["strays_killed"] = self.strays_killed
         if self.started_mono is not None:
             extra["duration_s"] = round(time.monotonic() - self.started_mono, 3)
