@@ -17,6 +17,7 @@ Config keys (spec/format.md, "Config"), all optional:
     ticket = "TICKET-[0-9]{6}"
 
     gc_grace = "1h"            # gc keeps unreferenced blobs and temp files younger than this
+    events_keep = "7d"         # gc removes event journal segments whose last event is older than this
 
     [retention]                # per terminal status; how long a run is kept
     succeeded = "14d"
@@ -61,6 +62,7 @@ class Config:
         self.hook_timeout = 30.0
         self.artifact_policy = "redact"
         self.gc_grace = 3600.0
+        self.events_keep = 7 * 86400.0
         self.keep_last: dict[str, int] = {}
         self.plugins: list[str] = []
         self.retention: dict[str, float] = {k: parse_duration(v) for k, v in DEFAULT_RETENTION.items()}
@@ -93,7 +95,7 @@ class Config:
                 c.max_running = int(raw["max_running"])
                 if c.max_running < 1:
                     raise InvalidInput("max_running must be at least 1")
-            for key in ("kill_grace", "heartbeat_interval", "lost_after", "teardown_timeout", "hook_timeout", "gc_grace"):
+            for key in ("kill_grace", "heartbeat_interval", "lost_after", "teardown_timeout", "hook_timeout", "gc_grace", "events_keep"):
                 if key in raw:
                     setattr(c, key, parse_duration(raw[key]))
             # every table is type-checked here, once: readers then rely on the shapes

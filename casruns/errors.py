@@ -29,6 +29,7 @@ EXIT_RUN_TIMED_OUT = 11
 EXIT_RUN_CANCELLED = 12
 EXIT_WAIT_TIMEOUT = 13  # `wait --timeout` elapsed with the run still active
 EXIT_FINDINGS = 14  # `scan` (and `verify`) found something to report
+EXIT_CURSOR_EXPIRED = 15  # `events --since`: the cursor is older than the oldest journal segment
 
 
 class CasrunsError(Exception):
@@ -186,6 +187,14 @@ class IntegrityError(CasrunsError):
 class PluginError(CasrunsError):
     code = "plugin_error"
     exit_code = EXIT_PLUGIN
+
+
+class CursorExpired(CasrunsError):
+    """The events after this cursor were partly removed by gc (older than ``events_keep``):
+    resynchronize from ``list --json``, which carries a cursor to follow from."""
+
+    code = "cursor_expired"
+    exit_code = EXIT_CURSOR_EXPIRED
 
 
 def from_unexpected(e: BaseException) -> CasrunsError:

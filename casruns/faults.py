@@ -43,6 +43,10 @@ POINTS: dict[str, str] = {
     "gc_after_pack_merge": "gc dies after writing a merged pack, before deleting its sources",
     "archive_push_blob": "archive push sent a blob, before its run's manifest (kill@N: after the N-th blob)",
     "archive_push_mid_object": "a push to a directory archive dies (or its disk fills) with an object partly written to its temp",
+    "event_after_pending": "a writer recorded its pending change and dies before committing the manifest",
+    "event_after_commit": "a writer committed the manifest and dies before appending its event to the journal",
+    "event_mid_append": "an appender dies with half of its event line written (a torn tail)",
+    "event_after_append": "a writer appended its event and dies before removing its pending record",
     "archive_pull_after_first_run": "a pull that committed a run dies (or the registry's disk fills) while storing a later run's blobs",
 }
 
@@ -82,6 +86,12 @@ def point(name: str) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     elif action == "error":
         raise RuntimeError(f"fault injected at {name}")
+
+
+def armed(name: str) -> bool:
+    """True if a test asked for a fault at ``name`` (for steps that must be split to be stopped
+    halfway, such as a torn append)."""
+    return name in (_active if _active is not None else _load())
 
 
 def reset() -> None:

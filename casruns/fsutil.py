@@ -151,10 +151,10 @@ def atomic_write_chunks(
             os.close(fd)
         os.rename(tmp, path)
     except OSError as e:
-        _unlink_quiet(tmp)
+        unlink_quiet(tmp)
         raise write_error(f"cannot write {path}", e, path) from e
     except BaseException:
-        _unlink_quiet(tmp)
+        unlink_quiet(tmp)
         raise
     if durable:
         if dirs is not None:
@@ -171,7 +171,7 @@ def write_error(what: str, e: OSError, path: str) -> RegistryError:
     return RegistryError(f"{what}: {e.strerror}", path=path)
 
 
-def _unlink_quiet(path: str) -> None:
+def unlink_quiet(path: str) -> None:
     try:
         os.unlink(path)
     except OSError:

@@ -62,6 +62,7 @@ CHUNK = 1000
 FUTURE_LIMIT = 86400.0  # an mtime further ahead than this is no one's honest clock: reset to now
 CLOCK_SLACK = 60.0  # a clock this far behind the previous gc's has gone backwards
 MISSING_LIMIT = 1000  # missing references listed in the report (all are counted)
+REMOVAL_BATCH = 200  # removed runs whose events wait (each an open, flocked pending record) for one directory sync
 
 
 @dataclass
@@ -91,6 +92,8 @@ class GCStats:
     strays: list = field(default_factory=list)  # [{path, kind}]
     runs_first_seen: int = 0
     mtimes_reset: int = 0
+    events_settled: int = 0  # pending events of dead writers published (recovered) or dropped
+    event_segments_removed: int = 0
 
     def to_json(self) -> dict:
         return {"schema": SCHEMA, **asdict(self)}
@@ -166,6 +169,14 @@ def _run(registry: "RegistryRoot", stats: GCStats, dry_run: bool, progress, prev
     eligible = [rid for rid, m in manifests.items() if rid not in protected_runs and retention_now(rid, m).get("cleanup_eligible")]
     dirs = fsutil.DirSync()
     trash = []
+    removals = []  # the runs' `removed` events, published once their renames are durable
+
+    def publish_removals() -> None:
+        dirs.sync()
+        for pending in removals:
+            pending.publish()
+        removals.clear()
+
     would_remove: set[str] = set()  # dry run: what the mark must treat as gone
     for i, rid in enumerate(sorted(eligible)):
         if progress:
@@ -181,7 +192,7 @@ def _run(registry: "RegistryRoot", stats: GCStats, dry_run: bool, progress, prev
                     would_remove.add(rid)
                     continue
                 target = os.path.join(runs_dir, f".trash-{rid}-{os.urandom(4).hex()}")
-                os.rename(run.path, target)
+                removals.append(run.remove(target, "retention"))
                 trash.append(target)
                 dirs.add(runs_dir)
         except CasrunsError:
@@ -189,7 +200,9 @@ def _run(registry: "RegistryRoot", stats: GCStats, dry_run: bool, progress, prev
         stats.runs_removed += 1
         manifests.pop(rid, None)
         _fault("after_run_rename")
-    dirs.sync()  # the renames are durable before anything they referenced can be swept
+        if len(removals) >= REMOVAL_BATCH:
+            publish_removals()
+    publish_removals()  # the renames are durable before anything they referenced can be swept
     for target in trash:
         shutil.rmtree(target, ignore_errors=True)
     _fault("after_runs_removed")
@@ -300,6 +313,13 @@ def _finish(registry, store, pins_dir, settled_at_start, now: float, grace: floa
         stats.pins_removed += 1
     if not dry_run:
         stats.temps_removed += recovery.clean_leftovers(registry, grace)
+        stats.events_settled = recovery.settle_events(registry)
+    from .runs import journal_of
+
+    journal = journal_of(registry.runs_dir)
+    stats.event_segments_removed = journal.expire(now - registry.config.events_keep, dry_run=dry_run)
+    if not dry_run and os.path.isdir(journal.dir):
+        journal.refill_reserve()  # used up by a full disk, and there may be room again
 
 
 def _young(path, st, now: float, grace: float, stats: GCStats, dry_run: bool, clock_behind: bool) -> bool:

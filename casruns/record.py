@@ -59,6 +59,8 @@ def build(
         "resumed_from": m.get("resumed_from"),
         "replay_of": m.get("replay_of"),
         "labels": dict(m.get("labels") or {}),
+        "event_seq": int(m.get("event_seq") or 0),
+        "incarnation": m.get("incarnation", ""),
         "runtime": dict(m.get("runtime") or {}),
         "preview": dict(m.get("preview") or {}),
         "artifacts": (

@@ -64,18 +64,29 @@ def reap_lost(reg: "RegistryRoot", run: RunDir) -> dict:
             "message": f"the supervisor (pid {sup.get('pid', '?')} on {sup.get('host', '?')}) is gone; "
             "output captured until then was salvaged",
         }
+    salvaged = {"salvaged": {"at": now_ts(), "by": "reap", "host": locking.hostname(), "pid": os.getpid()}}
     try:
         # a salvage still passes artifacts and their names through today's detectors
         return collect.finish(
             run, reg.store, status, error=error, artifacts=not _declared_secrets(m),
-            redactor=reg.redactor(), policy=reg.config.artifact_policy,
+            redactor=reg.redactor(), policy=reg.config.artifact_policy, extra=salvaged,
         )
     except (CasrunsError, OSError) as e:
         # the output cannot be stored now (a full disk, a stray in the way): end the run anyway,
         # keep the workspace, and store it at a later reap (collection_pending)
         why = "the disk is full" if fsutil.is_no_space(e) else f"{type(e).__name__}: {getattr(e, 'message', e)}"
         error = {**error, "message": error["message"].replace("was salvaged", f"is kept in the workspace until reap can store it ({why})")}
-    return collect.finish_deferred(run, status, error=error)
+    return collect.finish_deferred(run, status, error=error, extra=salvaged)
+
+
+def settle_events(reg: "RegistryRoot") -> int:
+    """Publish (marked recovered) or drop every pending event whose writer is gone."""
+    from .runs import committed, journal_of
+
+    runs_dir = reg.runs_dir
+    journal = journal_of(runs_dir)
+    journal.clean_temps()
+    return journal.resolve(lambda doc: committed(runs_dir, doc))
 
 
 def reap(reg: "RegistryRoot") -> dict:
@@ -87,6 +98,8 @@ def reap(reg: "RegistryRoot") -> dict:
     if not reg.check_format():
         return report
     report["cleaned"] = clean_leftovers(reg)
+    # events whose writer died between its commit and its journal append (spec/events.md)
+    report["events_settled"] = settle_events(reg)
     queued_entries = set(scheduler.queued_run_ids(reg.root))
     for rid in iter_run_ids(reg.runs_dir):
         run = reg.run_dir(rid)

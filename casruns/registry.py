@@ -77,6 +77,21 @@ class Registry(RegistryRoot):
         """Block until every run is terminal. Returns (records, all_terminal)."""
         return query.wait(self, run_ids, timeout=timeout, poll=poll)
 
+    def events(self, **kw) -> Iterator[dict]:
+        """Events (``casruns/event/v1``) in journal order; see :func:`casruns.stream.events` for
+        the arguments (``since``, ``from_start``, ``from_now``, ``follow``, ``run_ids``,
+        ``labels``, ``types``, ``until_terminal``, ``timeout``, ``state``)."""
+        from .stream import events
+
+        return events(self, **kw)
+
+    def events_cursor(self) -> str:
+        """The event journal's end now: following from it reports every later change."""
+        from .journal import format_cursor
+        from .runs import journal_of
+
+        return format_cursor(journal_of(self.runs_dir).end())
+
     def cancel(self, run_id: str, *, reason: str | None = None) -> tuple[dict, str]:
         """Cancel a run. Returns (record, outcome) with outcome one of
         ``cancelled`` (was queued: done now), ``requested`` (active: the supervisor stops it),

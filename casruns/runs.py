@@ -13,6 +13,10 @@ Layout of ``runs/<run_id>/`` (spec/format.md, "Run directories")::
     artifacts/         CASRUNS_ARTIFACTS_DIR while the run is active
     supervisor.log     the supervisor's own diagnostics
 
+Every committed change to a run is also an event in the registry's journal (``events/``,
+journal.py): each update numbers its events in the manifest (``event_seq``) and records them
+as pending before its commit, then appends them after it (spec/events.md, "The commit").
+
 Creation is atomic: the directory is built under ``runs/.new-*`` and renamed to its id, so
 a reader sees a run with a complete manifest or no run at all, and two submits with the
 same caller-chosen id cannot both create it.
@@ -26,8 +30,9 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from . import fsutil, locking, manifest
-from .errors import CorruptManifest, RegistryError, RunNotFound, UnsafePath
+from . import events, fsutil, locking, manifest
+from .errors import CasrunsError, CorruptManifest, RegistryError, RunNotFound, UnsafePath
+from .journal import Journal, Pending
 from .ids import is_run_id, validate_run_id
 
 SPOOL_STREAMS = ("stdout", "stderr", "transcript")
@@ -45,6 +50,10 @@ class RunDir:
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
+
+    @property
+    def journal(self) -> Journal:
+        return journal_of(os.path.dirname(self.path))
 
     @property
     def lock_path(self) -> str:
@@ -135,11 +144,40 @@ class RunDir:
         updates serialize and none overwrites another's change.
         """
         with self.locked():
+            self.settle_events()
             m = self.read_fresh()
             before = manifest.dumps(m)
+            import copy
+
+            old = copy.deepcopy(m)
             yield m
             if manifest.dumps(m) != before:
-                manifest.write(self.manifest_path, m)
+                pending = stage(self.journal, m, events.changes(old, m))
+                try:
+                    manifest.write(self.manifest_path, m)
+                except BaseException:
+                    pending.abandon()
+                    raise
+                pending.publish()
+
+    def settle_events(self) -> None:
+        """Settle this run's pending events that a dead writer left (under the run's lock, so
+        the next change is reported after them: per-run order holds)."""
+        runs_dir = os.path.dirname(self.path)
+        self.journal.resolve(lambda doc: committed(runs_dir, doc), self.run_id, wait=True)
+
+    def remove(self, target: str, reason: str) -> Pending:
+        """gc: rename the run to ``target`` (its trash) under the run's lock the caller holds,
+        with its ``removed`` event pending; the caller publishes it once the rename is durable."""
+        self.settle_events()
+        m = self.read_fresh()
+        pending = stage(self.journal, m, events.removed(m, reason), kind="removed")
+        try:
+            os.rename(self.path, target)
+        except BaseException:
+            pending.abandon()
+            raise
+        return pending
 
     def is_supervised(self) -> bool:
         return locking.is_held(self.supervisor_lock_path)
@@ -180,6 +218,9 @@ def create(runs_dir: str | os.PathLike, m: dict, *, files: dict[str, bytes] | No
     run = RunDir(runs_dir, m["run_id"])
     if os.path.lexists(run.path):
         raise RunExists(run.run_id)
+    m["incarnation"] = os.urandom(8).hex()  # a run id created again after gc is a new run
+    m["event_seq"] = 0
+    pending = None
     tmp = os.path.join(runs_dir, f".new-{run.run_id}-{os.getpid()}-{os.urandom(4).hex()}")
     os.mkdir(tmp, fsutil.DIR_MODE)
     os.chmod(tmp, fsutil.DIR_MODE)
@@ -193,10 +234,13 @@ def create(runs_dir: str | os.PathLike, m: dict, *, files: dict[str, bytes] | No
             os.close(fsutil.open_private(os.path.join(tmp, name), os.O_WRONLY | os.O_CREAT))
         for name, data in (files or {}).items():
             fsutil.atomic_write(os.path.join(tmp, name), data, dirs=dirs)
+        evs = events.created(m)
+        events.number(evs, m)
         manifest.write(os.path.join(tmp, "manifest.toml"), m, dirs=dirs)
         lock = locking.FileLock(os.path.join(tmp, "supervisor.lock"), record=True)
         lock.acquire()
         fsutil.fsync_dir(tmp)
+        pending = stage(run.journal, m, evs, numbered=True)
         try:
             os.rename(tmp, run.path)
         except OSError as e:
@@ -205,12 +249,47 @@ def create(runs_dir: str | os.PathLike, m: dict, *, files: dict[str, bytes] | No
             raise
         fsutil.fsync_dir(runs_dir)
         # the cache's tag is the manifest's inode, which the directory rename kept.
-        return run, lock
     except BaseException:
+        if pending is not None:
+            pending.abandon()
         if lock is not None:
             lock.release()
         _rmtree(tmp)
         raise
+    pending.publish()
+    return run, lock
+
+
+def journal_of(runs_dir: str | os.PathLike) -> Journal:
+    return Journal(os.path.join(os.path.dirname(os.fspath(runs_dir)), "events"))
+
+
+def stage(journal: Journal, m: dict, evs: list[dict], *, kind: str = "update", numbered: bool = False) -> Pending:
+    """Number a change's events (``event_seq`` in ``m``) and record them as pending."""
+    if not numbered:
+        events.number(evs, m)
+    try:
+        return journal.prepare(m["run_id"], m.get("incarnation", ""), evs, kind=kind)
+    except OSError as e:
+        raise fsutil.write_error(f"cannot record the events of run {m['run_id']}", e, journal.pending_dir) from e
+
+
+def committed(runs_dir: str, doc: dict) -> bool | None:
+    """Did the change a pending record stands for commit? (``Journal.resolve``'s question.)
+    A removal committed once the run is gone (or is another incarnation); any other change
+    once the manifest of the same incarnation has reached its sequence number. None: the
+    manifest cannot be read now (decided later)."""
+    run = RunDir(runs_dir, doc["run_id"])
+    try:
+        m = run.read_fresh()
+    except RunNotFound:
+        m = None
+    except CasrunsError:
+        return None
+    same = m is not None and m.get("incarnation", "") == doc.get("incarnation", "")
+    if doc.get("kind") == "removed":
+        return not same
+    return same and int(m.get("event_seq") or 0) >= doc["seq"]
 
 
 def _rmtree(path: str) -> None:

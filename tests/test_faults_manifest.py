@@ -283,7 +283,8 @@ def test_old_manifests_without_checksum_load_and_verify_counts_them(tmp_path, fi
     data = (root / "runs" / rid / "manifest.toml").read_bytes()
     assert data.startswith(b"# checksum: blake2b-256:")
     after = mf.loads(data)
-    assert {k: v for k, v in after.items() if k not in ("retention", "updated_at")} == {
+    assert after["event_seq"] == 1  # the first change journaled for a run older than events
+    assert {k: v for k, v in after.items() if k not in ("retention", "updated_at", "event_seq")} == {
         k: v for k, v in before.items() if k not in ("retention", "updated_at")}
     proc, out = cli_json("verify", env=env)
     assert proc.returncode == 0 and out[0]["manifests_unchecked"] == len(ids) - 1

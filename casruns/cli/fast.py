@@ -121,6 +121,7 @@ def _list(root, opts: dict, limit) -> int:
     errors: list = []
     try:
         reg = Registry(root)
+        cursor = reg.events_cursor()  # before reading: following from it misses nothing
         records = reg.list(
             errors=errors,
             statuses=opts.get("--status", []),
@@ -133,4 +134,4 @@ def _list(root, opts: dict, limit) -> int:
         return error(e, as_json)
     except Exception as e:  # noqa: BLE001 - the click path says the same
         return error(from_unexpected(e), as_json)
-    return list_output(records, as_json, errors)
+    return list_output(records, as_json, errors, cursor)

@@ -129,13 +129,14 @@ def status_output(records: list[dict], errors: list[CasrunsError], as_json: bool
     return code
 
 
-def list_output(records: list[dict], as_json: bool, errors: list[dict] | None = None) -> int:
+def list_output(records: list[dict], as_json: bool, errors: list[dict] | None = None, cursor: str | None = None) -> int:
     """``list``: runs newest first; unreadable runs are reported, never hide the others.
+    ``cursor``: the event journal's position taken before reading (what to follow from).
 
     Exit 0 when every run was read, 6 (registry error) when some could not be."""
     errors = errors or []
     if as_json:
-        doc = {"schema": "casruns/list/v1", "runs": records}
+        doc = {"schema": "casruns/list/v1", "cursor": cursor or "0" * 16, "runs": records}
         if errors:
             doc["errors"] = errors
         emit_json(doc)

@@ -109,13 +109,14 @@ def _add_list(cli: click.Group) -> None:
     def list_(obj, statuses, labels, since, limit, promoted, chain, as_json):
         """List runs, newest first."""
         reg = obj.registry
+        cursor = reg.events_cursor()  # before reading: following from it misses nothing
         if chain:
-            return render.list_output(reg.chain(chain), as_json)
+            return render.list_output(reg.chain(chain), as_json, cursor=cursor)
         errors: list = []
         records = reg.list(
             statuses=statuses, labels=options.parse_labels(labels), since=since, limit=limit, promoted=promoted, errors=errors
         )
-        return render.list_output(records, as_json, errors)
+        return render.list_output(records, as_json, errors, cursor)
 
 
 def _add_wait(cli: click.Group) -> None:
