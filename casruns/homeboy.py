@@ -17,7 +17,7 @@ SCHEMA = "homeboy/run-lifecycle-record/v1"
 BACKEND = "casruns"  # provider_runtime.backend when the run names no provider
 
 # casruns status -> (execution.state, provider_runtime.state); spec/homeboy.md, "States".
-# A failed or timed-out run with stored artifacts becomes partial_recoverable (_execution_state).
+# A failed or timed-out run with stored artifact files becomes partial_recoverable (from_record).
 STATES: dict[str, tuple[str, str]] = {
     mf.QUEUED: ("queued", "not_started"),
     mf.BOOTING: ("running", "running"),
@@ -64,7 +64,7 @@ def from_record(record: dict, *, stale_after_seconds: int | None = None) -> dict
     meta["retention"] = {k: retention.get(k) for k in ("promoted", "rule", "retain_until", "cleanup_eligible", "cleanup_eligible_at")}
     has_logs = any((record.get("logs") or {}).values())
 
-    doc: dict = {"schema": SCHEMA, "execution": _execution(status, exec_state, record, updated)}
+    doc: dict = {"schema": SCHEMA, "execution": _execution(exec_state, record, updated)}
     doc["provider_runtime"] = [_provider(rid, record.get("provider"), provider_state, ids, meta, stream=not terminal or has_logs)]
     beat = record.get("heartbeat_at")
     if beat:
@@ -75,7 +75,7 @@ def from_record(record: dict, *, stale_after_seconds: int | None = None) -> dict
     doc["cleanup"] = _cleanup(status, pending, record.get("finished_at"))
     doc["finalization"] = {"state": "not_requested"}
     doc["artifact_retention"] = _record_retention(record, status, arts, pending, retention)
-    doc["external_runtime_ids"] = ids
+    doc["external_runtime_ids"] = list(ids)  # the union over the one provider entry
     if updated:
         doc["updated_at"] = updated
     return doc
@@ -102,7 +102,7 @@ def from_event(event: dict, *, stale_after_seconds: int | None = None) -> dict:
     meta = _metadata(summary, status)
     meta["event"] = {"type": etype, "seq": event.get("seq"), "cursor": event.get("cursor"), "recovered": bool(event.get("recovered"))}
     removed = etype == "removed"
-    doc: dict = {"schema": SCHEMA, "execution": _execution(status, exec_state, run, time)}
+    doc: dict = {"schema": SCHEMA, "execution": _execution(exec_state, run, time)}
     doc["provider_runtime"] = [_provider(rid, run.get("provider"), provider_state, ids, meta, stream=not removed)]
     if removed or etype == "salvaged":
         cleanup = {"state": "succeeded", "policy": CLEANUP_POLICY}
@@ -115,7 +115,7 @@ def from_event(event: dict, *, stale_after_seconds: int | None = None) -> dict:
     doc["cleanup"] = cleanup
     doc["finalization"] = {"state": "not_requested"}
     doc["artifact_retention"] = _event_retention(etype, status, run, time)
-    doc["external_runtime_ids"] = ids
+    doc["external_runtime_ids"] = list(ids)  # the union over the one provider entry
     if time:
         doc["updated_at"] = time
     return doc
@@ -124,7 +124,7 @@ def from_event(event: dict, *, stale_after_seconds: int | None = None) -> dict:
 # -- the parts ------------------------------------------------------------------------
 
 
-def _execution(status, state: str, times: dict, updated) -> dict:
+def _execution(state: str, times: dict, updated) -> dict:
     ex: dict = {"state": state}
     for key in ("started_at", "finished_at"):
         if times.get(key):
