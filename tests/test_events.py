@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+from pathlib import Path
 
 from casruns import Registry
 from casruns.journal import Journal, decode_line
@@ -353,3 +354,20 @@ def test_a_recreated_run_id_is_a_new_incarnation(casruns_home, registry):
     assert [e["type"] for e in events] == ["created", "cancel_requested", "status", "removed", "created"]
     assert events[0]["incarnation"] != events[-1]["incarnation"] and events[-1]["seq"] == 1
     assert_contiguous(events)
+
+
+def test_events_in_homeboys_format_match_its_schema(casruns_home):
+    import jsonschema
+
+    schema = json.loads((Path(__file__).parent / "schemas" / "homeboy-run-lifecycle-record.v1.schema.json").read_text())
+    rid = json.loads(cli("submit", "--json", "--", "sh", "-c", "exit 2").stdout)["run_id"]
+    cli("wait", rid)
+    cli("promote", rid, "--reason", "r", check=0)
+    proc = cli("events", "--from-start", "--format", "homeboy")
+    records = [json.loads(l) for l in proc.stdout.splitlines()]
+    assert proc.returncode == 0 and len(records) == len(all_events())
+    for r in records:
+        jsonschema.validate(r, schema)
+    states = [r["execution"]["state"] for r in records]
+    assert states[0] == "queued" and states[-1] == "failed" and "running" in states
+    assert records[-1]["provider_runtime"][0]["task_id"] == rid

@@ -44,14 +44,14 @@ def try_run(argv: list[str]) -> int | None:
 
         gc.disable()
     if cmd == "status":
-        parsed = _parse(rest, flags={"--json"}, multi=set(), single=set())
-        if parsed is None or not parsed[1]:
+        parsed = _parse(rest, flags={"--json"}, multi=set(), single={"--format"})
+        if parsed is None or not parsed[1] or not _known_format(parsed[0]):
             return None
         opts, ids = parsed
-        return _status(root, ids, "--json" in opts)
+        return _status(root, ids, "--json" in opts, opts.get("--format", "casruns"))
     if cmd == "list":
-        parsed = _parse(rest, flags={"--json", "--promoted", "--not-promoted"}, multi={"--status", "--label"}, single={"--since", "--limit"})
-        if parsed is None or parsed[1]:
+        parsed = _parse(rest, flags={"--json", "--promoted", "--not-promoted"}, multi={"--status", "--label"}, single={"--since", "--limit", "--format"})
+        if parsed is None or parsed[1] or not _known_format(parsed[0]):
             return None
         opts = parsed[0]
         if "--promoted" in opts and "--not-promoted" in opts:
@@ -62,6 +62,13 @@ def try_run(argv: list[str]) -> int | None:
             return None
         return _list(root, opts, limit)
     return None
+
+
+def _known_format(opts: dict) -> bool:
+    """``--format`` absent or one of ours; anything else is click's error to report."""
+    from .render import FORMATS
+
+    return opts.get("--format", "casruns") in FORMATS
 
 
 def _parse(args: list[str], *, flags: set[str], multi: set[str], single: set[str]):
@@ -94,9 +101,9 @@ def _parse(args: list[str], *, flags: set[str], multi: set[str], single: set[str
     return opts, positional
 
 
-def _status(root, ids: list[str], as_json: bool) -> int:
+def _status(root, ids: list[str], as_json: bool, fmt: str) -> int:
     from ..registry import Registry
-    from .render import error, status_output
+    from .render import error, homeboy_output, lost_after, status_output
 
     try:
         reg = Registry(root)
@@ -110,12 +117,14 @@ def _status(root, ids: list[str], as_json: bool) -> int:
             errors.append(e)
         except Exception as e:  # noqa: BLE001 - still one line, still JSON
             errors.append(from_unexpected(e))
+    if fmt == "homeboy":
+        return homeboy_output(records, errors, as_json, lost_after(reg))
     return status_output(records, errors, as_json)
 
 
 def _list(root, opts: dict, limit) -> int:
     from ..registry import Registry, parse_labels
-    from .render import error, list_output
+    from .render import error, homeboy_output, list_output, lost_after
 
     as_json = "--json" in opts
     errors: list = []
@@ -134,4 +143,6 @@ def _list(root, opts: dict, limit) -> int:
         return error(e, as_json)
     except Exception as e:  # noqa: BLE001 - the click path says the same
         return error(from_unexpected(e), as_json)
+    if opts.get("--format") == "homeboy":
+        return homeboy_output(records, errors, as_json, lost_after(reg))
     return list_output(records, as_json, errors, cursor)

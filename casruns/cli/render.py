@@ -145,3 +145,42 @@ def list_output(records: list[dict], as_json: bool, errors: list[dict] | None = 
         for e in errors:
             sys.stderr.write(f"casruns: error: run {e['run_id']}: {e['message']}\n")
     return 6 if errors else 0
+
+
+FORMATS = ("casruns", "homeboy")  # ``status``/``list --format``
+
+
+def lost_after(reg) -> float | None:
+    """The registry's ``lost_after`` for ``heartbeat.stale_after_seconds`` (None when the
+    config cannot be read: the records were read, so the heartbeat just goes without it)."""
+    try:
+        return reg.config.lost_after
+    except CasrunsError:
+        return None
+
+
+def homeboy_output(records: list[dict], errors: list, as_json: bool, stale_after: float | None = None) -> int:
+    """``status``/``list --format homeboy``: one ``homeboy/run-lifecycle-record/v1`` per line
+    (the format is JSON with or without ``--json``, which only makes the errors JSON: spec/homeboy.md).
+
+    :param errors: ``status``'s CasrunsErrors, or ``list``'s unreadable runs (``{"run_id","code","message"}``:
+        each an error line, and exit 6, as ``list`` does).
+    :param stale_after: the registry's ``lost_after`` (seconds), reported as ``heartbeat.stale_after_seconds``.
+    """
+    from ..homeboy import from_record
+
+    stale = None if stale_after is None else -int(-stale_after // 1)  # rounded up, no math import
+    for r in records:
+        emit_json(from_record(r, stale_after_seconds=stale))
+    code = 0
+    for e in errors:
+        if isinstance(e, CasrunsError):
+            code = error(e, as_json) if code == 0 else code
+            continue
+        if as_json:
+            err = {"code": e["code"], "message": f"run {e['run_id']}: {e['message']}", "exit_code": 6, "details": {"run_id": e["run_id"]}}
+            emit_json({"schema": "casruns/error/v1", "error": err})
+        else:
+            sys.stderr.write(f"casruns: error: run {e['run_id']}: {e['message']}\n")
+        code = code or 6
+    return code

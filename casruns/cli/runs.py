@@ -80,12 +80,19 @@ def _follow(reg, run_id: str, streams: tuple[str, ...]) -> None:
         sinks[stream].flush()
 
 
+_format_option = click.option(
+    "--format", "fmt", type=click.Choice(render.FORMATS), default="casruns", show_default=True,
+    help="casruns: the run record; homeboy: Homeboy's homeboy/run-lifecycle-record/v1, one JSON per line (spec/homeboy.md).",
+)
+
+
 def _add_status(cli: click.Group) -> None:
     @cli.command()
     @click.argument("run_ids", nargs=-1, required=True)
+    @_format_option
     @json_option
     @click.pass_obj
-    def status(obj, run_ids, as_json):
+    def status(obj, run_ids, fmt, as_json):
         """Show runs (JSON: one object per line). Exits 0 whatever the runs' outcome."""
         records, errs = [], []
         for rid in run_ids:
@@ -93,6 +100,8 @@ def _add_status(cli: click.Group) -> None:
                 records.append(obj.registry.get(rid))
             except E.CasrunsError as e:
                 errs.append(e)
+        if fmt == "homeboy":
+            return render.homeboy_output(records, errs, as_json, render.lost_after(obj.registry))
         return render.status_output(records, errs, as_json)
 
 
@@ -104,18 +113,22 @@ def _add_list(cli: click.Group) -> None:
     @click.option("--limit", type=int, help="At most N runs.")
     @click.option("--promoted/--not-promoted", "promoted", default=None, help="Only promoted (or only unpromoted) runs.")
     @click.option("--chain", metavar="RUN_ID", help="The attempts of RUN_ID's chain (resume links), first first.")
+    @_format_option
     @json_option
     @click.pass_obj
-    def list_(obj, statuses, labels, since, limit, promoted, chain, as_json):
+    def list_(obj, statuses, labels, since, limit, promoted, chain, fmt, as_json):
         """List runs, newest first."""
         reg = obj.registry
         cursor = reg.events_cursor()  # before reading: following from it misses nothing
-        if chain:
-            return render.list_output(reg.chain(chain), as_json, cursor=cursor)
         errors: list = []
-        records = reg.list(
-            statuses=statuses, labels=options.parse_labels(labels), since=since, limit=limit, promoted=promoted, errors=errors
-        )
+        if chain:
+            records = reg.chain(chain)
+        else:
+            records = reg.list(
+                statuses=statuses, labels=options.parse_labels(labels), since=since, limit=limit, promoted=promoted, errors=errors
+            )
+        if fmt == "homeboy":
+            return render.homeboy_output(records, errors, as_json, render.lost_after(reg))
         return render.list_output(records, as_json, errors, cursor)
 
 
