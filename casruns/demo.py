@@ -29,6 +29,11 @@ def main() -> int:
         return proc.stdout.strip()
 
     print(f"casruns demo: registry at {root} (CASRUNS_HOME)")
+    sh("init")
+    # an orchestrator's follower: started before the first submit, it is told of every change
+    # as it commits (no polling); its output is shown at the end
+    print("\n$ casruns events --follow &    # runs in the background for the whole demo")
+    follower = subprocess.Popen(exe + ["events", "--follow", "--from-now"], env=env, stdout=subprocess.PIPE, text=True)
     ok = sh("submit", "--label", "suite=phpunit", "--secret-env", "DEMO_TOKEN", "--", "sh", "-c",
             'echo "running tests with token $DEMO_TOKEN"; mkdir -p "$CASRUNS_ARTIFACTS_DIR/reports"; '
             'echo "<testsuite tests=\\"3\\"/>" > "$CASRUNS_ARTIFACTS_DIR/reports/junit.xml"; echo "3 passed"')
@@ -61,6 +66,11 @@ def main() -> int:
     sh("list")
     sh("verify", "--read-data")
     sh("logs", ok)
+    follower.terminate()
+    seen = follower.communicate(timeout=30)[0].splitlines()
+    print(f"\n(the background follower printed {len(seen)} events as they happened; the first and last few:)")
+    print("\n".join(seen[:8] + ["..."] + seen[-6:]))
+    sh("events", "--run", ok, "--type", "status", "--type", "promoted")
     shutil.rmtree(archive_dir, ignore_errors=True)
     if keep:
         print(f"\nkept the registry at {root}")

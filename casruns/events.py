@@ -117,16 +117,18 @@ def line(event: dict) -> str:
     """One readable line: cursor, time, run, what happened."""
     t = event.get("type")
     what = t
-    if t in ("status", "removed", "salvaged"):
-        what = f"{t} {event.get('old_status')} -> {event.get('new_status') if t != 'removed' else 'removed'}"
+    if t in ("status", "salvaged"):
+        what = f"{t} {event.get('old_status')} -> {event.get('new_status')}"
+    elif t == "removed":
+        what = f"removed (was {event.get('old_status')})"
     elif t == "created":
         what = f"created {event.get('new_status')}"
     elif t == "updated":
         what = "updated " + ",".join((event.get("detail") or {}).get("fields") or [])
     extra = []
-    if event.get("exit_code") is not None and t == "status":
+    if t == "status" and event.get("exit_code") is not None:
         extra.append(f"exit {event['exit_code']}")
-    if event.get("error"):
+    if t == "status" and event.get("error"):
         extra.append(f"error {event['error'].get('code')}")
     if event.get("recovered"):
         extra.append("recovered")
