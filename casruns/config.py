@@ -183,7 +183,7 @@ def packs_allowed(root: str | os.PathLike) -> bool:
     return packs_for(None if doc is None else doc["version"])
 
 
-SAFE_SUBDIRS = ("runs", "blobs", "locks", "slots", "queue")
+SAFE_SUBDIRS = ("runs", "blobs", "locks", "slots", "queue", "events", "events/segments", "events/pending")
 ALLOW_UNSAFE_ENV = "CASRUNS_ALLOW_UNSAFE_ROOT"
 
 

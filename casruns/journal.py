@@ -301,8 +301,12 @@ class Journal:
         last = events[-1]["seq"]
         nonce = os.urandom(6).hex()
         path = os.path.join(self.pending_dir, f"{run_id}+{last}+{nonce}")  # "+" is in no run id
+        try:
+            end = self.end()
+        except (OSError, CasrunsError):
+            end = 0  # a damaged journal must not stop the change: its append waits, pending
         doc = {"run_id": run_id, "incarnation": incarnation, "seq": last, "kind": kind,
-               "journal_end": self.end(), "lines": [encode_line(e).decode("utf-8", "surrogateescape") for e in events]}
+               "journal_end": end, "lines": [encode_line(e).decode("utf-8", "surrogateescape") for e in events]}
         # built under a temp name and renamed with its flock held: a repairer never sees it
         # unlocked and empty, which it would take for a writer that died before writing it
         tmp = os.path.join(self.pending_dir, fsutil.temp_name(run_id))

@@ -133,6 +133,9 @@ class RegistryRoot:
         for i in range(256):
             fsutil.ensure_dir(os.path.join(blobs, f"{i:02x}"), sync_parent=False)
         fsutil.fsync_dir(blobs)
+        from .runs import journal_of
+
+        journal_of(self.runs_dir).ensure()  # events/, with its full-disk reserve
         doc = f'format = "{FORMAT_NAME}"\nversion = {FORMAT_VERSION}\ncreated_at = "{now_ts()}"\n'
         fsutil.atomic_write(os.path.join(self.root, FORMAT_FILE), doc.encode())
         self._checked = True

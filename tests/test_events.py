@@ -371,3 +371,33 @@ def test_events_in_homeboys_format_match_its_schema(casruns_home):
     states = [r["execution"]["state"] for r in records]
     assert states[0] == "queued" and states[-1] == "failed" and "running" in states
     assert records[-1]["provider_runtime"][0]["task_id"] == rid
+
+
+def test_the_journal_directory_replaced_by_a_symlink_is_refused(registry, casruns_home, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    import shutil
+
+    shutil.rmtree(casruns_home / "events" / "pending")
+    (casruns_home / "events" / "pending").symlink_to(elsewhere)
+    proc, out = cli_json("submit", "--", "true")
+    assert proc.returncode == 6 and out[0]["error"]["code"] == "unsafe_registry"
+    assert not list(elsewhere.iterdir())
+
+
+def test_a_fifo_where_the_journal_should_be_neither_hangs_nor_loses_a_change(registry, casruns_home):
+    rid = registry.submit(["true"], spawn=False)["run_id"]
+    j = journal(casruns_home)
+    seg = j.segment_path(j.segments()[-1])
+    os.rename(seg, seg + ".moved")
+    os.mkfifo(seg, 0o600)
+    proc = cli("cancel", rid, timeout=20)  # commits; its append fails on the stray and stays pending
+    assert proc.returncode == 0 and registry.get(rid)["status"] == "cancelled"
+    assert j.pending_for(rid)
+    proc, out = cli_json("events", "--from-start", timeout=20)
+    assert proc.returncode == 6 and out[0]["error"]["code"] == "stray_file"
+    os.unlink(seg)
+    os.rename(seg + ".moved", seg)
+    events = all_events()  # the reader publishes what was pending, recovered
+    assert [e["type"] for e in events][-2:] == ["cancel_requested", "status"] and events[-1]["recovered"]
+    assert_contiguous(events)
