@@ -68,6 +68,10 @@ def verify(registry: "RegistryRoot", run_ids: list[str] | None = None, *, read_d
     referenced: set[str] = set()
     checked: dict[str, str | None] = {}  # address -> problem kind or None (blobs shared by runs are read once)
     unchecked = 0  # manifests without a checksum (written by casruns 0.2 or older)
+    seqs: dict[str, tuple[str, int]] = {}  # run id -> (incarnation, event_seq): checked against the journal
+    from .runs import journal_of
+
+    journal_end = journal_of(registry.runs_dir).end() if everything else 0  # before any manifest is read
 
     def check_blob(address: str, run_id: str, what: str) -> bool:
         if address not in checked:
@@ -105,6 +109,7 @@ def verify(registry: "RegistryRoot", run_ids: list[str] | None = None, *, read_d
             continue
         if not has_checksum:
             unchecked += 1
+        seqs[rid] = (m.get("incarnation", ""), int(m.get("event_seq") or 0))
         for p in check_manifest(m):
             problems.append({"kind": "manifest_invalid", "run_id": rid, "message": p})
         tree_errors: list = []
@@ -139,6 +144,9 @@ def verify(registry: "RegistryRoot", run_ids: list[str] | None = None, *, read_d
     if everything and hasattr(store, "iter_strays"):
         for rel, kind in store.iter_strays():
             _add_blob_stray(strays, rel, kind)
+
+    if everything:
+        problems.extend(check_journal(registry, seqs, journal_end, strays, progress))
 
     store.pack_names()  # a fresh look: packs whose index cannot be read
     bad_packs = dict(store.bad_packs)
@@ -175,6 +183,55 @@ def verify(registry: "RegistryRoot", run_ids: list[str] | None = None, *, read_d
         "strays": [strays[p] for p in sorted(strays)],
         "ok": not problems and not strays,
     }
+
+
+def check_journal(registry: "RegistryRoot", seqs: dict[str, tuple[str, int]], end: int, strays: dict[str, dict], progress=None) -> list[dict]:
+    """The event journal against the manifests (spec/events.md, "Guarantees"): every line whole
+    and checksummed; no run with an event beyond its manifest's ``event_seq`` (reported but never
+    committed); no run whose last journaled event is behind it with nothing pending.
+
+    Writers run meanwhile: ``end`` is the journal's end taken before the manifests were read, so
+    an event before it was appended before its run's manifest was read (it cannot be ahead of
+    it); pending records are listed before the rest of the journal is read, so a change whose
+    record is gone by then is in that rest."""
+    from .errors import StrayFile
+    from .runs import journal_of
+
+    journal = journal_of(registry.runs_dir)
+    starts = journal.segments()
+    ahead: dict[tuple[str, str], int] = {}
+    last: dict[tuple[str, str], int] = {}
+    pending: set[str] = set()
+    problems: list[dict] = []
+    try:
+        position = starts[0] if starts else 0
+        for i, (position, event) in enumerate(journal.read(position)):
+            if progress and i % 10000 == 0:
+                progress("verifying events", i, None)
+            key = (event.get("run_id"), event.get("incarnation", ""))
+            seq = event.get("seq") or 0
+            if position <= end:
+                ahead[key] = max(ahead.get(key, 0), seq)
+            else:
+                break
+            last[key] = max(last.get(key, 0), seq)
+        pending = {name.split("+", 1)[0] for name in journal.pending_for()}
+        for _, event in journal.read(min(position, end) if starts else 0):
+            key = (event.get("run_id"), event.get("incarnation", ""))
+            last[key] = max(last.get(key, 0), event.get("seq") or 0)
+    except StrayFile as e:
+        path = os.path.relpath(e.details.get("path") or journal.segments_dir, registry.root)
+        strays.setdefault(path, {"path": path, "kind": "stray", "message": e.message})
+        return problems
+    except IntegrityError as e:
+        return [{"kind": "event_journal_damaged", "run_id": "", "message": e.message}]
+    for rid, (incarnation, seq) in sorted(seqs.items()):
+        key = (rid, incarnation)
+        if ahead.get(key, 0) > seq:
+            problems.append({"kind": "event_ahead", "run_id": rid, "message": f"the journal reports seq {ahead[key]} for run {rid}, whose manifest has committed only {seq}"})
+        elif key in last and last[key] < seq and rid not in pending:
+            problems.append({"kind": "event_missing", "run_id": rid, "message": f"run {rid} committed change {seq} but the journal's last event for it is {last[key]}, and nothing is pending"})
+    return problems
 
 
 def run_entries(runs_dir: str, names: list[str] | None, strays: dict[str, dict]) -> list[str]:

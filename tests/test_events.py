@@ -401,3 +401,34 @@ def test_a_fifo_where_the_journal_should_be_neither_hangs_nor_loses_a_change(reg
     events = all_events()  # the reader publishes what was pending, recovered
     assert [e["type"] for e in events][-2:] == ["cancel_requested", "status"] and events[-1]["recovered"]
     assert_contiguous(events)
+
+
+def test_verify_checks_the_journal_against_the_manifests(registry, casruns_home):
+    rid = registry.submit(["true"], spawn=False)["run_id"]
+    registry.cancel(rid)
+    proc, out = cli_json("verify")
+    assert proc.returncode == 0 and out[0]["ok"], out
+    j = journal(casruns_home)
+    seg = j.segment_path(j.segments()[-1])
+    data = open(seg, "rb").read()
+    # the last change's event lost (the segment cut back a line), nothing pending: event_missing
+    cut = data[: data.rstrip(b"\n").rfind(b"\n") + 1]
+    open(seg, "wb").write(cut)
+    proc, out = cli_json("verify")
+    assert proc.returncode == 14 and [p["kind"] for p in out[0]["problems"]] == ["event_missing"]
+    # an event reported beyond what the manifest committed: event_ahead
+    from casruns.journal import encode_line
+
+    bogus = json.loads(data.splitlines()[-1][9:])
+    bogus["seq"] = 99
+    open(seg, "wb").write(data + encode_line(bogus))
+    proc, out = cli_json("verify")
+    assert proc.returncode == 14 and [p["kind"] for p in out[0]["problems"]] == ["event_ahead"]
+    # one flipped byte in a line: its checksum fails, for verify and for readers
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x01
+    open(seg, "wb").write(bytes(flipped))
+    proc, out = cli_json("verify")
+    assert proc.returncode == 14 and [p["kind"] for p in out[0]["problems"]] == ["event_journal_damaged"]
+    proc, out = cli_json("events", "--from-start")
+    assert proc.returncode == 7 and out[-1]["error"]["code"] == "integrity_error" and "checksum" in out[-1]["error"]["message"]
