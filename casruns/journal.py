@@ -175,7 +175,7 @@ class Journal:
                     os.close(fd)
                     fd = -1
                     start, size = start + size, 0
-                    fd = fsutil.open_private(self.segment_path(start), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+                    fd = fsutil.open_private(self.segment_path(start), os.O_RDWR | os.O_CREAT | os.O_APPEND)
                     fsutil.fsync_dir(self.segments_dir)
                 if faults.armed("event_mid_append"):
                     half = max(1, len(data) // 2)

@@ -180,6 +180,9 @@ def test_gc_frees_space_on_a_full_disk_while_a_run_is_active(small_fs, monkeypat
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert out[0]["runs_removed"] == 3 and out[0]["blobs_removed"] >= 3
     assert small_fs.free() > before + 2_000_000
+    # the removals were journaled on the full disk (the journal's reserve made room): spec/events.md
+    removed = [json.loads(l) for l in cli("events", "--json", "--type", "removed").stdout.splitlines()]
+    assert sorted(e["run_id"] for e in removed) == sorted(expired)
     assert status(active)["status"] == "running"
     cli("cancel", active, check=0)
     final = wait_terminal(active)
