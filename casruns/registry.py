@@ -137,9 +137,10 @@ class Registry(RegistryRoot):
         """Find every run whose supervisor is gone: end active ones, restart queued ones."""
         return recovery.reap(self)
 
-    def log_chunks(self, run_id: str, stream: str = "stdout", *, follow: bool = False) -> Iterator[bytes]:
-        """The bytes of one log stream; with ``follow``, keeps yielding until the run ends."""
-        return evidence.log_chunks(self, run_id, stream, follow=follow)
+    def log_chunks(self, run_id: str, stream: str = "stdout", *, follow: bool = False, offset: int = 0) -> Iterator[bytes]:
+        """The bytes of one log stream from byte ``offset`` on; with ``follow``, keeps yielding
+        until the run ends."""
+        return evidence.log_chunks(self, run_id, stream, follow=follow, offset=offset)
 
     def tree(self, run_id: str) -> "Tree":
         return evidence.tree(self, run_id)
