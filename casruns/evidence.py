@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from .tree import Tree
 
 LOG_STREAMS = ("stdout", "stderr", "transcript")
-FOLLOW_RECHECK = 1.0  # the most seconds between two looks at a followed run (a lost supervisor makes no event)
 
 
 def log_chunks(
@@ -28,7 +27,7 @@ def log_chunks(
     on, once written).
 
     Following sleeps on a watch of the spool and run directories (``notify``), so an append
-    wakes it at once; it looks at the run at least every ``FOLLOW_RECHECK`` seconds anyway,
+    wakes it at once; it looks at the run at least every ``notify.RECHECK`` seconds anyway,
     which reaps a run whose supervisor is lost, so following always ends.
     """
     if stream not in LOG_STREAMS:
@@ -39,6 +38,8 @@ def log_chunks(
     m = query.manifest(reg, run_id)
     fd = None
     watch = None
+    if follow:
+        from . import notify
     try:
         while True:
             if m["status"] in mf.TERMINAL:
@@ -52,8 +53,6 @@ def log_chunks(
                     yield from _skip(_read_spool(run.spool(stream)), offset)  # ended on a full disk
                 return
             if follow and watch is None:
-                from . import notify
-
                 watch = notify.watch([run.spool_dir, run.path])  # before reading: no append is missed
             if fd is None:
                 try:
@@ -66,7 +65,7 @@ def log_chunks(
                 yield from _drain(fd)
             if not follow:
                 return
-            watch.wait(FOLLOW_RECHECK)
+            watch.wait(notify.RECHECK)
             m = query.get(reg, run_id)  # reaps a lost run, so follow always ends
             m = reg.run_dir(run_id).read() if m["terminal"] else {"status": m["status"]}
     finally:

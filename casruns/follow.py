@@ -17,7 +17,7 @@ from . import evidence, notify, query
 if TYPE_CHECKING:
     from .root import RegistryRoot
 
-POLL = 1.0  # the most seconds between two looks at a live run (a lost supervisor makes no event)
+POLL = notify.RECHECK  # the most seconds between two looks at a live run (a lost supervisor makes no event)
 
 
 def follow_streams(

@@ -37,6 +37,9 @@ import time
 from collections.abc import Iterable
 
 POLL_INTERVAL = 0.05  # seconds between two stat passes of the polling fallback
+# The most seconds a waiter sleeps on a watch before it looks anyway: what it waits for may make
+# no filesystem event (a supervisor that died), so wait, follow and logs --follow re-check this often.
+RECHECK = 1.0
 
 # <sys/inotify.h>
 IN_MODIFY = 0x00000002

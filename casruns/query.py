@@ -21,7 +21,6 @@ TYPE_CHECKING = False  # typing costs 3 ms on the status path
 if TYPE_CHECKING:
     from .root import RegistryRoot
 
-RECHECK = 1.0  # the most seconds between two looks at a waited run (a lost supervisor makes no event)
 
 
 def manifest(reg: "RegistryRoot", run_id: str) -> dict:
@@ -135,12 +134,13 @@ def list_runs(reg: "RegistryRoot", *,
     return out
 
 
-def wait(reg: "RegistryRoot", run_ids: list[str], *, timeout: float | None = None, poll: float = RECHECK) -> tuple[list[dict], bool]:
+def wait(reg: "RegistryRoot", run_ids: list[str], *, timeout: float | None = None, poll: float | None = None) -> tuple[list[dict], bool]:
     """Block until every run is terminal. Returns (records, all_terminal).
 
     Sleeps on a watch of the runs' directories (``notify``): a manifest renamed into place
-    wakes it at once. ``poll`` is the most seconds between two checks (capped at ``RECHECK``):
-    a supervisor that died makes no filesystem event, so lost runs are looked for that often.
+    wakes it at once. ``poll`` is the most seconds between two checks (None, and at most:
+    ``notify.RECHECK``): a supervisor that died makes no filesystem event, so lost runs are
+    looked for that often.
     """
     from . import notify
 
@@ -163,7 +163,7 @@ def wait(reg: "RegistryRoot", run_ids: list[str], *, timeout: float | None = Non
                         time.sleep(0.05)  # the submitter hands its lock over; look twice
                         if not run.is_supervised() and run.read_fresh()["status"] == mf.QUEUED:
                             recovery.restart_queued(reg, run, run.read_fresh())
-            step = min(poll, RECHECK)
+            step = notify.RECHECK if poll is None else min(poll, notify.RECHECK)
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:

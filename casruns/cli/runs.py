@@ -8,11 +8,9 @@ import sys
 import click
 
 from .. import errors as E
+from ..notify import RECHECK  # wait and run wake on a change; they look for a lost supervisor this often
 from . import options, render
 from .options import json_option
-
-
-RECHECK = 1.0  # wait and run wake on a filesystem event; they look for a lost supervisor this often
 
 
 def register(cli: click.Group) -> None:
@@ -201,7 +199,7 @@ def _add_logs(cli: click.Group) -> None:
                 out.flush()
             return
         # the status read before the bytes: the end line never claims an end it did not read to
-        before = reg.get(run_id) if offset >= 0 else None
+        before = reg.get(run_id)
         pos = offset
         for chunk in chunks:
             render.emit_json(log_chunk_doc(run_id, stream, pos, chunk))
