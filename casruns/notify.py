@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import stat
 import struct
 import time
 from collections.abc import Iterable
@@ -106,7 +107,7 @@ def _signature(path: str):
     except OSError:
         return None
     sig: tuple = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_mode)
-    if os.path.isdir(path):
+    if stat.S_ISDIR(st.st_mode):
         children = []
         try:
             names = sorted(os.listdir(path))
