@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 from collections.abc import Iterator
 from . import fsutil, query
@@ -18,52 +17,67 @@ if TYPE_CHECKING:
     from .tree import Tree
 
 LOG_STREAMS = ("stdout", "stderr", "transcript")
-FOLLOW_POLL = 0.2
 
 
-def log_chunks(reg: "RegistryRoot", run_id: str, stream: str = "stdout", *, follow: bool = False) -> Iterator[bytes]:
-    """The bytes of one log stream; with ``follow``, keeps yielding until the run ends."""
+def log_chunks(
+    reg: "RegistryRoot", run_id: str, stream: str = "stdout", *, follow: bool = False, offset: int = 0
+) -> Iterator[bytes]:
+    """The bytes of one log stream from byte ``offset`` on; with ``follow``, keeps yielding
+    until the run ends. An offset beyond the end yields nothing (a live run's bytes from there
+    on, once written).
+
+    Following sleeps on a watch of the spool and run directories (``notify``), so an append
+    wakes it at once; it looks at the run at least every ``notify.RECHECK`` seconds anyway,
+    which reaps a run whose supervisor is lost, so following always ends.
+    """
     if stream not in LOG_STREAMS:
         raise InvalidInput(f"unknown stream {stream!r}; one of: {', '.join(LOG_STREAMS)}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise InvalidInput(f"offset must be a byte count of 0 or more, not {offset!r}")
     run = reg.run_dir(run_id)
     m = query.manifest(reg, run_id)
-    offset = 0
     fd = None
+    watch = None
+    if follow:
+        from . import notify
     try:
         while True:
             if m["status"] in mf.TERMINAL:
                 if fd is not None:  # drain the spool we hold open, even if it was unlinked
-                    while True:
-                        data = os.read(fd, 1 << 20)
-                        if not data:
-                            return
-                        yield data
+                    yield from _drain(fd)
+                    return
                 ref = (m.get("logs") or {}).get(stream)
                 if ref:
                     yield from _skip(reg.store.iter_chunks(ref["blake3"]), offset)
                 elif m.get("collection_pending"):
                     yield from _skip(_read_spool(run.spool(stream)), offset)  # ended on a full disk
                 return
+            if follow and watch is None:
+                watch = notify.watch([run.spool_dir, run.path])  # before reading: no append is missed
             if fd is None:
                 try:
                     fd = os.open(run.spool(stream), os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
                     fd = None
+                else:
+                    os.lseek(fd, offset, os.SEEK_SET)  # past the end: reads start there once written
             if fd is not None:
-                while True:
-                    data = os.read(fd, 1 << 20)
-                    if not data:
-                        break
-                    offset += len(data)
-                    yield data
+                yield from _drain(fd)
             if not follow:
                 return
-            time.sleep(FOLLOW_POLL)
+            watch.wait(notify.RECHECK)
             m = query.get(reg, run_id)  # reaps a lost run, so follow always ends
             m = reg.run_dir(run_id).read() if m["terminal"] else {"status": m["status"]}
     finally:
         if fd is not None:
             os.close(fd)
+        if watch is not None:
+            watch.close()
+
+
+def _drain(fd: int) -> Iterator[bytes]:
+    while data := os.read(fd, 1 << 20):
+        yield data
 
 
 def tree(reg: "RegistryRoot", run_id: str) -> "Tree":
@@ -143,8 +157,7 @@ def _read_spool(path: str) -> Iterator[bytes]:
     except FileNotFoundError:
         return
     try:
-        while data := os.read(fd, 1 << 20):
-            yield data
+        yield from _drain(fd)
     finally:
         os.close(fd)
 

@@ -9,16 +9,15 @@ itself. It imports no click.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from . import evidence, query
+from . import evidence, notify, query
 
 if TYPE_CHECKING:
     from .root import RegistryRoot
 
-POLL = 0.1  # seconds between looks at a live run (one manifest read and one read per spool)
+POLL = notify.RECHECK  # the most seconds between two looks at a live run (a lost supervisor makes no event)
 
 
 def follow_streams(
@@ -29,8 +28,10 @@ def follow_streams(
     :param streams: the streams to tail, in the order they are read on each pass; empty to
         wait for the end without reading any output.
     :return: an iterator that ends once the run is terminal and every byte of each stream
-        has been yielded. Polling goes through ``registry.get``, which reaps a run whose
-        supervisor is lost, so it always ends.
+        has been yielded. It sleeps on a watch of the spool and run directories
+        (``notify``), so an append or a status change wakes it at once, and looks at the run
+        at least every ``poll`` seconds anyway: through ``registry.get``, which reaps a run
+        whose supervisor is lost, so it always ends.
 
     A stream whose spool was gone before it could be opened (the run ended first) is read
     from the run's stored log after the end instead. A spool opened in time is read to its
@@ -39,6 +40,7 @@ def follow_streams(
     streams = tuple(streams)
     run = registry.run_dir(run_id)
     fds: dict[str, int] = {}
+    watch = notify.watch([run.spool_dir, run.path])  # before the first look: no change is missed
     try:
         while True:
             rec = query.get(registry, run_id)  # read before draining: a terminal run's spools are complete
@@ -52,8 +54,9 @@ def follow_streams(
                     yield stream, data
             if rec["terminal"]:
                 break
-            time.sleep(poll)
+            watch.wait(poll)
     finally:
+        watch.close()
         for fd in fds.values():
             os.close(fd)
     for stream in streams:

@@ -134,26 +134,39 @@ def list_runs(reg: "RegistryRoot", *,
     return out
 
 
-def wait(reg: "RegistryRoot", run_ids: list[str], *, timeout: float | None = None, poll: float = 0.2) -> tuple[list[dict], bool]:
-    """Block until every run is terminal. Returns (records, all_terminal)."""
+def wait(reg: "RegistryRoot", run_ids: list[str], *, timeout: float | None = None, poll: float | None = None) -> tuple[list[dict], bool]:
+    """Block until every run is terminal. Returns (records, all_terminal).
+
+    Sleeps on a watch of the runs' directories (``notify``): a manifest renamed into place
+    wakes it at once. ``poll`` is the most seconds between two checks (None, and at most:
+    ``notify.RECHECK``): a supervisor that died makes no filesystem event, so lost runs are
+    looked for that often.
+    """
+    from . import notify
+
     for rid in run_ids:
         manifest(reg, rid)  # unknown ids fail before we wait
     deadline = None if timeout is None else time.monotonic() + timeout
     last_check = 0.0
-    while True:
-        records = [get(reg, rid) for rid in run_ids]
-        if all(r["terminal"] for r in records):
-            return records, True
-        if time.monotonic() - last_check > 5.0:
-            # A queued run whose supervisor is gone would never end: restart it (or fail
-            # it, if it cannot be restarted safely) as reap would, so wait always returns.
-            last_check = time.monotonic()
-            for r in records:
-                run = reg.run_dir(r["run_id"])
-                if r["status"] == mf.QUEUED and not run.is_supervised():
-                    time.sleep(0.05)  # the submitter hands its lock over; look twice
-                    if not run.is_supervised() and run.read_fresh()["status"] == mf.QUEUED:
-                        recovery.restart_queued(reg, run, run.read_fresh())
-        if deadline is not None and time.monotonic() >= deadline:
-            return records, False
-        time.sleep(poll)
+    with notify.watch([reg.run_dir(rid).path for rid in run_ids]) as watch:
+        while True:
+            records = [get(reg, rid) for rid in run_ids]
+            if all(r["terminal"] for r in records):
+                return records, True
+            if time.monotonic() - last_check > 5.0:
+                # A queued run whose supervisor is gone would never end: restart it (or fail
+                # it, if it cannot be restarted safely) as reap would, so wait always returns.
+                last_check = time.monotonic()
+                for r in records:
+                    run = reg.run_dir(r["run_id"])
+                    if r["status"] == mf.QUEUED and not run.is_supervised():
+                        time.sleep(0.05)  # the submitter hands its lock over; look twice
+                        if not run.is_supervised() and run.read_fresh()["status"] == mf.QUEUED:
+                            recovery.restart_queued(reg, run, run.read_fresh())
+            step = notify.RECHECK if poll is None else min(poll, notify.RECHECK)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return records, False
+                step = min(step, left)
+            watch.wait(step)

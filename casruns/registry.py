@@ -73,7 +73,7 @@ class Registry(RegistryRoot):
         """Records newest first, filtered by status (any of), labels (all of), creation time."""
         return query.list_runs(self, statuses=statuses, labels=labels, since=since, limit=limit, promoted=promoted, reap=reap, errors=errors)
 
-    def wait(self, run_ids: list[str], *, timeout: float | None = None, poll: float = 0.2) -> tuple[list[dict], bool]:
+    def wait(self, run_ids: list[str], *, timeout: float | None = None, poll: float | None = None) -> tuple[list[dict], bool]:
         """Block until every run is terminal. Returns (records, all_terminal)."""
         return query.wait(self, run_ids, timeout=timeout, poll=poll)
 
@@ -132,11 +132,11 @@ class Registry(RegistryRoot):
         """Every attempt of the run's chain (linked by ``resumed_from``), first attempt first."""
         return replay.chain(self, run_id)
 
-    def follow(self, run_id: str, streams: Iterable[str] = ("stdout", "stderr"), *, poll: float = 0.1) -> Iterator[tuple[str, bytes]]:
+    def follow(self, run_id: str, streams: Iterable[str] = ("stdout", "stderr"), *, poll: float | None = None) -> Iterator[tuple[str, bytes]]:
         """``(stream, bytes)`` of a run's output as it is written, until the run is terminal."""
         from .follow import follow_streams
 
-        return follow_streams(self, run_id, streams, poll=poll)
+        return follow_streams(self, run_id, streams) if poll is None else follow_streams(self, run_id, streams, poll=poll)
 
     def scan(self, run_ids: list[str] | None = None, *, progress=None) -> dict:
         """Look for secrets that were not masked in runs' logs, artifacts and records."""
@@ -152,9 +152,10 @@ class Registry(RegistryRoot):
         """Find every run whose supervisor is gone: end active ones, restart queued ones."""
         return recovery.reap(self)
 
-    def log_chunks(self, run_id: str, stream: str = "stdout", *, follow: bool = False) -> Iterator[bytes]:
-        """The bytes of one log stream; with ``follow``, keeps yielding until the run ends."""
-        return evidence.log_chunks(self, run_id, stream, follow=follow)
+    def log_chunks(self, run_id: str, stream: str = "stdout", *, follow: bool = False, offset: int = 0) -> Iterator[bytes]:
+        """The bytes of one log stream from byte ``offset`` on; with ``follow``, keeps yielding
+        until the run ends."""
+        return evidence.log_chunks(self, run_id, stream, follow=follow, offset=offset)
 
     def tree(self, run_id: str) -> "Tree":
         return evidence.tree(self, run_id)

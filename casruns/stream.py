@@ -121,24 +121,13 @@ def events(
 
 
 def _watch(journal):
+    from . import notify
+
     try:
         journal.ensure()  # so there is a directory to watch (a read-only reader cannot: it polls)
     except (CasrunsError, OSError):
         pass
-    try:
-        from . import notify
-    except ImportError:  # pragma: no cover - until notify lands
-        return _Sleep()
     return notify.watch([journal.segments_dir, journal.pending_dir])
-
-
-class _Sleep:
-    def wait(self, timeout):
-        time.sleep(min(timeout, 0.05))
-        return False
-
-    def close(self):
-        pass
 
 
 def _reap(reg: "RegistryRoot", run_ids: list[str], statuses: dict[str, str]) -> None:

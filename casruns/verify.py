@@ -204,10 +204,10 @@ def check_journal(registry: "RegistryRoot", seqs: dict[str, tuple[str, int]], en
     pending: set[str] = set()
     problems: list[dict] = []
     try:
-        position = starts[0] if starts else 0
+        position = first = starts[0] if starts else 0
         for i, (position, event) in enumerate(journal.read(position)):
-            if progress and i % 10000 == 0:
-                progress("verifying events", i, None)
+            if progress and i % 10000 == 0 and end > first:
+                progress("verifying events (bytes)", min(position, end) - first, end - first)
             key = (event.get("run_id"), event.get("incarnation", ""))
             seq = event.get("seq") or 0
             if position <= end:

@@ -8,6 +8,7 @@ import sys
 import click
 
 from .. import errors as E
+from ..notify import RECHECK  # wait and run wake on a change; they look for a lost supervisor this often
 from . import options, render
 from .options import json_option
 
@@ -75,7 +76,7 @@ def _add_run(cli: click.Group) -> None:
 def _follow(reg, run_id: str, streams: tuple[str, ...]) -> None:
     """Copy a run's streams to ours until it is terminal (none: just wait for the end)."""
     sinks = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
-    for stream, data in reg.follow(run_id, streams):
+    for stream, data in reg.follow(run_id, streams, poll=RECHECK):
         sinks[stream].write(data)
         sinks[stream].flush()
 
@@ -140,7 +141,7 @@ def _add_wait(cli: click.Group) -> None:
     @click.pass_obj
     def wait(obj, run_ids, timeout, as_json):
         """Block until the runs are terminal; exit with the worst outcome's code."""
-        records, done = obj.registry.wait(list(run_ids), timeout=options.parse_duration(timeout))
+        records, done = obj.registry.wait(list(run_ids), timeout=options.parse_duration(timeout), poll=RECHECK)
         for r in records:
             render.emit(as_json, r, _status_line)
         if not done:
@@ -198,11 +199,45 @@ def _add_logs(cli: click.Group) -> None:
     @click.argument("run_id")
     @click.option("--stream", type=click.Choice(["stdout", "stderr", "transcript"]), default="stdout", show_default=True)
     @click.option("--follow", "-f", is_flag=True, help="Keep printing until the run is terminal.")
+    @click.option("--offset", type=int, default=0, metavar="N", help="Start at byte N of the stream (resume).")
     @json_option
     @click.pass_obj
-    def logs(obj, run_id, stream, follow, as_json):
-        """Print a run's log (redacted); live while it runs. --json makes errors JSON."""
-        out = sys.stdout.buffer
-        for chunk in obj.registry.log_chunks(run_id, stream, follow=follow):
-            out.write(chunk)
-            out.flush()
+    def logs(obj, run_id, stream, follow, offset, as_json):
+        """Print a run's log (redacted); live while it runs. --json: chunks as casruns/log-chunk/v1 lines."""
+        reg = obj.registry
+        chunks = reg.log_chunks(run_id, stream, follow=follow, offset=offset)
+        if not as_json:
+            out = sys.stdout.buffer
+            for chunk in chunks:
+                out.write(chunk)
+                out.flush()
+            return
+        # the status read before the bytes: the end line never claims an end it did not read to
+        before = reg.get(run_id)
+        pos = offset
+        for chunk in chunks:
+            render.emit_json(log_chunk_doc(run_id, stream, pos, chunk))
+            sys.stdout.flush()
+            pos += len(chunk)
+        rec = reg.get(run_id) if follow else before
+        size = ((rec.get("logs") or {}).get(stream) or {}).get("size") if rec["terminal"] else None
+        end = {"schema": LOG_CHUNK_SCHEMA, "run_id": run_id, "stream": stream, "offset": pos, "end": True, "status": rec["status"]}
+        if size is not None and size < pos:  # --offset past the end of a finished log
+            end["offset"] = size
+        render.emit_json(end)
+
+
+LOG_CHUNK_SCHEMA = "casruns/log-chunk/v1"
+
+
+def log_chunk_doc(run_id: str, stream: str, offset: int, chunk: bytes) -> dict:
+    """One chunk of ``logs --json`` (spec/log-chunk.schema.json): its text when it is valid
+    UTF-8 on its own, else its bytes in base64 (a chunk that cuts a character is base64)."""
+    try:
+        encoding, data = "utf-8", chunk.decode("utf-8")
+    except UnicodeDecodeError:
+        import base64
+
+        encoding, data = "base64", base64.b64encode(chunk).decode("ascii")
+    return {"schema": LOG_CHUNK_SCHEMA, "run_id": run_id, "stream": stream, "offset": offset, "length": len(chunk),
+            "encoding": encoding, "data": data}
