@@ -189,6 +189,18 @@ class PluginError(CasrunsError):
     exit_code = EXIT_PLUGIN
 
 
+class Unauthorized(InvalidInput):
+    """``casruns serve``: a request without a valid token (HTTP 401)."""
+
+    code = "unauthorized"
+
+
+class Forbidden(InvalidInput):
+    """``casruns serve``: an action the server does not allow, or a form without its CSRF token (HTTP 403)."""
+
+    code = "forbidden"
+
+
 class CursorExpired(CasrunsError):
     """The events after this cursor were partly removed by gc (older than ``events_keep``):
     resynchronize from ``list --json``, which carries a cursor to follow from."""

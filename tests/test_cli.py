@@ -15,7 +15,7 @@ from conftest import poll_until
 CLI_DIR = Path(__file__).resolve().parent.parent / "casruns" / "cli"
 
 COMMANDS = {
-    "archive", "artifacts", "cancel", "cat", "events", "export", "gc", "init", "list", "logs", "migrate", "plugins",
+    "archive", "artifacts", "cancel", "cat", "events", "export", "serve", "gc", "init", "list", "logs", "migrate", "plugins",
     "promote", "reap", "replay", "resume", "retain", "run", "scan", "status", "submit", "unpromote", "verify", "wait",
 }
 

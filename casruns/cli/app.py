@@ -46,10 +46,10 @@ def build_cli() -> click.Group:
         """casruns: a durable run registry for headless sandbox runs."""
         ctx.obj = Ctx(root, plugins)
 
-    from . import archive, events, evidence, maintenance, runs
+    from . import archive, events, evidence, maintenance, runs, serve
     from . import plugins as plugin_commands  # not the group's --plugin values
 
-    for family in (runs, events, evidence, maintenance, archive, plugin_commands):
+    for family in (runs, events, evidence, maintenance, archive, plugin_commands, serve):
         family.register(cli)
     return cli
 

@@ -1,0 +1,62 @@
+"""Running the app: the bind rules of spec/http.md, then uvicorn until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+
+from ..errors import BackendMissing, InvalidInput
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(registry, *, host: str = "127.0.0.1", port: int = 8765, allow_actions: bool = False, token_file: str | None = None,
+          ready=None) -> int:
+    """Serve until stopped. Refuses (InvalidInput, before binding) a non-loopback address
+    without a token file, and ``allow_actions`` without one. ``ready(url)`` is called once
+    the socket listens (the CLI prints the URL there)."""
+    from .auth import load_tokens
+
+    tokens = load_tokens(token_file) if token_file else None
+    if tokens is None and not is_loopback(host):
+        raise InvalidInput(f"refusing to serve on {host} without --token-file: only a loopback address may be served without a token")
+    if allow_actions and tokens is None:
+        raise InvalidInput("--allow-actions needs --token-file: actions always need a token, on loopback too")
+    try:
+        import uvicorn
+
+        from .app import build_app
+    except ImportError as e:
+        raise BackendMissing(f"casruns serve needs the web extra ({e.name} is missing): pip install 'casruns[web]'") from None
+    registry.check_format()
+    app = build_app(registry, tokens=tokens, allow_actions=allow_actions)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise InvalidInput(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(512)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    if ready is not None:
+        ready(f"http://{shown}:{bound}")
+    server.run(sockets=[sock])
+    return 0
+
+
+def main_ready(url: str) -> None:
+    sys.stderr.write(f"casruns serve: listening on {url}\n")
+    sys.stderr.flush()
