@@ -162,13 +162,20 @@ class Journal:
     def append(self, lines: list[bytes]) -> None:
         """Append whole lines under the journal lock and make them durable (fdatasync)."""
         self.ensure()
-        self._with_space(lambda: self._append(b"".join(lines)))
+        data = b"".join(lines)
+        done = [0]  # bytes of whole lines a failed attempt left in the journal: not written again
+        self._with_space(lambda: self._append(data, done))
 
-    def _append(self, data: bytes) -> None:
+    def _append(self, data: bytes, done: list[int] | None = None) -> None:
+        done = done if done is not None else [0]
+        data = data[done[0]:]
+        if not data:
+            return
         lock = fsutil.open_private(self.lock_path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             start, fd = self._open_tail()
+            size = 0
             try:
                 size = _complete_length(fd, repair=True)
                 if size >= segment_bytes():
@@ -188,8 +195,10 @@ class Journal:
             except BaseException:
                 if fd >= 0:
                     # a short write (a full disk) must not leave a partial line for readers to wait on
+                    # (cut back to the last newline only: whole lines of ours may have been read
+                    # already, so they stay, and a retry writes only the rest)
                     try:
-                        _complete_length(fd, repair=True)
+                        done[0] += max(0, _complete_length(fd, repair=True) - size)
                     except OSError:
                         pass
                 raise
@@ -385,26 +394,36 @@ class Journal:
                 verdict = committed(doc)
                 if verdict is None:
                     continue
-                if verdict and not self._contains(doc):
-                    self.append([_recovered(line) for line in doc["lines"]])
+                if verdict:
+                    # a torn append of several lines may have left the first ones whole: only
+                    # the events the journal does not hold yet are appended
+                    have = self._present(doc)
+                    missing = [e for e in (_decoded(line) for line in doc["lines"]) if e.get("seq") not in have]
+                    if missing:
+                        self.append([_recovered(e) for e in missing])
                 fsutil.unlink_quiet(path)
                 settled += 1
             finally:
                 os.close(fd)
         return settled
 
-    def _contains(self, doc: dict) -> bool:
-        """True if the journal holds the pending change's last event (scanned from where the
-        journal ended when the change was prepared)."""
-        want = (doc["run_id"], doc.get("incarnation", ""), doc["seq"])
+    def _present(self, doc: dict) -> set:
+        """The seqs of the pending change's run and incarnation that the journal holds (scanned
+        from where the journal ended when the change was prepared)."""
+        want = (doc["run_id"], doc.get("incarnation", ""))
         start = max(int(doc.get("journal_end") or 0), (self.segments() or [0])[0])
+        have = set()
         try:
             for _, event in self.read(start):
-                if (event.get("run_id"), event.get("incarnation", ""), event.get("seq")) == want:
-                    return True
+                if (event.get("run_id"), event.get("incarnation", "")) == want:
+                    have.add(event.get("seq"))
         except (CursorExpired, IntegrityError):
-            return False
-        return False
+            pass
+        return have
+
+    def _contains(self, doc: dict) -> bool:
+        """True if the journal holds the pending change's last event."""
+        return doc["seq"] in self._present(doc)
 
 
 class Pending:
@@ -437,8 +456,12 @@ class Pending:
             self.fd = -1
 
 
-def _recovered(line: str) -> bytes:
-    event = decode_line(line.encode("utf-8", "surrogateescape").rstrip(b"\n"), "a pending change")
+def _decoded(line: str) -> dict:
+    return decode_line(line.encode("utf-8", "surrogateescape").rstrip(b"\n"), "a pending change")
+
+
+def _recovered(event: dict) -> bytes:
+    event = dict(event)
     event["recovered"] = True
     return encode_line(event)
 

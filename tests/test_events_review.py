@@ -1,0 +1,90 @@
+"""Hostile review of the event journal (spec/events.md, "Guarantees"): each test stops the code
+at one exact step (a fault point, a full disk, a race) and checks one guarantee."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from casruns import Registry, faults
+from casruns.journal import Journal
+
+from conftest import cli, cli_json, poll_until
+
+
+def journal(home) -> Journal:
+    return Journal(os.path.join(home, "events"))
+
+
+def assert_contiguous(events):
+    """Per run and incarnation, seq is 1, 2, 3... in journal order, with no gap and no duplicate."""
+    seen: dict = {}
+    for e in events:
+        key = (e["run_id"], e["incarnation"])
+        assert e["seq"] == seen.get(key, 0) + 1, (key, e["seq"], seen.get(key), e["type"])
+        seen[key] = e["seq"]
+    return seen
+
+
+def lost_running_run(registry) -> str:
+    """A run in ``running`` whose supervisor is gone (none was ever spawned)."""
+    from casruns import manifest as mf
+    from casruns.timefmt import now_ts
+
+    rid = registry.submit(["true"], spawn=False)["run_id"]
+    run = registry.run_dir(rid)
+    for status in (mf.BOOTING, mf.RUNNING):
+        with run.update() as m:
+            mf.transition(m, status, now_ts())
+    return rid
+
+
+def test_a_multi_event_append_torn_by_a_kill_is_not_duplicated(registry, casruns_home):
+    """Reap salvaging a lost run appends two lines in one write (status, salvaged; the second is
+    the longer). Killed with half the bytes written, the first line is whole in the journal (a
+    reader may already have reported it); the next appender cuts the torn second line and the
+    pending record is recovered. The recovery must append only what is missing: it appended both,
+    so the status event was in the journal twice (seq 4, then seq 4 again, recovered)."""
+    rid = lost_running_run(registry)
+    proc = cli("reap", env={"CASRUNS_TEST_FAULT": "event_mid_append"})
+    assert proc.returncode == -9
+    events = list(Registry(str(casruns_home)).events(from_start=True))  # the reader repairs it
+    assert not journal(casruns_home).pending_for(rid)
+    assert [e["type"] for e in events] == ["created", "status", "status", "status", "salvaged"]
+    assert_contiguous(events)
+    assert [e["recovered"] for e in events[-2:]] == [False, True]
+
+
+def test_a_multi_event_append_cut_short_by_a_full_disk_is_not_duplicated(registry, casruns_home, monkeypatch):
+    """The same without a crash: the append hits a full disk after half its bytes, cuts back to
+    the last newline (keeping the first, whole, line: a reader may have seen it), frees the
+    reserve and retried the whole write: the first event was in the journal twice."""
+    import errno
+
+    rid = lost_running_run(registry)
+    assert os.path.exists(journal(casruns_home).reserve_path)
+    monkeypatch.setenv("CASRUNS_TEST_FAULT", "event_mid_append=enospc")
+    faults.reset()
+    real, hits = faults.point, []
+
+    def once(name):  # the disk is full once: the reserve freed, the retry has room
+        if name == "event_mid_append" and not hits:
+            hits.append(name)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if name != "event_mid_append":
+            real(name)
+
+    monkeypatch.setattr(faults, "point", once)
+    try:
+        registry.reap()
+    finally:
+        monkeypatch.delenv("CASRUNS_TEST_FAULT")
+        faults.reset()
+    assert hits and registry.get(rid)["status"] == "failed"
+    assert not os.path.exists(journal(casruns_home).reserve_path)  # the retry ran
+    events = list(registry.events(from_start=True))
+    assert [e["type"] for e in events] == ["created", "status", "status", "status", "salvaged"]
+    assert_contiguous(events)
+    assert not any(e["recovered"] for e in events)
