@@ -88,3 +88,55 @@ def test_a_multi_event_append_cut_short_by_a_full_disk_is_not_duplicated(registr
     assert [e["type"] for e in events] == ["created", "status", "status", "status", "salvaged"]
     assert_contiguous(events)
     assert not any(e["recovered"] for e in events)
+
+
+def test_until_terminal_restarts_a_queued_run_whose_supervisor_died(registry):
+    """spec: "While waiting it reaps named runs whose supervisor died ..., as `wait` does". `wait`
+    restarts a queued run whose supervisor is gone; `events --until-terminal` only looked at
+    active runs, so it waited for a queued orphan until its timeout (or forever)."""
+    rid = registry.submit(["true"], spawn=False)["run_id"]  # queued, and no supervisor will come
+    proc = cli("events", "--run", rid, "--until-terminal", "--timeout", "20", timeout=60)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    assert registry.get(rid)["status"] == "succeeded"
+
+
+def test_until_terminal_is_not_ended_by_an_earlier_incarnation_of_the_run_id(casruns_home, registry):
+    """A caller-chosen run id removed by gc and submitted again: `events --until-terminal` (from
+    the journal's start, its default) replays the old incarnation's events, and its terminal
+    status ended the wait at once, with the old run's exit code, while the new run still ran."""
+    (casruns_home / "config.toml").write_text('[retention]\ncancelled = "0s"\n')
+    registry.submit(["true"], spawn=False, run_id="fixed-id")
+    registry.cancel("fixed-id")
+    cli("gc", check=0)
+    cli("submit", "--run-id", "fixed-id", "--", "sleep", "1", check=0)
+    proc = cli("events", "--run", "fixed-id", "--until-terminal", "--timeout", "20", timeout=60)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)  # 12: the old run's `cancelled`
+    assert registry.get("fixed-id")["status"] == "succeeded"
+
+
+def test_until_terminal_prints_the_whole_update_that_made_the_run_terminal(registry):
+    """A salvage commits `status` (running → failed) and `salvaged` in one update, one append.
+    `--until-terminal` stopped at the `status` event, so the `salvaged` event of the run it was
+    waiting for was never printed (likewise a queued run's `cancel_requested` ended it before
+    the `status` event that follows it)."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import casruns_exe
+
+    rid = json.loads(cli("submit", "--json", "--", "sleep", "60").stdout)["run_id"]
+    poll_until(lambda: registry.get(rid)["status"] == "running", what="running")
+    follower = subprocess.Popen(casruns_exe() + ["events", "--json", "--run", rid, "--until-terminal", "--timeout", "30"],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(follower.stdout.readline())  # it has started (from the journal's start)
+        assert first["type"] == "created"
+        time.sleep(0.3)
+        os.kill(registry.manifest(rid)["supervisor"]["pid"], signal.SIGKILL)  # the follower reaps it
+        rest, _ = follower.communicate(timeout=60)
+    finally:
+        follower.kill()
+    types = [first["type"]] + [json.loads(l)["type"] for l in rest.splitlines()]
+    assert follower.returncode == 10, (follower.returncode, types)
+    assert types[-2:] == ["status", "salvaged"], types
