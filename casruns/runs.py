@@ -156,7 +156,7 @@ class RunDir:
                 try:
                     manifest.write(self.manifest_path, m)
                 except BaseException:
-                    pending.abandon()
+                    settle_failed(pending, os.path.dirname(self.path))
                     raise
                 pending.publish()
 
@@ -251,7 +251,7 @@ def create(runs_dir: str | os.PathLike, m: dict, *, files: dict[str, bytes] | No
         # the cache's tag is the manifest's inode, which the directory rename kept.
     except BaseException:
         if pending is not None:
-            pending.abandon()
+            settle_failed(pending, runs_dir)
         if lock is not None:
             lock.release()
         _rmtree(tmp)
@@ -272,6 +272,22 @@ def stage(journal: Journal, m: dict, evs: list[dict], *, kind: str = "update", n
         return journal.prepare(m["run_id"], m.get("incarnation", ""), evs, kind=kind)
     except OSError as e:
         raise fsutil.write_error(f"cannot record the events of run {m['run_id']}", e, journal.pending_dir) from e
+
+
+def settle_failed(pending: Pending, runs_dir: str) -> None:
+    """A commit that raised may still have happened (its rename done, the directory sync after it
+    failed, or an interrupt): then its events are published, else dropped; if that cannot be told
+    now, the record is left to a repairer."""
+    try:
+        verdict = committed(runs_dir, pending.doc)
+    except Exception:
+        verdict = None
+    if verdict:
+        pending.publish()
+    elif verdict is False:
+        pending.abandon()
+    else:
+        pending.close()
 
 
 def committed(runs_dir: str, doc: dict) -> bool | None:

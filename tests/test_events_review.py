@@ -140,3 +140,55 @@ def test_until_terminal_prints_the_whole_update_that_made_the_run_terminal(regis
     types = [first["type"]] + [json.loads(l)["type"] for l in rest.splitlines()]
     assert follower.returncode == 10, (follower.returncode, types)
     assert types[-2:] == ["status", "salvaged"], types
+
+
+def _fail_dir_sync_once(monkeypatch, path):
+    import errno
+
+    from casruns import fsutil
+
+    real, hits = fsutil.fsync_dir, []
+
+    def fsync_dir(p):
+        if os.path.abspath(os.fspath(p)) == os.path.abspath(path) and not hits:
+            hits.append(p)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(p)
+
+    monkeypatch.setattr(fsutil, "fsync_dir", fsync_dir)
+    return hits
+
+
+def test_an_update_that_fails_after_its_manifest_rename_is_still_reported(registry, casruns_home, monkeypatch):
+    """The manifest commit renames, then syncs the run directory. If the sync fails (EIO, or an
+    interrupt) the new manifest is already what every reader sees, yet `update` abandoned the
+    pending record: the change was never reported, and the next change's seq left a gap."""
+    rid = registry.submit(["true"], spawn=False)["run_id"]
+    registry.cancel(rid)
+    hits = _fail_dir_sync_once(monkeypatch, registry.run_dir(rid).path)
+    with pytest.raises(Exception):
+        registry.promote(rid, reason="r")
+    assert hits
+    monkeypatch.undo()
+    assert registry.get(rid)["retention"]["promoted"] is True  # committed: every reader sees it
+    registry.retain(rid, for_="1d")  # the next writer
+    events = list(Registry(str(casruns_home)).events(from_start=True))
+    assert_contiguous(events)
+    assert [e["type"] for e in events][-2:] == ["promoted", "retention_changed"]
+
+
+def test_a_creation_that_fails_after_its_rename_is_still_reported(registry, casruns_home, monkeypatch):
+    """The same for `create`: the run is renamed into place (it exists, a second submit of the id
+    gets "exists"), then the sync of runs/ fails: the `created` event was abandoned."""
+    runs_dir = os.path.join(casruns_home, "runs")
+    hits = _fail_dir_sync_once(monkeypatch, runs_dir)
+    with pytest.raises(Exception):
+        registry.submit(["true"], spawn=False, run_id="fixed-id")
+    assert hits
+    monkeypatch.undo()
+    if not os.path.isdir(os.path.join(runs_dir, "fixed-id")):
+        return  # not committed: nothing to report
+    registry.cancel("fixed-id")
+    events = list(Registry(str(casruns_home)).events(from_start=True))
+    assert_contiguous(events)
+    assert [e["type"] for e in events] == ["created", "cancel_requested", "status"]
