@@ -355,11 +355,16 @@ class Journal:
                 gone += 1
         return gone
 
-    def resolve(self, committed: Callable[[dict], bool | None], run_id: str | None = None, *, wait: bool = False) -> int:
+    def resolve(self, committed: Callable[[dict], bool | None], run_id: str | None = None, *, wait: bool = False,
+                incarnation: str | None = None) -> int:
         """Settle pending changes whose writer is gone: publish (marked ``recovered``) those
         whose change committed and is not in the journal yet, drop the others. A pending change
         whose writer still holds it is skipped (``wait``: waited for). ``committed`` answers
-        True, False, or None (cannot tell now: left for later). Returns how many it settled."""
+        True, False, or None (cannot tell now: left for later). With ``incarnation``, ``wait`` waits
+        only for records of that incarnation: another's (a creator that is losing the race for the
+        run id, gc removing an earlier run of it) has no order to keep with this one's changes, and
+        its writer, holding no lock of this run, may take its time (or be stopped). Returns how
+        many it settled."""
         settled = 0
         for name in self.pending_for(run_id):
             path = os.path.join(self.pending_dir, name)
@@ -373,9 +378,18 @@ class Journal:
                 raise
             try:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    continue  # its writer is alive and will finish it
+                    if not wait:
+                        continue  # its writer is alive and will finish it
+                    if incarnation is not None:
+                        try:
+                            other = json.loads(os.pread(fd, MAX_LINE * 4, 0)).get("incarnation", "")
+                        except (ValueError, AttributeError):
+                            other = None
+                        if other != incarnation:
+                            continue
+                    fcntl.flock(fd, fcntl.LOCK_EX)
                 try:
                     if (os.fstat(fd).st_ino, os.fstat(fd).st_dev) != (os.stat(path).st_ino, os.stat(path).st_dev):
                         continue

@@ -144,8 +144,8 @@ class RunDir:
         updates serialize and none overwrites another's change.
         """
         with self.locked():
-            self.settle_events()
             m = self.read_fresh()
+            self.settle_events(m.get("incarnation", ""))  # appends only: the manifest stays as read
             before = manifest.dumps(m)
             import copy
 
@@ -160,17 +160,18 @@ class RunDir:
                     raise
                 pending.publish()
 
-    def settle_events(self) -> None:
+    def settle_events(self, incarnation: str | None = None) -> None:
         """Settle this run's pending events that a dead writer left (under the run's lock, so
-        the next change is reported after them: per-run order holds)."""
+        the next change is reported after them: per-run order holds), waiting for a live writer
+        of ``incarnation`` (the creator publishing its ``created``) but not of another."""
         runs_dir = os.path.dirname(self.path)
-        self.journal.resolve(lambda doc: committed(runs_dir, doc), self.run_id, wait=True)
+        self.journal.resolve(lambda doc: committed(runs_dir, doc), self.run_id, wait=True, incarnation=incarnation)
 
     def remove(self, target: str, reason: str) -> Pending:
         """gc: rename the run to ``target`` (its trash) under the run's lock the caller holds,
         with its ``removed`` event pending; the caller publishes it once the rename is durable."""
-        self.settle_events()
         m = self.read_fresh()
+        self.settle_events(m.get("incarnation", ""))
         pending = stage(self.journal, m, events.removed(m, reason), kind="removed")
         try:
             os.rename(self.path, target)

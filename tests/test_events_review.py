@@ -192,3 +192,31 @@ def test_a_creation_that_fails_after_its_rename_is_still_reported(registry, casr
     events = list(Registry(str(casruns_home)).events(from_start=True))
     assert_contiguous(events)
     assert [e["type"] for e in events] == ["created", "cancel_requested", "status"]
+
+
+def test_a_stopped_losing_creator_of_the_same_run_id_does_not_block_the_winners_writers(registry, casruns_home):
+    """Two submits race for one caller-chosen id. The one stopped (SIGSTOP, Ctrl-Z) between its
+    pending record and its rename holds the flock of a record of *its* incarnation; the other
+    creates the run. Every writer of the created run settled pending records of the id with
+    wait=True, so it waited on the stopped loser forever: cancel (and the supervisor) hung."""
+    import signal
+    import subprocess
+
+    from conftest import casruns_exe
+
+    env = dict(os.environ, CASRUNS_TEST_FAULT="event_after_pending=stop")
+    loser = subprocess.Popen(casruns_exe() + ["submit", "--run-id", "fixed-id", "--", "true"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        poll_until(lambda: journal(casruns_home).pending_for("fixed-id"), what="the loser's pending record")
+        registry.submit(["true"], spawn=False, run_id="fixed-id")  # the winner
+        proc = cli("cancel", "fixed-id", timeout=15)  # raised TimeoutExpired: waited on the stopped loser
+        assert proc.returncode == 0, proc.stderr
+        assert registry.get("fixed-id")["status"] == "cancelled"
+    finally:
+        loser.send_signal(signal.SIGKILL)
+        loser.wait()
+    # the loser's record never committed: dropped by the next repairer, never reported
+    events = list(Registry(str(casruns_home)).events(from_start=True))
+    assert [e["type"] for e in events] == ["created", "cancel_requested", "status"]
+    assert not journal(casruns_home).pending_for("fixed-id")
