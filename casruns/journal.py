@@ -340,7 +340,7 @@ class Journal:
         except (FileNotFoundError, NotADirectoryError):
             return []
         prefix = "" if run_id is None else run_id + "+"
-        return sorted(n for n in names if n.count("+") == 2 and n.startswith(prefix))
+        return sorted((n for n in names if n.count("+") == 2 and n.startswith(prefix)), key=_pending_order)
 
     def clean_temps(self) -> int:
         """Remove pending records a writer died while building (``.tmp-*``, its pid dead)."""
@@ -366,7 +366,10 @@ class Journal:
         its writer, holding no lock of this run, may take its time (or be stopped). Returns how
         many it settled."""
         settled = 0
+        blocked: set[str] = set()  # runs with a record left: their later records wait (per-run order)
         for name in self.pending_for(run_id):
+            if name.split("+", 1)[0] in blocked:
+                continue
             path = os.path.join(self.pending_dir, name)
             try:
                 fd = fsutil.open_regular(path, os.O_RDWR)
@@ -407,14 +410,21 @@ class Journal:
                     continue
                 verdict = committed(doc)
                 if verdict is None:
+                    blocked.add(name.split("+", 1)[0])
                     continue
                 if verdict:
                     # a torn append of several lines may have left the first ones whole: only
                     # the events the journal does not hold yet are appended
-                    have = self._present(doc)
-                    missing = [e for e in (_decoded(line) for line in doc["lines"]) if e.get("seq") not in have]
-                    if missing:
-                        self.append([_recovered(e) for e in missing])
+                    try:
+                        have = self._present(doc)
+                        missing = [e for e in (_decoded(line) for line in doc["lines"]) if e.get("seq") not in have]
+                        if missing:
+                            self.append([_recovered(e) for e in missing])
+                    except (OSError, CasrunsError):
+                        # a stray segment, a full disk: left for a later repair (a writer of
+                        # the run still commits; the journal catches up once it can)
+                        blocked.add(name.split("+", 1)[0])
+                        continue
                 fsutil.unlink_quiet(path)
                 settled += 1
             finally:
@@ -468,6 +478,12 @@ class Pending:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _pending_order(name: str):
+    """``<run_id>+<seq>+<nonce>`` in run and numeric seq order (seq 9 before seq 10)."""
+    rid, seq, nonce = name.split("+")
+    return (rid, int(seq) if seq.isdigit() else -1, nonce)
 
 
 def _decoded(line: str) -> dict:

@@ -152,13 +152,19 @@ class RunDir:
             old = copy.deepcopy(m)
             yield m
             if manifest.dumps(m) != before:
+                # an earlier change of this run whose event could not be appended yet (a stray
+                # segment, a full disk) goes first: then this one waits, pending, behind it
+                behind = bool(self.journal.pending_for(self.run_id))
                 pending = stage(self.journal, m, events.changes(old, m))
                 try:
                     manifest.write(self.manifest_path, m)
                 except BaseException:
                     settle_failed(pending, os.path.dirname(self.path))
                     raise
-                pending.publish()
+                if behind:
+                    pending.close()
+                else:
+                    pending.publish()
 
     def settle_events(self, incarnation: str | None = None) -> None:
         """Settle this run's pending events that a dead writer left (under the run's lock, so

@@ -220,3 +220,52 @@ def test_a_stopped_losing_creator_of_the_same_run_id_does_not_block_the_winners_
     events = list(Registry(str(casruns_home)).events(from_start=True))
     assert [e["type"] for e in events] == ["created", "cancel_requested", "status"]
     assert not journal(casruns_home).pending_for("fixed-id")
+
+
+def test_a_stray_segment_does_not_stop_the_next_writer_or_reap(registry, casruns_home):
+    """spec (d882b7f): a stray where a segment belongs fails readers "while writers still commit".
+    The first change does; its record is left pending. The next writer of the run settles that
+    record first, and the repair's append raised the stray out of `update`: the run could not
+    be changed at all, and `reap` (which settles every record first) failed as a whole, so no
+    lost run was reaped while the journal was broken."""
+    rid = registry.submit(["true"], spawn=False)["run_id"]
+    lost = lost_running_run(registry)
+    j = journal(casruns_home)
+    seg = j.segment_path(j.segments()[-1])
+    os.rename(seg, seg + ".moved")
+    os.mkfifo(seg, 0o600)
+    assert cli("cancel", rid, timeout=20).returncode == 0 and j.pending_for(rid)
+    proc = cli("promote", rid, "--reason", "r", timeout=20)  # the next writer: settles, then commits
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc, out = cli_json("reap", timeout=20)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert registry.manifest(lost)["status"] == "failed"
+    os.unlink(seg)
+    os.rename(seg + ".moved", seg)
+    events = list(Registry(str(casruns_home)).events(from_start=True))
+    assert_contiguous(events)
+    assert [e["type"] for e in events if e["run_id"] == rid][-3:] == ["cancel_requested", "status", "promoted"]
+    assert not j.pending_for()
+
+
+def test_records_left_pending_for_one_run_are_recovered_in_seq_order(registry, casruns_home):
+    """Several changes of one run committed while the journal could not be appended to: each
+    waits, pending, and the repair appends them in seq order (records sorted by name would put
+    seq 10 before seq 9), never a later change before an earlier one."""
+    rid = registry.submit(["true"], spawn=False)["run_id"]
+    registry.cancel(rid)  # seq 3
+    for i in range(5):  # seq 4..8
+        registry.retain(rid, for_=f"{i + 1}d")
+    j = journal(casruns_home)
+    seg = j.segment_path(j.segments()[-1])
+    os.rename(seg, seg + ".moved")
+    os.mkfifo(seg, 0o600)
+    for i in range(3):  # seq 9, 10, 11: committed, their events pending
+        assert cli("retain", rid, "--for", f"{i + 10}d", timeout=20).returncode == 0
+    assert registry.manifest(rid)["event_seq"] == 11 and len(j.pending_for(rid)) == 3
+    os.unlink(seg)
+    os.rename(seg + ".moved", seg)
+    events = list(Registry(str(casruns_home)).events(from_start=True))
+    assert_contiguous(events)
+    assert [e["seq"] for e in events if e["recovered"]] == [9, 10, 11]
+    assert not j.pending_for()
