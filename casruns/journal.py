@@ -342,6 +342,21 @@ class Journal:
         prefix = "" if run_id is None else run_id + "+"
         return sorted((n for n in names if n.count("+") == 2 and n.startswith(prefix)), key=_pending_order)
 
+    def pending_incarnations(self, run_id: str) -> set:
+        """The incarnations of ``run_id`` with a pending record (None: unreadable)."""
+        out = set()
+        for name in self.pending_for(run_id):
+            try:
+                fd = fsutil.open_regular(os.path.join(self.pending_dir, name))
+            except (OSError, CasrunsError):
+                continue
+            try:
+                doc = _read_record(fd)
+            finally:
+                os.close(fd)
+            out.add(doc.get("incarnation", "") if doc else None)
+        return out
+
     def clean_temps(self) -> int:
         """Remove pending records a writer died while building (``.tmp-*``, its pid dead)."""
         try:
@@ -366,10 +381,10 @@ class Journal:
         its writer, holding no lock of this run, may take its time (or be stopped). Returns how
         many it settled."""
         settled = 0
-        blocked: set[str] = set()  # runs with a record left: their later records wait (per-run order)
+        # (run, incarnation) with a record left or being settled by someone else: its later
+        # records wait (per-run order), another incarnation's do not
+        blocked: set[tuple] = set()
         for name in self.pending_for(run_id):
-            if name.split("+", 1)[0] in blocked:
-                continue
             path = os.path.join(self.pending_dir, name)
             try:
                 fd = fsutil.open_regular(path, os.O_RDWR)
@@ -380,37 +395,30 @@ class Journal:
                     continue  # a read-only reader cannot repair; a writer will
                 raise
             try:
+                doc = _read_record(fd)  # complete once named (built under a temp name): no lock needed
+                key = (name.split("+", 1)[0], doc.get("incarnation", "") if doc else None)
+                if key in blocked:
+                    continue
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    if not wait:
-                        continue  # its writer is alive and will finish it
-                    if incarnation is not None:
-                        try:
-                            other = json.loads(os.pread(fd, MAX_LINE * 4, 0)).get("incarnation", "")
-                        except (ValueError, AttributeError):
-                            other = None
-                        if other != incarnation:
-                            continue
+                    if not wait or (incarnation is not None and key[1] != incarnation):
+                        blocked.add(key)
+                        continue  # its writer (or another repairer) is alive and will finish it
                     fcntl.flock(fd, fcntl.LOCK_EX)
                 try:
                     if (os.fstat(fd).st_ino, os.fstat(fd).st_dev) != (os.stat(path).st_ino, os.stat(path).st_dev):
                         continue
                 except FileNotFoundError:
                     continue  # settled by its writer or another repairer while we waited
-                try:
-                    doc = json.loads(os.pread(fd, MAX_LINE * 4, 0) or b"null")
-                    ok = isinstance(doc, dict) and isinstance(doc.get("lines"), list) and isinstance(doc.get("seq"), int)
-                except ValueError:
-                    ok = False
-                if not ok:
+                if doc is None:
                     # torn before its fsync: its writer died before committing anything
                     fsutil.unlink_quiet(path)
                     settled += 1
                     continue
                 verdict = committed(doc)
                 if verdict is None:
-                    blocked.add(name.split("+", 1)[0])
+                    blocked.add(key)
                     continue
                 if verdict:
                     # a torn append of several lines may have left the first ones whole: only
@@ -423,7 +431,7 @@ class Journal:
                     except (OSError, CasrunsError):
                         # a stray segment, a full disk: left for a later repair (a writer of
                         # the run still commits; the journal catches up once it can)
-                        blocked.add(name.split("+", 1)[0])
+                        blocked.add(key)
                         continue
                 fsutil.unlink_quiet(path)
                 settled += 1
@@ -478,6 +486,15 @@ class Pending:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _read_record(fd: int) -> dict | None:
+    try:
+        doc = json.loads(os.pread(fd, MAX_LINE * 4, 0) or b"null")
+    except ValueError:
+        return None
+    ok = isinstance(doc, dict) and isinstance(doc.get("lines"), list) and isinstance(doc.get("seq"), int)
+    return doc if ok else None
 
 
 def _pending_order(name: str):

@@ -154,7 +154,7 @@ class RunDir:
             if manifest.dumps(m) != before:
                 # an earlier change of this run whose event could not be appended yet (a stray
                 # segment, a full disk) goes first: then this one waits, pending, behind it
-                behind = bool(self.journal.pending_for(self.run_id))
+                behind = m.get("incarnation", "") in self.journal.pending_incarnations(self.run_id)
                 pending = stage(self.journal, m, events.changes(old, m))
                 try:
                     manifest.write(self.manifest_path, m)

@@ -269,3 +269,34 @@ def test_records_left_pending_for_one_run_are_recovered_in_seq_order(registry, c
     assert_contiguous(events)
     assert [e["seq"] for e in events if e["recovered"]] == [9, 10, 11]
     assert not j.pending_for()
+
+
+def test_a_repairer_never_appends_a_runs_later_record_while_an_earlier_one_is_being_settled(registry, casruns_home):
+    """Two records of one run left pending (their appends failed). A repairer found the first
+    one's flock held (another repairer appending it right now) and skipped it, but went on to
+    append the second: seq 5 could land before seq 4."""
+    import fcntl
+
+    rid = registry.submit(["true"], spawn=False)["run_id"]
+    registry.cancel(rid)  # seq 3
+    j = journal(casruns_home)
+    seg = j.segment_path(j.segments()[-1])
+    os.rename(seg, seg + ".moved")
+    os.mkfifo(seg, 0o600)
+    for days in ("1d", "2d"):  # seq 4, 5: committed, pending
+        assert cli("retain", rid, "--for", days, timeout=20).returncode == 0
+    os.unlink(seg)
+    os.rename(seg + ".moved", seg)
+    first = os.path.join(j.pending_dir, j.pending_for(rid)[0])
+    assert "+4+" in first
+    fd = os.open(first, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a repairer busy with seq 4
+        proc, out = cli_json("events", "--from-start", timeout=20)  # another repairer
+        assert proc.returncode == 0
+        assert [e["seq"] for e in out if e["run_id"] == rid] == [1, 2, 3]  # seq 5 waits behind seq 4
+    finally:
+        os.close(fd)
+    events = list(Registry(str(casruns_home)).events(from_start=True))
+    assert_contiguous(events)
+    assert not j.pending_for()
