@@ -152,7 +152,7 @@ class Journal:
         """Call ``fn``; on a full disk free the reserve and call it once more."""
         try:
             return fn()
-        except OSError as e:
+        except (OSError, CasrunsError) as e:  # (open_private gives NoSpace for a full disk)
             if not fsutil.is_no_space(e) or not _unlink(self.reserve_path):
                 raise
         return fn()

@@ -339,3 +339,28 @@ def test_gc_frees_space_on_a_full_disk_after_a_writer_used_the_reserve(tmp_path,
         proc, out = cli_json("gc")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert out[0]["runs_removed"] == 3, out  # 0: no removal could be recorded
+
+
+def test_the_reserve_is_freed_when_creating_the_pending_record_hits_a_full_disk(registry, casruns_home, monkeypatch):
+    """A full disk can fail the creation of the pending record itself (no inode, no directory
+    block: ENOSPC from open). open_private turns that into NoSpace, which `_with_space` (catching
+    OSError only) let through: the reserve was never freed and the change failed with no_space."""
+    import errno
+
+    rid = registry.submit(["true"], spawn=False)["run_id"]
+    registry.cancel(rid)
+    pending_dir = journal(casruns_home).pending_dir
+    real_open, hits = os.open, []
+
+    def full_open(path, flags, *a, **kw):
+        if str(path).startswith(pending_dir) and flags & os.O_CREAT and not hits:
+            hits.append(path)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "open", full_open)
+    registry.promote(rid, reason="r")  # raised no_space with the reserve still there
+    monkeypatch.undo()
+    assert hits and not os.path.exists(journal(casruns_home).reserve_path)
+    events = list(registry.events(from_start=True))
+    assert [e["type"] for e in events] == ["created", "cancel_requested", "status", "promoted"]
