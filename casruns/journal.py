@@ -463,10 +463,14 @@ class Pending:
 
     def __init__(self, journal: Journal, path: str, fd: int, doc: dict) -> None:
         self.journal, self.path, self.fd, self.doc = journal, path, fd, doc
+        self.behind = False  # an earlier record of the run is left: this one waits behind it
 
     def publish(self) -> bool:
         """Append the events and drop the record. A failure to append (a full disk) leaves the
         record for the next writer, reader or reap to publish; returns False then."""
+        if self.behind:
+            self.close()  # a repairer appends both, in order
+            return False
         try:
             faults.point("event_after_commit")
             self.journal.append([line.encode("utf-8", "surrogateescape") for line in self.doc["lines"]])

@@ -152,19 +152,13 @@ class RunDir:
             old = copy.deepcopy(m)
             yield m
             if manifest.dumps(m) != before:
-                # an earlier change of this run whose event could not be appended yet (a stray
-                # segment, a full disk) goes first: then this one waits, pending, behind it
-                behind = m.get("incarnation", "") in self.journal.pending_incarnations(self.run_id)
                 pending = stage(self.journal, m, events.changes(old, m))
                 try:
                     manifest.write(self.manifest_path, m)
                 except BaseException:
                     settle_failed(pending, os.path.dirname(self.path))
                     raise
-                if behind:
-                    pending.close()
-                else:
-                    pending.publish()
+                pending.publish()
 
     def settle_events(self, incarnation: str | None = None) -> None:
         """Settle this run's pending events that a dead writer left (under the run's lock, so
@@ -275,10 +269,15 @@ def stage(journal: Journal, m: dict, evs: list[dict], *, kind: str = "update", n
     """Number a change's events (``event_seq`` in ``m``) and record them as pending."""
     if not numbered:
         events.number(evs, m)
+    # an earlier change of this run whose events could not be appended yet (a stray segment, a
+    # full disk) goes first: then this one waits, pending, behind it (per-run order)
+    behind = not numbered and m.get("incarnation", "") in journal.pending_incarnations(m["run_id"])
     try:
-        return journal.prepare(m["run_id"], m.get("incarnation", ""), evs, kind=kind)
+        pending = journal.prepare(m["run_id"], m.get("incarnation", ""), evs, kind=kind)
     except OSError as e:
         raise fsutil.write_error(f"cannot record the events of run {m['run_id']}", e, journal.pending_dir) from e
+    pending.behind = behind
+    return pending
 
 
 def settle_failed(pending: Pending, runs_dir: str) -> None:
