@@ -132,10 +132,10 @@ def _watch(journal):
     except (CasrunsError, OSError):
         pass
     try:
-        from . import notify
+        from .notify import watch
     except ImportError:  # pragma: no cover - until notify lands
         return _Sleep()
-    return notify.watch([journal.segments_dir, journal.pending_dir])
+    return watch([journal.segments_dir, journal.pending_dir])
 
 
 class _Sleep:
@@ -150,7 +150,7 @@ class _Sleep:
 def _reap(reg: "RegistryRoot", run_ids: list[str], statuses: dict[str, str]) -> None:
     """A run whose supervisor died makes no event by itself: end it (as ``wait`` does), which
     commits (and so reports) its terminal status; restart a queued one (as ``wait`` does)."""
-    from . import recovery
+    from .recovery import restart_queued
 
     for rid in run_ids:
         if statuses.get(rid) in mf.ACTIVE:
@@ -165,6 +165,6 @@ def _reap(reg: "RegistryRoot", run_ids: list[str], statuses: dict[str, str]) -> 
                     continue
                 time.sleep(0.05)  # the submitter hands its lock over; look twice
                 if not run.is_supervised() and run.read_fresh()["status"] == mf.QUEUED:
-                    recovery.restart_queued(reg, run, run.read_fresh())
+                    restart_queued(reg, run, run.read_fresh())
             except (CasrunsError, OSError):
                 pass  # removed meanwhile, or cannot be restarted now: looked at again later
