@@ -152,7 +152,7 @@ class Journal:
         """Call ``fn``; on a full disk free the reserve and call it once more."""
         try:
             return fn()
-        except OSError as e:
+        except (OSError, CasrunsError) as e:  # (open_private gives NoSpace for a full disk)
             if not fsutil.is_no_space(e) or not _unlink(self.reserve_path):
                 raise
         return fn()
@@ -162,13 +162,20 @@ class Journal:
     def append(self, lines: list[bytes]) -> None:
         """Append whole lines under the journal lock and make them durable (fdatasync)."""
         self.ensure()
-        self._with_space(lambda: self._append(b"".join(lines)))
+        data = b"".join(lines)
+        done = [0]  # bytes of whole lines a failed attempt left in the journal: not written again
+        self._with_space(lambda: self._append(data, done))
 
-    def _append(self, data: bytes) -> None:
+    def _append(self, data: bytes, done: list[int] | None = None) -> None:
+        done = done if done is not None else [0]
+        data = data[done[0]:]
+        if not data:
+            return
         lock = fsutil.open_private(self.lock_path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             start, fd = self._open_tail()
+            size = 0
             try:
                 size = _complete_length(fd, repair=True)
                 if size >= segment_bytes():
@@ -188,8 +195,10 @@ class Journal:
             except BaseException:
                 if fd >= 0:
                     # a short write (a full disk) must not leave a partial line for readers to wait on
+                    # (cut back to the last newline only: whole lines of ours may have been read
+                    # already, so they stay, and a retry writes only the rest)
                     try:
-                        _complete_length(fd, repair=True)
+                        done[0] += max(0, _complete_length(fd, repair=True) - size)
                     except OSError:
                         pass
                 raise
@@ -331,7 +340,22 @@ class Journal:
         except (FileNotFoundError, NotADirectoryError):
             return []
         prefix = "" if run_id is None else run_id + "+"
-        return sorted(n for n in names if n.count("+") == 2 and n.startswith(prefix))
+        return sorted((n for n in names if n.count("+") == 2 and n.startswith(prefix)), key=_pending_order)
+
+    def pending_incarnations(self, run_id: str) -> set:
+        """The incarnations of ``run_id`` with a pending record (None: unreadable)."""
+        out = set()
+        for name in self.pending_for(run_id):
+            try:
+                fd = fsutil.open_regular(os.path.join(self.pending_dir, name))
+            except (OSError, CasrunsError):
+                continue
+            try:
+                doc = _read_record(fd)
+            finally:
+                os.close(fd)
+            out.add(doc.get("incarnation", "") if doc else None)
+        return out
 
     def clean_temps(self) -> int:
         """Remove pending records a writer died while building (``.tmp-*``, its pid dead)."""
@@ -346,12 +370,20 @@ class Journal:
                 gone += 1
         return gone
 
-    def resolve(self, committed: Callable[[dict], bool | None], run_id: str | None = None, *, wait: bool = False) -> int:
+    def resolve(self, committed: Callable[[dict], bool | None], run_id: str | None = None, *, wait: bool = False,
+                incarnation: str | None = None) -> int:
         """Settle pending changes whose writer is gone: publish (marked ``recovered``) those
         whose change committed and is not in the journal yet, drop the others. A pending change
         whose writer still holds it is skipped (``wait``: waited for). ``committed`` answers
-        True, False, or None (cannot tell now: left for later). Returns how many it settled."""
+        True, False, or None (cannot tell now: left for later). With ``incarnation``, ``wait`` waits
+        only for records of that incarnation: another's (a creator that is losing the race for the
+        run id, gc removing an earlier run of it) has no order to keep with this one's changes, and
+        its writer, holding no lock of this run, may take its time (or be stopped). Returns how
+        many it settled."""
         settled = 0
+        # (run, incarnation) with a record left or being settled by someone else: its later
+        # records wait (per-run order), another incarnation's do not
+        blocked: set[tuple] = set()
         for name in self.pending_for(run_id):
             path = os.path.join(self.pending_dir, name)
             try:
@@ -363,48 +395,67 @@ class Journal:
                     continue  # a read-only reader cannot repair; a writer will
                 raise
             try:
+                doc = _read_record(fd)  # complete once named (built under a temp name): no lock needed
+                key = (name.split("+", 1)[0], doc.get("incarnation", "") if doc else None)
+                if key in blocked:
+                    continue
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    continue  # its writer is alive and will finish it
+                    if not wait or (incarnation is not None and key[1] != incarnation):
+                        blocked.add(key)
+                        continue  # its writer (or another repairer) is alive and will finish it
+                    fcntl.flock(fd, fcntl.LOCK_EX)
                 try:
                     if (os.fstat(fd).st_ino, os.fstat(fd).st_dev) != (os.stat(path).st_ino, os.stat(path).st_dev):
                         continue
                 except FileNotFoundError:
                     continue  # settled by its writer or another repairer while we waited
-                try:
-                    doc = json.loads(os.pread(fd, MAX_LINE * 4, 0) or b"null")
-                    ok = isinstance(doc, dict) and isinstance(doc.get("lines"), list) and isinstance(doc.get("seq"), int)
-                except ValueError:
-                    ok = False
-                if not ok:
+                if doc is None:
                     # torn before its fsync: its writer died before committing anything
                     fsutil.unlink_quiet(path)
                     settled += 1
                     continue
                 verdict = committed(doc)
                 if verdict is None:
+                    blocked.add(key)
                     continue
-                if verdict and not self._contains(doc):
-                    self.append([_recovered(line) for line in doc["lines"]])
+                if verdict:
+                    # a torn append of several lines may have left the first ones whole: only
+                    # the events the journal does not hold yet are appended
+                    try:
+                        have = self._present(doc)
+                        missing = [e for e in (_decoded(line) for line in doc["lines"]) if e.get("seq") not in have]
+                        if missing:
+                            self.append([_recovered(e) for e in missing])
+                    except (OSError, CasrunsError):
+                        # a stray segment, a full disk: left for a later repair (a writer of
+                        # the run still commits; the journal catches up once it can)
+                        blocked.add(key)
+                        continue
                 fsutil.unlink_quiet(path)
                 settled += 1
             finally:
                 os.close(fd)
         return settled
 
-    def _contains(self, doc: dict) -> bool:
-        """True if the journal holds the pending change's last event (scanned from where the
-        journal ended when the change was prepared)."""
-        want = (doc["run_id"], doc.get("incarnation", ""), doc["seq"])
+    def _present(self, doc: dict) -> set:
+        """The seqs of the pending change's run and incarnation that the journal holds (scanned
+        from where the journal ended when the change was prepared)."""
+        want = (doc["run_id"], doc.get("incarnation", ""))
         start = max(int(doc.get("journal_end") or 0), (self.segments() or [0])[0])
+        have = set()
         try:
             for _, event in self.read(start):
-                if (event.get("run_id"), event.get("incarnation", ""), event.get("seq")) == want:
-                    return True
+                if (event.get("run_id"), event.get("incarnation", "")) == want:
+                    have.add(event.get("seq"))
         except (CursorExpired, IntegrityError):
-            return False
-        return False
+            pass
+        return have
+
+    def _contains(self, doc: dict) -> bool:
+        """True if the journal holds the pending change's last event."""
+        return doc["seq"] in self._present(doc)
 
 
 class Pending:
@@ -412,10 +463,14 @@ class Pending:
 
     def __init__(self, journal: Journal, path: str, fd: int, doc: dict) -> None:
         self.journal, self.path, self.fd, self.doc = journal, path, fd, doc
+        self.behind = False  # an earlier record of the run is left: this one waits behind it
 
     def publish(self) -> bool:
         """Append the events and drop the record. A failure to append (a full disk) leaves the
         record for the next writer, reader or reap to publish; returns False then."""
+        if self.behind:
+            self.close()  # a repairer appends both, in order
+            return False
         try:
             faults.point("event_after_commit")
             self.journal.append([line.encode("utf-8", "surrogateescape") for line in self.doc["lines"]])
@@ -437,8 +492,27 @@ class Pending:
             self.fd = -1
 
 
-def _recovered(line: str) -> bytes:
-    event = decode_line(line.encode("utf-8", "surrogateescape").rstrip(b"\n"), "a pending change")
+def _read_record(fd: int) -> dict | None:
+    try:
+        doc = json.loads(os.pread(fd, MAX_LINE * 4, 0) or b"null")
+    except ValueError:
+        return None
+    ok = isinstance(doc, dict) and isinstance(doc.get("lines"), list) and isinstance(doc.get("seq"), int)
+    return doc if ok else None
+
+
+def _pending_order(name: str):
+    """``<run_id>+<seq>+<nonce>`` in run and numeric seq order (seq 9 before seq 10)."""
+    rid, seq, nonce = name.split("+")
+    return (rid, int(seq) if seq.isdigit() else -1, nonce)
+
+
+def _decoded(line: str) -> dict:
+    return decode_line(line.encode("utf-8", "surrogateescape").rstrip(b"\n"), "a pending change")
+
+
+def _recovered(event: dict) -> bytes:
+    event = dict(event)
     event["recovered"] = True
     return encode_line(event)
 

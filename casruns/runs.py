@@ -144,8 +144,8 @@ class RunDir:
         updates serialize and none overwrites another's change.
         """
         with self.locked():
-            self.settle_events()
             m = self.read_fresh()
+            self.settle_events(m.get("incarnation", ""))  # appends only: the manifest stays as read
             before = manifest.dumps(m)
             import copy
 
@@ -156,21 +156,22 @@ class RunDir:
                 try:
                     manifest.write(self.manifest_path, m)
                 except BaseException:
-                    pending.abandon()
+                    settle_failed(pending, os.path.dirname(self.path))
                     raise
                 pending.publish()
 
-    def settle_events(self) -> None:
+    def settle_events(self, incarnation: str | None = None) -> None:
         """Settle this run's pending events that a dead writer left (under the run's lock, so
-        the next change is reported after them: per-run order holds)."""
+        the next change is reported after them: per-run order holds), waiting for a live writer
+        of ``incarnation`` (the creator publishing its ``created``) but not of another."""
         runs_dir = os.path.dirname(self.path)
-        self.journal.resolve(lambda doc: committed(runs_dir, doc), self.run_id, wait=True)
+        self.journal.resolve(lambda doc: committed(runs_dir, doc), self.run_id, wait=True, incarnation=incarnation)
 
     def remove(self, target: str, reason: str) -> Pending:
         """gc: rename the run to ``target`` (its trash) under the run's lock the caller holds,
         with its ``removed`` event pending; the caller publishes it once the rename is durable."""
-        self.settle_events()
         m = self.read_fresh()
+        self.settle_events(m.get("incarnation", ""))
         pending = stage(self.journal, m, events.removed(m, reason), kind="removed")
         try:
             os.rename(self.path, target)
@@ -251,7 +252,7 @@ def create(runs_dir: str | os.PathLike, m: dict, *, files: dict[str, bytes] | No
         # the cache's tag is the manifest's inode, which the directory rename kept.
     except BaseException:
         if pending is not None:
-            pending.abandon()
+            settle_failed(pending, runs_dir)
         if lock is not None:
             lock.release()
         _rmtree(tmp)
@@ -268,10 +269,31 @@ def stage(journal: Journal, m: dict, evs: list[dict], *, kind: str = "update", n
     """Number a change's events (``event_seq`` in ``m``) and record them as pending."""
     if not numbered:
         events.number(evs, m)
+    # an earlier change of this run whose events could not be appended yet (a stray segment, a
+    # full disk) goes first: then this one waits, pending, behind it (per-run order)
+    behind = not numbered and m.get("incarnation", "") in journal.pending_incarnations(m["run_id"])
     try:
-        return journal.prepare(m["run_id"], m.get("incarnation", ""), evs, kind=kind)
+        pending = journal.prepare(m["run_id"], m.get("incarnation", ""), evs, kind=kind)
     except OSError as e:
         raise fsutil.write_error(f"cannot record the events of run {m['run_id']}", e, journal.pending_dir) from e
+    pending.behind = behind
+    return pending
+
+
+def settle_failed(pending: Pending, runs_dir: str) -> None:
+    """A commit that raised may still have happened (its rename done, the directory sync after it
+    failed, or an interrupt): then its events are published, else dropped; if that cannot be told
+    now, the record is left to a repairer."""
+    try:
+        verdict = committed(runs_dir, pending.doc)
+    except Exception:
+        verdict = None
+    if verdict:
+        pending.publish()
+    elif verdict is False:
+        pending.abandon()
+    else:
+        pending.close()
 
 
 def committed(runs_dir: str, doc: dict) -> bool | None:

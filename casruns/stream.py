@@ -67,9 +67,12 @@ def events(
         position = journal.segments()[0] if journal.segments() else 0
     state = state if state is not None else {}
     statuses: dict[str, str] = state.setdefault("statuses", {})
+    incarnations: dict[str, str] = {}
     if until_terminal:
         for rid in run_ids:  # after fixing the start: a change from now on is in the stream
-            statuses[rid] = query.get(reg, rid)["status"]
+            rec = query.get(reg, rid)
+            statuses[rid] = rec["status"]
+            incarnations[rid] = rec.get("incarnation") or ""
     wanted = set(run_ids)
 
     def done() -> bool:
@@ -89,13 +92,16 @@ def events(
                 position = pos
                 event = {"schema": stored.pop("schema", ev.SCHEMA), "cursor": format_cursor(pos), **stored}
                 rid = event.get("run_id")
-                if until_terminal and rid in wanted:
+                if until_terminal and rid in wanted and event.get("incarnation", "") == incarnations.get(rid):
+                    # (an earlier incarnation of a reused run id says nothing about this one)
                     # a removed run keeps the terminal status it was removed in
                     statuses[rid] = event.get("old_status") if event.get("type") == "removed" else event.get("new_status")
                 if ev.matches(event, run_ids=wanted, labels=labels, types=types):
                     yield event
-                if done():
-                    return
+            # after what is readable now: the rest of the update that made a run terminal (a queued
+            # run's cancel_requested is followed by its status event, a salvage's status by salvaged)
+            if done():
+                return
             if not (follow or until_terminal):
                 return
             now = time.monotonic()
@@ -132,10 +138,22 @@ def _watch(journal):
 
 def _reap(reg: "RegistryRoot", run_ids: list[str], statuses: dict[str, str]) -> None:
     """A run whose supervisor died makes no event by itself: end it (as ``wait`` does), which
-    commits (and so reports) its terminal status."""
+    commits (and so reports) its terminal status; restart a queued one (as ``wait`` does)."""
+    from .recovery import restart_queued
+
     for rid in run_ids:
         if statuses.get(rid) in mf.ACTIVE:
             try:
                 query.get(reg, rid)
             except RunNotFound:
                 pass  # removed: its `removed` event (or its recovery) ends the wait
+        elif statuses.get(rid) == mf.QUEUED:
+            run = reg.run_dir(rid)
+            try:
+                if run.is_supervised():
+                    continue
+                time.sleep(0.05)  # the submitter hands its lock over; look twice
+                if not run.is_supervised() and run.read_fresh()["status"] == mf.QUEUED:
+                    restart_queued(reg, run, run.read_fresh())
+            except (CasrunsError, OSError):
+                pass  # removed meanwhile, or cannot be restarted now: looked at again later

@@ -29,10 +29,10 @@ class Progress:
             done, total = args
             label = self.label
         now = time.monotonic()
-        if now - self._last < 0.1 and done < total:
+        if now - self._last < 0.1 and (total is None or done < total):
             return  # at most ten redraws a second
         self._last = now
-        sys.stderr.write(f"\r{label}: {done}/{total}")
+        sys.stderr.write(f"\r{label}: {done}" if total is None else f"\r{label}: {done}/{total}")  # None: not known
         sys.stderr.flush()
         self._shown = True
 
