@@ -176,6 +176,8 @@ def _run(registry: "RegistryRoot", stats: GCStats, dry_run: bool, progress, prev
         for pending in removals:
             pending.publish()
         removals.clear()
+        while trash:  # published: delete them now, so a full disk gets room batch by batch
+            shutil.rmtree(trash.pop(), ignore_errors=True)
 
     would_remove: set[str] = set()  # dry run: what the mark must treat as gone
     for i, rid in enumerate(sorted(eligible)):
@@ -203,8 +205,6 @@ def _run(registry: "RegistryRoot", stats: GCStats, dry_run: bool, progress, prev
         if len(removals) >= REMOVAL_BATCH:
             publish_removals()
     publish_removals()  # the renames are durable before anything they referenced can be swept
-    for target in trash:
-        shutil.rmtree(target, ignore_errors=True)
     _fault("after_runs_removed")
 
     # 2. snapshot pins (2a: done/dead pins are covered by the mark and removed at the end)

@@ -83,12 +83,18 @@ def segment_bytes() -> int:
 
 
 class Journal:
-    def __init__(self, events_dir: str | os.PathLike) -> None:
+    """``gc=True``: the journal as gc's removals use it, which may also free ``gc-reserve``, a
+    second reserve no other writer touches, so gc can record removals (and so free space) even
+    after other writers used up ``reserve`` on a disk that stays full."""
+
+    def __init__(self, events_dir: str | os.PathLike, *, gc: bool = False) -> None:
         self.dir = os.fspath(events_dir)
         self.segments_dir = os.path.join(self.dir, "segments")
         self.pending_dir = os.path.join(self.dir, "pending")
         self.lock_path = os.path.join(self.dir, "journal.lock")
         self.reserve_path = os.path.join(self.dir, "reserve")
+        self.gc_reserve_path = os.path.join(self.dir, "gc-reserve")
+        self.reserves = (self.reserve_path, self.gc_reserve_path) if gc else (self.reserve_path,)
 
     # -- segments ---------------------------------------------------------------------------
 
@@ -132,30 +138,39 @@ class Journal:
         self.refill_reserve()
 
     def refill_reserve(self) -> bool:
-        """Allocate the reserve (best-effort: not on a full disk or a filesystem that cannot)."""
-        if os.path.exists(self.reserve_path):
+        """Allocate the reserves (best-effort: not on a full disk or a filesystem that cannot)."""
+        return all([self._refill(p) for p in (self.reserve_path, self.gc_reserve_path)])
+
+    def _refill(self, path: str) -> bool:
+        if os.path.exists(path):
             return True
-        tmp = os.path.join(self.dir, fsutil.temp_name("reserve"))
+        tmp = os.path.join(self.dir, fsutil.temp_name(os.path.basename(path)))
         try:
             fd = fsutil.open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             try:
                 os.posix_fallocate(fd, 0, RESERVE_BYTES)
             finally:
                 os.close(fd)
-            os.rename(tmp, self.reserve_path)
+            os.rename(tmp, path)
             return True
         except (OSError, CasrunsError):
             fsutil.unlink_quiet(tmp)
             return False
 
     def _with_space(self, fn):
-        """Call ``fn``; on a full disk free the reserve and call it once more."""
-        try:
-            return fn()
-        except (OSError, CasrunsError) as e:  # (open_private gives NoSpace for a full disk)
-            if not fsutil.is_no_space(e) or not _unlink(self.reserve_path):
-                raise
-        return fn()
+        """Call ``fn``; on a full disk free a reserve (``reserves``, in order) and try again."""
+        spare = list(self.reserves)
+        while True:
+            try:
+                return fn()
+            except (OSError, CasrunsError) as e:  # (open_private gives NoSpace for a full disk)
+                if not fsutil.is_no_space(e):
+                    raise
+                while spare and not _unlink(spare[0]):
+                    spare.pop(0)
+                if not spare:
+                    raise
+                spare.pop(0)
 
     # -- appending --------------------------------------------------------------------------
 

@@ -172,7 +172,8 @@ class RunDir:
         with its ``removed`` event pending; the caller publishes it once the rename is durable."""
         m = self.read_fresh()
         self.settle_events(m.get("incarnation", ""))
-        pending = stage(self.journal, m, events.removed(m, reason), kind="removed")
+        journal = journal_of(os.path.dirname(self.path), gc=True)  # may use gc's own reserve: removing frees space
+        pending = stage(journal, m, events.removed(m, reason), kind="removed")
         try:
             os.rename(self.path, target)
         except BaseException:
@@ -261,8 +262,8 @@ def create(runs_dir: str | os.PathLike, m: dict, *, files: dict[str, bytes] | No
     return run, lock
 
 
-def journal_of(runs_dir: str | os.PathLike) -> Journal:
-    return Journal(os.path.join(os.path.dirname(os.fspath(runs_dir)), "events"))
+def journal_of(runs_dir: str | os.PathLike, *, gc: bool = False) -> Journal:
+    return Journal(os.path.join(os.path.dirname(os.fspath(runs_dir)), "events"), gc=gc)
 
 
 def stage(journal: Journal, m: dict, evs: list[dict], *, kind: str = "update", numbered: bool = False) -> Pending:

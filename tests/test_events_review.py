@@ -302,7 +302,6 @@ def test_a_repairer_never_appends_a_runs_later_record_while_an_earlier_one_is_be
     assert not j.pending_for()
 
 
-@pytest.mark.xfail(strict=True, reason="review: unfixed (a design question): gc's removals need room for a pending record")
 def test_gc_frees_space_on_a_full_disk_after_a_writer_used_the_reserve(tmp_path, monkeypatch):
     """Before events, gc's removal needed no room (a rename, then rmtree). Now each removal
     first writes a pending record. The reserve is freed by "the first writer that hits a full
