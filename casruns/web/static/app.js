@@ -90,6 +90,8 @@
         if (insert) {
           tbody.insertBefore(newRow(ev), tbody.firstChild);
           bump(status, 1);
+          var total = document.getElementById("total");
+          if (total) total.textContent = String((parseInt(total.textContent, 10) || 0) + 1);
         } else {
           fresh += 1;
           var note = document.getElementById("live-note");
