@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import sys
 from pathlib import Path
 
 import pytest
@@ -152,44 +151,46 @@ def test_a_text_artifact_with_an_xss_payload_renders_inert(server, page, tmp_pat
     assert page.dialogs == [] and page.evaluate("window.__pwned") is None
 
 
-def test_promote_through_the_page_with_a_token(casruns_home, page, tmp_path):
+@pytest.fixture
+def guarded(casruns_home, tmp_path):
+    """A finished run, and a server with a token file and --allow-actions."""
     cli("init", check=0)
     rid = submit("--", "true")
     wait(rid)
-    tokens = write_tokens(tmp_path / "tokens")
-    with Server("--token-file", str(tokens), "--allow-actions") as s:
-        page.goto(f"{s.url}/runs/{rid}")
-        page.fill('input[name="token"]', TOKEN)
-        page.click('form.login button[type="submit"]')
-        expect(page).to_have_url(f"{s.url}/runs/{rid}")
-        cookie = [c for c in page.context.cookies() if c["name"] == "casruns_session"][0]
-        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and TOKEN not in cookie["value"]
-        assert page.evaluate("document.cookie") == ""  # HttpOnly: not readable by script
-        page.fill('#promote-form input[name="reason"]', "reviewed in the browser")
-        page.click('#promote-form button[type="submit"]')
-        expect(page.locator("#promoted")).to_contain_text(f"yes, by {LABEL}")
-        shot(page, "run-page-promoted")
-        stderr = s.close()
+    with Server("--token-file", str(write_tokens(tmp_path / "tokens")), "--allow-actions") as s:
+        yield s, rid
+
+
+def test_promote_through_the_page_with_a_token(guarded, page):
+    s, rid = guarded
+    page.goto(f"{s.url}/runs/{rid}")
+    page.fill('input[name="token"]', TOKEN)
+    page.click('form.login button[type="submit"]')
+    expect(page).to_have_url(f"{s.url}/runs/{rid}")
+    cookie = [c for c in page.context.cookies() if c["name"] == "casruns_session"][0]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and TOKEN not in cookie["value"]
+    assert page.evaluate("document.cookie") == ""  # HttpOnly: not readable by script
+    page.fill('#promote-form input[name="reason"]', "reviewed in the browser")
+    page.click('#promote-form button[type="submit"]')
+    expect(page.locator("#promoted")).to_contain_text(f"yes, by {LABEL}")
+    shot(page, "run-page-promoted")
+    stderr = s.close()
     rec = cli_json("status", rid)[1][0]
     assert rec["retention"]["promoted"] is True and rec["retention"]["promoted_by"] == LABEL
     assert rec["retention"]["promotion_reason"] == "reviewed in the browser"
     assert TOKEN not in stderr
 
 
-def test_a_request_without_the_token_fails(casruns_home, browser, tmp_path):
-    cli("init", check=0)
-    rid = submit("--", "true")
-    wait(rid)
-    tokens = write_tokens(tmp_path / "tokens")
-    with Server("--token-file", str(tokens), "--allow-actions") as s:
-        context = browser.new_context()
-        pg = context.new_page()
-        resp = pg.goto(f"{s.url}/runs/{rid}")
-        assert resp.status == 401 and pg.locator('input[name="token"]').is_visible()
-        assert rid not in pg.locator("main").inner_text()
-        post = context.request.post(f"{s.url}/runs/{rid}/promote", form={"reason": "no token"})
-        assert post.status == 401
-        api = context.request.get(f"{s.url}/api/v1/runs/{rid}")
-        assert api.status == 401
-        context.close()
+def test_a_request_without_the_token_fails(guarded, browser):
+    s, rid = guarded
+    context = browser.new_context()
+    pg = context.new_page()
+    resp = pg.goto(f"{s.url}/runs/{rid}")
+    assert resp.status == 401 and pg.locator('input[name="token"]').is_visible()
+    assert rid not in pg.locator("main").inner_text()
+    post = context.request.post(f"{s.url}/runs/{rid}/promote", form={"reason": "no token"})
+    assert post.status == 401
+    api = context.request.get(f"{s.url}/api/v1/runs/{rid}")
+    assert api.status == 401
+    context.close()
     assert cli_json("status", rid)[1][0]["retention"]["promoted"] is False

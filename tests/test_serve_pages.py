@@ -55,7 +55,7 @@ def server(casruns_home):
         yield s
 
 
-def submit(*args, cwd=None, env=None) -> str:
+def submit(*args, env=None) -> str:
     proc, lines = cli_json("submit", *args, env=env)
     assert proc.returncode == 0, proc.stderr
     return lines[0]["run_id"]

@@ -82,6 +82,8 @@ class Server:
 
     def close(self) -> str:
         """Stop it; returns everything it printed on stderr."""
+        if self.proc.returncode is not None and self.proc.stderr.closed:
+            return "".join(self.stderr_lines)
         if self.proc.poll() is None:
             self.proc.terminate()
         try:
@@ -89,7 +91,8 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             _, err = self.proc.communicate()
-        return "".join(self.stderr_lines) + (err or "")
+        self.stderr_lines.append(err or "")
+        return "".join(self.stderr_lines)
 
     def __enter__(self) -> "Server":
         return self

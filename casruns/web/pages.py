@@ -21,7 +21,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response, Stream
 from starlette.routing import Route
 
 from ..errors import ArtifactNotFound, CasrunsError, Forbidden, InvalidInput, Unauthorized
-from ..manifest import STATUSES, TERMINAL
+from ..manifest import STATUSES
 from .auth import COOKIE
 
 TYPE_CHECKING = False
