@@ -158,6 +158,7 @@ def test_run_page_shows_the_record_timeline_logs_and_artifacts(server, tmp_path)
     assert httpx.get(f"{server.url}/runs/{rid}/view/nope.txt").status_code == 404
     assert httpx.get(f"{server.url}/runs/{rid}/view/%2E%2E%2F%2E%2E%2Fetc%2Fpasswd").status_code in (400, 404)
     assert httpx.get(f"{server.url}/runs/NOSUCHRUN").status_code in (400, 404)
+    assert httpx.get(f"{server.url}/runs/01ZZZZZZZZZZZZZZZZZZZZZZZZ/log/stdout").status_code == 404
     assert httpx.get(f"{server.url}/runs/{rid}?stream=bogus").status_code == 400
 
 

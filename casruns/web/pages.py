@@ -284,9 +284,11 @@ def routes(ctx: "WebContext") -> list:
         run_id, stream = request.path_params["run_id"], request.path_params["stream"]
         if stream not in STREAMS:
             raise InvalidInput(f"unknown stream {stream!r}; one of: {', '.join(STREAMS)}")
-        chunks = await run_in_threadpool(lambda: iter(reg.log_chunks(run_id, stream)))
+        chunks = iter(reg.log_chunks(run_id, stream))
+        first = await run_in_threadpool(next, chunks, b"")  # an unknown run fails here, before the response starts
 
         async def body():
+            yield first
             while True:
                 chunk = await run_in_threadpool(next, chunks, None)
                 if chunk is None:
