@@ -180,31 +180,33 @@ def _run(registry: "RegistryRoot", stats: GCStats, dry_run: bool, progress, prev
             shutil.rmtree(trash.pop(), ignore_errors=True)
 
     would_remove: set[str] = set()  # dry run: what the mark must treat as gone
-    for i, rid in enumerate(sorted(eligible)):
-        if progress:
-            progress("removing runs", i + 1, len(eligible))
-        run = registry.run_dir(rid)
-        try:
-            with run.locked():
-                m = _read_run(registry, rid, strays)  # the cache's tag proves it matches the TOML (a parse costs 0.75 ms)
-                if m is None or not retention_now(rid, m).get("cleanup_eligible"):
-                    continue  # promoted or retained since we looked
-                if dry_run:
-                    stats.runs_removed += 1
-                    would_remove.add(rid)
-                    continue
-                target = os.path.join(runs_dir, f".trash-{rid}-{os.urandom(4).hex()}")
-                removals.append(run.remove(target, "retention"))
-                trash.append(target)
-                dirs.add(runs_dir)
-        except CasrunsError:
-            continue
-        stats.runs_removed += 1
-        manifests.pop(rid, None)
-        _fault("after_run_rename")
-        if len(removals) >= REMOVAL_BATCH:
-            publish_removals()
-    publish_removals()  # the renames are durable before anything they referenced can be swept
+    try:
+        for i, rid in enumerate(sorted(eligible)):
+            if progress:
+                progress("removing runs", i + 1, len(eligible))
+            run = registry.run_dir(rid)
+            try:
+                with run.locked():
+                    m = _read_run(registry, rid, strays)  # the cache's tag proves it matches the TOML (a parse costs 0.75 ms)
+                    if m is None or not retention_now(rid, m).get("cleanup_eligible"):
+                        continue  # promoted or retained since we looked
+                    if dry_run:
+                        stats.runs_removed += 1
+                        would_remove.add(rid)
+                        continue
+                    target = os.path.join(runs_dir, f".trash-{rid}-{os.urandom(4).hex()}")
+                    removals.append(run.remove(target, "retention"))
+                    trash.append(target)
+                    dirs.add(runs_dir)
+            except CasrunsError:
+                continue
+            stats.runs_removed += 1
+            manifests.pop(rid, None)
+            _fault("after_run_rename")
+            if len(removals) >= REMOVAL_BATCH:
+                publish_removals()
+    finally:
+        publish_removals()  # the renames are durable before anything they referenced can be swept
     _fault("after_runs_removed")
 
     # 2. snapshot pins (2a: done/dead pins are covered by the mark and removed at the end)
