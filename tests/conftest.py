@@ -138,6 +138,22 @@ def mounted_tmpfs(path: Path, mib: int):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+def fill_disk(path: Path) -> Path:
+    """Take every free byte of the filesystem holding ``path`` (a new file there), as another
+    program would: big writes first, then smaller ones down to single bytes."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (1 << 20, 65536, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return path
+
+
 @contextmanager
 def read_only_view(src: Path, dst: Path):
     """``src`` bind-mounted read-only at ``dst`` (a snapshot, an archived disk). Skips, saying

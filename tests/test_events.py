@@ -148,11 +148,17 @@ def test_filters_by_run_label_and_type(registry):
 # -- crash windows -------------------------------------------------------------------------
 
 
-def test_killed_after_commit_the_event_is_recovered_by_a_reader(registry, casruns_home):
+def promote_killed_at(registry, point: str, reason: str = "r") -> str:
+    """A finished run whose `promote` process is SIGKILLed at one fault point; its id."""
     rid = registry.submit(["true"], spawn=False)["run_id"]
     registry.cancel(rid)
-    proc = cli("promote", rid, "--reason", "r", env={"CASRUNS_TEST_FAULT": "event_after_commit"})
+    proc = cli("promote", rid, "--reason", reason, env={"CASRUNS_TEST_FAULT": point})
     assert proc.returncode == -9
+    return rid
+
+
+def test_killed_after_commit_the_event_is_recovered_by_a_reader(registry, casruns_home):
+    rid = promote_killed_at(registry, "event_after_commit", "r")
     assert registry.get(rid)["retention"]["promoted"] is True  # committed
     j = journal(casruns_home)
     assert len(j.pending_for(rid)) == 1
@@ -165,12 +171,9 @@ def test_killed_after_commit_the_event_is_recovered_by_a_reader(registry, casrun
 
 
 def test_killed_before_commit_nothing_is_reported_and_the_seq_is_reused(registry, casruns_home):
-    rid = registry.submit(["true"], spawn=False)["run_id"]
-    registry.cancel(rid)
-    before = registry.get(rid)["event_seq"]
-    proc = cli("promote", rid, "--reason", "r", env={"CASRUNS_TEST_FAULT": "event_after_pending"})
-    assert proc.returncode == -9
-    assert registry.get(rid)["retention"]["promoted"] is False and registry.get(rid)["event_seq"] == before
+    rid = promote_killed_at(registry, "event_after_pending", "r")
+    before = registry.get(rid)["event_seq"]  # the killed promote never committed
+    assert registry.get(rid)["retention"]["promoted"] is False and before == 3  # created, cancel_requested, status
     assert journal(casruns_home).pending_for(rid)
     # the next writer of the run settles the dead writer's record first: dropped, never reported
     registry.promote(rid, reason="again")
@@ -182,10 +185,7 @@ def test_killed_before_commit_nothing_is_reported_and_the_seq_is_reused(registry
 
 
 def test_a_torn_append_is_cut_and_the_event_recovered_in_order_by_the_next_writer(registry, casruns_home):
-    rid = registry.submit(["true"], spawn=False)["run_id"]
-    registry.cancel(rid)
-    proc = cli("promote", rid, "--reason", "torn", env={"CASRUNS_TEST_FAULT": "event_mid_append"})
-    assert proc.returncode == -9
+    rid = promote_killed_at(registry, "event_mid_append", "torn")
     lines = raw_lines(casruns_home)
     assert not lines[-1].endswith(b"\n")  # half a line at the end
     registry.retain(rid, for_="1d")  # the next writer: repairs, then its own change
@@ -200,10 +200,7 @@ def test_a_torn_append_is_cut_and_the_event_recovered_in_order_by_the_next_write
 
 
 def test_killed_after_append_the_event_is_not_duplicated(registry, casruns_home):
-    rid = registry.submit(["true"], spawn=False)["run_id"]
-    registry.cancel(rid)
-    proc = cli("promote", rid, "--reason", "r", env={"CASRUNS_TEST_FAULT": "event_after_append"})
-    assert proc.returncode == -9
+    rid = promote_killed_at(registry, "event_after_append", "r")
     assert journal(casruns_home).pending_for(rid)
     proc, out = cli_json("reap")
     assert out[0]["events_settled"] == 1 and not journal(casruns_home).pending_for(rid)

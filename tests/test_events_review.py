@@ -307,20 +307,11 @@ def test_gc_frees_space_on_a_full_disk_after_a_writer_used_the_reserve(tmp_path,
     first writes a pending record. The reserve is freed by "the first writer that hits a full
     disk", which is rarely gc: once that room is taken again (the disk is shared), gc cannot
     record any removal, removes nothing, and the full disk can no longer be freed by gc."""
-    from conftest import mounted_tmpfs
+    from conftest import fill_disk, mounted_tmpfs
 
     with mounted_tmpfs(tmp_path / "fs", 8) as mnt:
         def fill(name):
-            fd = os.open(mnt / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                for size in (1 << 20, 65536, 4096, 1):
-                    try:
-                        while True:
-                            os.write(fd, b"\0" * size)
-                    except OSError:
-                        pass
-            finally:
-                os.close(fd)
+            fill_disk(mnt / name)
 
         home = mnt / "reg"
         monkeypatch.setenv("CASRUNS_HOME", str(home))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, cli_json, poll_until
+from conftest import cli, cli_json, fill_disk, poll_until
 
 pytestmark = pytest.mark.slow
 
@@ -54,18 +54,7 @@ def _FS(mnt: Path):
         @staticmethod
         def fill(name: str = "filler") -> Path:
             """Take every free byte, as another program would."""
-            path = mnt / name
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                for size in (1 << 20, 65536, 4096, 1):
-                    try:
-                        while True:
-                            os.write(fd, b"\0" * size)
-                    except OSError:
-                        pass
-            finally:
-                os.close(fd)
-            return path
+            return fill_disk(mnt / name)
 
     return FS
 

@@ -60,12 +60,18 @@ def parse_ts(s: str) -> float:
     return p(s)
 
 
-def latency(runs: int, notify: str) -> dict:
-    root = tempfile.mkdtemp(prefix="casruns-bench-events-")
+def new_registry(prefix: str, notify: str) -> tuple[str, dict]:
+    """An initialized throw-away registry and the environment that selects it (and the notify kind)."""
+    root = tempfile.mkdtemp(prefix=prefix)
     env = dict(os.environ, CASRUNS_HOME=root)
     if notify == "poll":
         env["CASRUNS_NOTIFY"] = "poll"
     subprocess.run([PY, "-m", "casruns", "init"], env=env, check=True, capture_output=True)
+    return root, env
+
+
+def latency(runs: int, notify: str) -> dict:
+    root, env = new_registry("casruns-bench-events-", notify)
     follower = subprocess.Popen([PY, "-m", "casruns", "events", "--follow", "--json"], env=env, stdout=subprocess.PIPE, text=True, bufsize=1)
     arrivals: list[tuple[float, dict]] = []
     expected = runs * 5
@@ -95,11 +101,7 @@ def cpu_of(pid: int) -> float:
 
 
 def idle_cpu(seconds: float, notify: str) -> float:
-    root = tempfile.mkdtemp(prefix="casruns-bench-idle-")
-    env = dict(os.environ, CASRUNS_HOME=root)
-    if notify == "poll":
-        env["CASRUNS_NOTIFY"] = "poll"
-    subprocess.run([PY, "-m", "casruns", "init"], env=env, check=True, capture_output=True)
+    root, env = new_registry("casruns-bench-idle-", notify)
     p = subprocess.Popen([PY, "-m", "casruns", "events", "--follow"], env=env, stdout=subprocess.DEVNULL)
     time.sleep(1.0)
     start = cpu_of(p.pid)
