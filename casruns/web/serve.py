@@ -50,7 +50,15 @@ def serve(registry, *, host: str = "127.0.0.1", port: int = 8765, allow_actions:
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    hub = getattr(app.ctx, "hub", None)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # SIGTERM/SIGINT: end the endless streams now
+            super().handle_exit(sig, frame)
+            if hub is not None:
+                hub.close_clients()
+
+    server = Server(config)
     if ready is not None:
         ready(f"http://{shown}:{bound}")
     server.run(sockets=[sock])
