@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
 import sys
 
@@ -55,6 +56,8 @@ def serve(registry, *, host: str = "127.0.0.1", port: int = 8765, allow_actions:
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:  # SIGTERM/SIGINT: end the endless streams now
             super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:  # a requested stop: exit 0 once shut down, not re-raised
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
             if hub is not None:
                 hub.close_clients()
 
