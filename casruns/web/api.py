@@ -327,7 +327,7 @@ def routes(ctx: "WebContext") -> list:
         rng = request.headers.get("range")
         if rng and (request.headers.get("if-range") in (None, etag)):
             m = RANGE_RE.fullmatch(rng.strip())
-            if m and (m.group(1) or m.group(2)):
+            if m and (m.group(1) or m.group(2)) and not (m.group(1) and m.group(2) and int(m.group(2)) < int(m.group(1))):
                 if m.group(1):
                     start = int(m.group(1))
                     end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
