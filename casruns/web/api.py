@@ -360,9 +360,10 @@ def routes(ctx: "WebContext") -> list:
             nonlocal gen, first, rec
             pos = offset
             while True:
-                async for chunk in thread_chunks(gen, first):
-                    pos += len(chunk)
-                    yield chunk
+                async with contextlib.aclosing(thread_chunks(gen, first)) as chunks:  # closed now, also on a disconnect
+                    async for chunk in chunks:
+                        pos += len(chunk)
+                        yield chunk
                 if not follow or rec["terminal"] or hub.stopping.is_set():
                     return
                 await asyncio.sleep(LOG_POLL)
