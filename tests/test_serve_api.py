@@ -414,6 +414,18 @@ def test_disconnecting_clients_cost_nothing(registry, serve, tmp_path):
 
 
 # -- tokens, actions, shutdown -------------------------------------------------------------
+def test_a_request_does_not_wait_for_a_delayed_ack(registry, serve):
+    """Headers and body are two writes: without TCP_NODELAY each response took ~40 ms."""
+    srv = serve()
+    with httpx.Client(base_url=srv.url) as c:
+        times = []
+        for _ in range(15):
+            t0 = time.perf_counter()
+            assert c.get("/healthz").status_code == 200
+            times.append(time.perf_counter() - t0)
+    assert sorted(times)[len(times) // 2] < 0.025
+
+
 def test_non_loopback_without_token_refuses_to_start():
     proc = subprocess.run([*casruns_exe(), "serve", "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 3 and "token" in proc.stderr

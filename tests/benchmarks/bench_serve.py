@@ -173,7 +173,7 @@ def run_wrk(url: str, ids: list[str], conns: int, seconds: float, tmp: str) -> t
     with open(script, "w") as f:
         f.write("ids = {" + ",".join(f'"{i}"' for i in ids[:2000]) + "}\n")
         f.write('request = function() return wrk.format("GET", "/api/v1/runs/" .. ids[math.random(#ids)]) end\n')
-    out = subprocess.run(["wrk", "-t2", f"-c{conns}", f"-d{int(seconds)}s", "--latency", "-s", script, url],
+    out = subprocess.run(["wrk", f"-t{min(2, conns)}", f"-c{conns}", f"-d{int(seconds)}s", "--latency", "-s", script, url],
                          capture_output=True, text=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     m = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
