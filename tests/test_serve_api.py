@@ -177,6 +177,8 @@ def test_run_chain_and_artifact_tree(registry, art_run, serve, validate):
         assert r.status_code == 404 and validate(r.json(), "error.schema.json")["error"]["code"] == "run_not_found"
         r = c.get("/api/v1/nothing-here")
         assert r.status_code == 404 and validate(r.json(), "error.schema.json")
+        r = c.delete(f"/api/v1/runs/{rid}")
+        assert r.status_code == 405 and "GET" in r.headers["allow"] and validate(r.json(), "error.schema.json")
         assert c.get("/healthz").json() == {"schema": "casruns/health/v1", "ok": True}
 
 

@@ -23,7 +23,7 @@ import anyio
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from ..errors import Busy, CasrunsError, Forbidden, InvalidInput, UsageError
 from ..ids import validate_run_id
@@ -490,10 +490,14 @@ def routes(ctx: "WebContext") -> list:
         return endpoint
 
     async def not_found(request: Request) -> Response:
+        allowed = sorted({m for r in table[:-1] if r.matches(request.scope)[0] == Match.PARTIAL for m in (r.methods or ())})
+        if allowed:  # the path exists, not for this method
+            err = UsageError(f"{request.method} is not allowed on {request.url.path[:200]!r}; use {', '.join(allowed)}")
+            return Json(err.to_json(), status_code=405, headers={"allow": ", ".join(allowed)})
         err = UsageError(f"no API endpoint {request.url.path[:200]!r} (spec/http.md lists them)")
         return Json(err.to_json(), status_code=404)
 
-    return [
+    table = [
         Route("/healthz", healthz),
         Route("/api/v1/runs", runs),
         Route("/api/v1/events", events),
@@ -503,5 +507,6 @@ def routes(ctx: "WebContext") -> list:
         Route("/api/v1/runs/{run_id}/artifacts/{path:path}", artifact, methods=["GET", "HEAD"]),
         Route("/api/v1/runs/{run_id}/logs/{stream}", logs),
         *(Route(f"/api/v1/runs/{{run_id}}/{kind}", action(kind), methods=["GET", "POST"]) for kind in ("cancel", "promote", "unpromote", "retain")),
-        Route("/api/{rest:path}", not_found, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]),
+        Route("/api/{rest:path}", not_found, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]),
     ]
+    return table

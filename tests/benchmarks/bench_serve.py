@@ -185,7 +185,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--runs", type=int)
-    ap.add_argument("--conns", type=int, default=32)
+    ap.add_argument("--conns", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--followers", type=int)
     ap.add_argument("--burst", type=int)
