@@ -361,6 +361,26 @@ def test_sse_live_resume_without_gaps_or_duplicates(registry, serve, validate):
         assert r.status_code == 400
 
 
+def test_a_subscriber_that_falls_behind_is_cut_off_not_grown():
+    import asyncio
+
+    from casruns.web import hub as hub_mod
+
+    async def scenario():
+        sub = hub_mod.Subscriber(types=["created"])
+        event = {"type": "created", "run_id": "r", "run": {"labels": {}}}
+        for i in range(hub_mod.BUFFER):
+            sub.offer(f"{i:016d}", event, "{}")
+        sub.offer("x", {"type": "status", "new_status": "running"}, "{}")  # filtered out: not counted
+        assert len(sub.items) == hub_mod.BUFFER and not sub.overflowed
+        sub.offer(f"{hub_mod.BUFFER:016d}", event, "{}")
+        assert sub.overflowed and not sub.items and sub.ready.is_set()
+        sub.offer("more", event, "{}")
+        assert not sub.items
+
+    asyncio.run(scenario())
+
+
 def test_sse_expired_cursor_is_410(casruns_home, registry, serve, monkeypatch, validate):
     monkeypatch.setenv("CASRUNS_EVENTS_SEGMENT_BYTES", "4096")
     for _ in range(12):

@@ -421,7 +421,8 @@ def routes(ctx: "WebContext") -> list:
                         yield b": keep-alive\n\n"
                         continue
                     if sub.overflowed:
-                        err = Busy("this client read events more slowly than they came; reconnect with Last-Event-ID to resume", cursor=last)
+                        err = Busy("this stream fell behind (a client slower than the events, or the server's journal follower restarted); "
+                                   "reconnect with Last-Event-ID to resume from the journal", cursor=last)
                         yield _sse(None, "error", dump(err.to_json()))
                         return
                     for cursor, kind, data in sub.take():

@@ -90,9 +90,7 @@ class Hub:
     def close_clients(self) -> None:
         """Ask every stream to end now (SIGTERM): thread-safe, callable from a signal handler."""
         self.stopping.set()
-        loop = self.loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._close_all)
+        self._call(self._close_all)
 
     def _close_all(self) -> None:
         for sub in list(self.subscribers):
@@ -119,21 +117,32 @@ class Hub:
                     self._publish(event)
                     if self.stopping.is_set():
                         return
-            except Exception as e:  # an expired cursor (gc while we slept), a damaged line...
+            except Exception as e:  # an expired cursor (gc while we slept), a damaged line, I/O...
                 self.error = e
+                # carry on from the end; every client is cut off (an error event naming its last
+                # cursor), so none silently misses what the hub skipped: each resumes from the journal
+                self._call(self._cut_all)
                 if self.stopping.wait(FOLLOW_SLICE):
                     return
-                cursor = self._start_cursor()  # carry on from the end: each client resyncs itself
+                cursor = self._start_cursor()
 
     def _publish(self, event: dict) -> None:
-        data = dump(event)
         self.delivered += 1
+        self._call(self._dispatch, event["cursor"], event, dump(event))
+
+    def _call(self, fn, *args) -> None:
         loop = self.loop
         if loop is not None and not loop.is_closed():
             try:
-                loop.call_soon_threadsafe(self._dispatch, event["cursor"], event, data)
+                loop.call_soon_threadsafe(fn, *args)
             except RuntimeError:  # the loop closed meanwhile
                 pass
+
+    def _cut_all(self) -> None:
+        for sub in self.subscribers:
+            sub.overflowed = True
+            sub.items.clear()
+            sub.ready.set()
 
     def _dispatch(self, cursor: str, event: dict, data: str) -> None:
         for sub in self.subscribers:
