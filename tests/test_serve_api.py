@@ -526,23 +526,34 @@ def srv_session(client) -> str | None:
 
 
 def test_cookie_authenticated_api_posts_need_the_csrf_header(registry, art_run):
-    """In-process (the login page belongs to the pages): a valid session cookie alone is refused."""
-    from starlette.testclient import TestClient
+    """In-process uvicorn (the login page belongs to the pages): a valid session cookie alone is refused."""
+    import uvicorn
 
     from casruns.web.app import build_app
 
     app = build_app(registry, tokens={TOKEN: "ci-bot"}, allow_actions=True)
     cookie = app.ctx.auth.new_session("ci-bot")
     rid = art_run["run_id"]
-    with TestClient(app, base_url="http://127.0.0.1") as c:
-        c.cookies.set("casruns_session", cookie)
-        assert c.get(f"/api/v1/runs/{rid}").status_code == 200  # reading with the cookie is fine
-        r = c.post(f"/api/v1/runs/{rid}/promote", json={"reason": "x"})
-        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
-        r = c.post(f"/api/v1/runs/{rid}/promote", json={"reason": "x"}, headers={"x-csrf-token": "0" * 64})
-        assert r.status_code == 403
-        r = c.post(f"/api/v1/runs/{rid}/promote", json={"reason": "x"}, headers={"x-csrf-token": app.ctx.auth.csrf_token(cookie)})
-        assert r.status_code == 200 and registry.get(rid)["retention"]["promoted_by"] == "ci-bot"
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    poll_until(lambda: server.started, what="in-process server")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", cookies={"casruns_session": cookie}) as c:
+            assert c.get(f"/api/v1/runs/{rid}").status_code == 200  # reading with the cookie is fine
+            r = c.post(f"/api/v1/runs/{rid}/promote", json={"reason": "x"})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+            r = c.post(f"/api/v1/runs/{rid}/promote", json={"reason": "x"}, headers={"x-csrf-token": "0" * 64})
+            assert r.status_code == 403
+            r = c.post(f"/api/v1/runs/{rid}/promote", json={"reason": "x"}, headers={"x-csrf-token": app.ctx.auth.csrf_token(cookie)})
+            assert r.status_code == 200 and registry.get(rid)["retention"]["promoted_by"] == "ci-bot"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 def test_sigterm_stops_cleanly_with_an_sse_client_connected(registry, serve):
