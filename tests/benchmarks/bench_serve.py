@@ -19,7 +19,9 @@ What it does
    Delivery latency = arrival time at the client minus the event's ``time``: p50/p99/max over every
    (event, follower) pair, whether every follower got every event exactly once, and the server's RSS
    (VmRSS, and VmHWM: its peak) before and after.
-4. A hook for the pages: ``GET /`` (the runs page, spec/http-pages.md) median and p99 of 20 renders
+4. One artifact of ``--big-mib`` MiB (1 GiB by default) downloaded whole and by a range: MiB/s and the
+   server's peak RSS, which must stay flat (the body streams in 1 MiB pieces).
+5. A hook for the pages: ``GET /`` (the runs page, spec/http-pages.md) median and p99 of 20 renders
    when the server has it (``--page PATH`` to measure another page); skipped on a 404.
 
 Targets (printed beside the figures, "meets"/"MISSES"): run GET >= 500 req/s and p99 <= 50 ms;
@@ -181,6 +183,35 @@ def run_wrk(url: str, ids: list[str], conns: int, seconds: float, tmp: str) -> t
     return rps, p99
 
 
+def big_download(server: Server, root: str, tmp: str, mib: int) -> None:
+    """One artifact of ``mib`` MiB (random: zstd cannot shrink it) downloaded whole and by a range
+    near its end: throughput and the server's peak RSS, which must not grow with the size."""
+    ws = os.path.join(tmp, "ws-big")
+    os.mkdir(ws)
+    reg = Registry(root)
+    rid = reg.submit(["sh", "-c", f'head -c {mib * 1024 * 1024} /dev/urandom > "$CASRUNS_ARTIFACTS_DIR/big.bin"'], cwd=ws)["run_id"]
+    (rec,), done = reg.wait([rid], timeout=600)
+    if rec["status"] != "succeeded":
+        print(f"\nbig artifact: the run {rec['status']}; skipped")
+        return
+    before = rss(server.proc.pid)
+    with httpx.Client(base_url=server.url, timeout=600) as c:
+        t0 = time.perf_counter()
+        n = 0
+        with c.stream("GET", f"/api/v1/runs/{rid}/artifacts/big.bin") as r:
+            for chunk in r.iter_raw(1 << 20):
+                n += len(chunk)
+        whole = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tail = c.get(f"/api/v1/runs/{rid}/artifacts/big.bin", headers={"range": "bytes=-1024"})
+        ranged = time.perf_counter() - t0
+    after = rss(server.proc.pid)
+    print(f"\nartifact of {mib} MiB: whole download {n / whole / 2**20:.0f} MiB/s ({whole:.1f} s, {n} bytes), "
+          f"last 1 KiB by range {ranged:.1f} s (the whole blob is verified), {len(tail.content)} bytes")
+    print(f"  server RSS {before[0]:.0f} MiB before, {after[0]:.0f} MiB after, peak {after[1]:.0f} MiB; "
+          f"target peak <= 200 MiB whatever the size: {verdict(after[1] <= 200)}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -190,11 +221,14 @@ def main() -> int:
     ap.add_argument("--followers", type=int)
     ap.add_argument("--burst", type=int)
     ap.add_argument("--page", default="/")
+    ap.add_argument("--big-mib", type=int, help="size of the big artifact download (default 1024; --quick 128; 0 skips)")
     ap.add_argument("--install-wrk", action="store_true", help="apt-get install -y wrk when it is missing")
     args = ap.parse_args()
     n = args.runs or (2000 if args.quick else 10_000)
     followers = args.followers or (50 if args.quick else 100)
     burst = args.burst or (100 if args.quick else 200)
+    if args.big_mib is None:
+        args.big_mib = 128 if args.quick else 1024
     tmp = tempfile.mkdtemp(dir="/work" if os.path.isdir("/work") else None, prefix="bench-serve-")
     root = os.path.join(tmp, "reg")
     server = None
@@ -236,6 +270,9 @@ def main() -> int:
         print(f"  server RSS: {rss0[0]:.0f} MiB before, {rss1[0]:.0f} MiB after, peak {rss1[1]:.0f} MiB")
         print(f"  target p99 <= 250 ms: {verdict(pct(lat, 99) <= 250)}; exactly once: {verdict(res['exact'])}; "
               f"RSS <= 200 MiB: {verdict(rss1[1] <= 200)}")
+
+        if args.big_mib:
+            big_download(server, root, tmp, args.big_mib)
 
         with httpx.Client(base_url=server.url, timeout=60) as c:
             r = c.get(args.page)
