@@ -77,8 +77,15 @@ def list_runs(reg: "RegistryRoot", *,
     promoted: bool | None = None,
     reap: bool = True,
     errors: list | None = None,
+    before: tuple[str, str] | None = None,
+    where=None,
 ) -> list[dict]:
-    """Records newest first, filtered by status (any of), labels (all of), creation time."""
+    """Records newest first, filtered by status (any of), labels (all of), creation time.
+
+    ``before`` (a ``(created_at, run_id)`` key) keeps only runs that sort after it (the next
+    page of a listing); ``where(manifest)`` is one more filter on the manifest, applied with
+    the others before any record is built.
+    """
     statuses = set(statuses)
     for s in statuses:
         if s not in mf.STATUSES:
@@ -112,6 +119,10 @@ def list_runs(reg: "RegistryRoot", *,
         if since_ts is not None and parse_ts(m.get("created_at") or "1970-01-01T00:00:00Z") < since_ts:
             continue
         if promoted is not None and bool((m.get("retention") or {}).get("promoted")) != promoted:
+            continue
+        if before is not None and (m.get("created_at", ""), rid) >= before:
+            continue
+        if where is not None and not where(m):
             continue
         found.append((m.get("created_at", ""), rid, run, m))
     found.sort(key=lambda t: (t[0], t[1]), reverse=True)

@@ -69,9 +69,15 @@ class Registry(RegistryRoot):
         promoted: bool | None = None,
         reap: bool = True,
         errors: list | None = None,
+        before: tuple[str, str] | None = None,
+        where=None,
     ) -> list[dict]:
-        """Records newest first, filtered by status (any of), labels (all of), creation time."""
-        return query.list_runs(self, statuses=statuses, labels=labels, since=since, limit=limit, promoted=promoted, reap=reap, errors=errors)
+        """Records newest first, filtered by status (any of), labels (all of), creation time;
+        ``before`` and ``where`` page and filter further (see :func:`casruns.query.list_runs`)."""
+        return query.list_runs(
+            self, statuses=statuses, labels=labels, since=since, limit=limit, promoted=promoted, reap=reap, errors=errors,
+            before=before, where=where,
+        )
 
     def wait(self, run_ids: list[str], *, timeout: float | None = None, poll: float | None = None) -> tuple[list[dict], bool]:
         """Block until every run is terminal. Returns (records, all_terminal)."""

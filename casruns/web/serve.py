@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
 import sys
 
@@ -39,8 +40,11 @@ def serve(registry, *, host: str = "127.0.0.1", port: int = 8765, allow_actions:
     registry.check_format()
     app = build_app(registry, tokens=tokens, allow_actions=allow_actions)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, or asyncio does not set TCP_NODELAY on accepted connections, and every
+    # response (headers and body are two writes) waits ~40 ms for a delayed ACK
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
@@ -50,7 +54,17 @@ def serve(registry, *, host: str = "127.0.0.1", port: int = 8765, allow_actions:
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    hub = getattr(app.ctx, "hub", None)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # SIGTERM/SIGINT: end the endless streams now
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:  # a requested stop: exit 0 once shut down, not re-raised
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+            if hub is not None:
+                hub.close_clients()
+
+    server = Server(config)
     if ready is not None:
         ready(f"http://{shown}:{bound}")
     server.run(sockets=[sock])
