@@ -331,3 +331,26 @@ def test_cancel_through_the_page(casruns_home, tmp_path):
 def test_pages_answer_errors_as_html(server):
     r = httpx.get(server.url + "/runs/01ZZZZZZZZZZZZZZZZZZZZZZZZ")
     assert r.status_code == 404 and r.headers["content-type"].startswith("text/html") and "run_not_found" in r.text
+
+
+def test_the_runs_page_index_follows_every_change_and_reads_your_writes(casruns_home, tmp_path):
+    """The runs page counts and filters from the server's in-memory index (web/index.py), kept
+    current by the event hub: a change a command made before the page was asked is on it."""
+    from casruns import Registry
+
+    reg = Registry(str(casruns_home))
+    early = reg.submit(["true"], spawn=False, labels={"side": "early"})["run_id"]
+    with Server() as srv:
+        def ids(**params):
+            return re.findall(r'<tr data-run="([^"]+)"', httpx.get(srv.url + "/", params=params).text)
+
+        assert ids() == [early]
+        late = reg.submit(["true"], spawn=False, labels={"side": "late"})["run_id"]
+        assert ids() == [late, early] and ids(label="side=late") == [late]
+        reg.cancel(early)
+        assert ids(status="cancelled") == [early]
+        html = httpx.get(srv.url + "/").text
+        assert re.search(r'data-count="cancelled">1<', html) and re.search(r'data-count="queued">1<', html)
+        (casruns_home / "config.toml").write_text('[retention]\ncancelled = "0s"\n')
+        cli("gc", check=0)
+        assert ids() == [late]

@@ -76,6 +76,9 @@ class Hub:
         self.stopping = threading.Event()
         self.error: Exception | None = None
         self.delivered = 0  # events the thread handed over (tests and benchmarks read it)
+        from .index import RunIndex
+
+        self.index = RunIndex(registry)  # the runs page's table, kept current by this follower
 
     # -- lifecycle (the app's lifespan) --------------------------------------------------
     async def start(self) -> None:
@@ -112,13 +115,18 @@ class Hub:
                         return
                     cursor = self._start_cursor()
                     continue
+                if not self.index.ready:
+                    self.index.rebuild()  # after the cursor was fixed: the events since are applied on top
+                    self.index.at(cursor)
                 for event in reg.events(since=cursor, follow=True, timeout=FOLLOW_SLICE):
                     cursor = event["cursor"]
+                    self.index.apply(event)
                     self._publish(event)
                     if self.stopping.is_set():
                         return
             except Exception as e:  # an expired cursor (gc while we slept), a damaged line, I/O...
                 self.error = e
+                self.index.invalidate()  # it may have missed events: rebuilt from a new snapshot
                 # carry on from the end; every client is cut off (an error event naming its last
                 # cursor), so none silently misses what the hub skipped: each resumes from the journal
                 self._call(self._cut_all)

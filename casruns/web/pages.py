@@ -103,8 +103,11 @@ def error_page(ctx: "WebContext", request: Request, err: CasrunsError, status: i
 # -- what the pages show ------------------------------------------------------------------------
 
 
-def runs_view(reg, params) -> dict:
-    """The runs table: filters, counts per status (before the status filter), one page of rows."""
+def runs_view(reg, params, index=None) -> dict:
+    """The runs table: filters, counts per status (before the status filter), one page of rows.
+
+    With the server's index (web/index.py) ready, which runs match and how many of each status
+    there are come from memory; the rows shown are read fresh (and a lost run is reaped)."""
     statuses = [s for s in params.getlist("status") if s]
     for s in statuses:
         if s not in STATUSES:
@@ -125,7 +128,15 @@ def runs_view(reg, params) -> dict:
         raise InvalidInput("page must be a number") from None
     cursor = reg.events_cursor()  # before the runs are read: following from it misses nothing
     errors: list = []
-    runs = reg.list(labels=labels or None, promoted=promoted, errors=errors)
+    runs = index.snapshot(cursor) if index is not None else None
+    from_index = runs is not None
+    if runs is None:
+        runs = reg.list(labels=labels or None, promoted=promoted, errors=errors)
+    else:
+        if labels:
+            runs = [r for r in runs if all(r["labels"].get(k) == v for k, v in labels.items())]
+        if promoted is not None:
+            runs = [r for r in runs if bool(r["retention"]["promoted"]) == promoted]
     if provider:
         runs = [r for r in runs if r.get("provider") == provider]
     if text:
@@ -138,6 +149,8 @@ def runs_view(reg, params) -> dict:
     total = len(runs)
     pages = max(1, -(-total // PAGE_SIZE))
     rows = runs[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
+    if from_index:
+        rows = _fresh(reg, rows)
     filtered = bool(statuses or labels or promoted is not None or provider or text)
     return {
         "rows": rows, "counts": counts, "total": total, "page": page, "pages": pages, "cursor": cursor, "errors": errors,
@@ -145,6 +158,17 @@ def runs_view(reg, params) -> dict:
                     "provider": provider, "q": params.get("q", "")},
         "live_insert": page == 1 and not filtered, "statuses": STATUSES,
     }
+
+
+def _fresh(reg, rows: list[dict]) -> list[dict]:
+    """The shown rows as their runs stand now (the index may lag a change by milliseconds)."""
+    out = []
+    for r in rows:
+        try:
+            out.append(reg.get(r["run_id"]))
+        except CasrunsError:
+            out.append(r)  # removed or unreadable since: shown as indexed
+    return out
 
 
 def timeline(record: dict) -> list[dict]:
@@ -268,7 +292,8 @@ def routes(ctx: "WebContext") -> list:
     reg = ctx.registry
 
     async def runs_page(request: Request) -> Response:
-        data = await run_in_threadpool(runs_view, reg, request.query_params)
+        hub = getattr(ctx, "hub", None)
+        data = await run_in_threadpool(runs_view, reg, request.query_params, hub.index if hub is not None else None)
         data["qs"] = lambda **change: _qs(request, **change)
         return render(ctx, request, "runs.html", **data)
 
