@@ -161,13 +161,13 @@ def runs_view(reg, params, index=None) -> dict:
 
 
 def _fresh(reg, rows: list[dict]) -> list[dict]:
-    """The shown rows as their runs stand now (the index may lag a change by milliseconds)."""
+    """The shown rows as their runs stand now (the index holds only what it filters on)."""
     out = []
     for r in rows:
         try:
             out.append(reg.get(r["run_id"]))
         except CasrunsError:
-            out.append(r)  # removed or unreadable since: shown as indexed
+            continue  # removed since the index saw it (or unreadable now: list reports those)
     return out
 
 
