@@ -270,7 +270,8 @@ def list_archive(registry: "RegistryRoot", src: str) -> dict:
         except (CorruptManifest, UnsupportedFormat, RunNotFound, InvalidRunId) as e:
             errors.append({"run_id": rid, "code": e.code, "message": e.message})  # hides only that run
             continue
-        runs.append({"run_id": rid, "status": m["status"], "promoted": r["retention"]["promoted"], "created_at": m.get("created_at"), "labels": r["labels"]})
+        runs.append({"run_id": rid, "status": m["status"], "promoted": r["retention"]["promoted"], "created_at": m.get("created_at"),
+                     "labels": r["labels"], "origin": r["origin"]})
     out = {"schema": "casruns/archive-list/v1", "src": remote.url, "runs": runs}
     if errors:
         out["errors"] = errors

@@ -136,6 +136,7 @@ def _submit(reg: "RegistryRoot", argv, *, provider, timeout, labels, env, secret
         "resumed_from": (_chain or {}).get("resumed_from"),
         "replay_of": (_chain or {}).get("replay_of"),
         "submitted_by": {"host": locking.hostname(), "pid": os.getpid()},
+        "origin": None,  # set below, once the registry exists: where the run ran
         "labels": labels,
         "request": request,
         "retention": {"promoted": False, "retain_for": retain_s},
@@ -143,6 +144,7 @@ def _submit(reg: "RegistryRoot", argv, *, provider, timeout, labels, env, secret
     if ignored:
         m["redaction"] = {"ignored_secrets": ignored}
     reg.ensure()
+    m["origin"] = {"registry_id": reg.registry_id, "host": locking.hostname()}
     # Redact the request itself: a secret typed into argv or a label never reaches the
     # manifest. The supervisor then gets the real argv in memory only.
     redactor = reg.redactor(used)

@@ -61,6 +61,7 @@ def build(
         "labels": dict(m.get("labels") or {}),
         "event_seq": int(m.get("event_seq") or 0),
         "incarnation": m.get("incarnation", ""),
+        "origin": {"registry_id": (m.get("origin") or {}).get("registry_id"), "host": (m.get("origin") or {}).get("host")} if m.get("origin") else None,
         "runtime": dict(m.get("runtime") or {}),
         "preview": dict(m.get("preview") or {}),
         "artifacts": (

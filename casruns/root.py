@@ -35,6 +35,9 @@ def default_root() -> str:
     return os.path.join(base, "casruns")
 
 
+REGISTRY_ID_FILE = "registry-id"
+
+
 class RegistryRoot:
     """An opened registry directory. Cheap to construct; nothing is created until a write."""
 
@@ -138,6 +141,7 @@ class RegistryRoot:
         journal_of(self.runs_dir).ensure()  # events/, with its full-disk reserve
         doc = f'format = "{FORMAT_NAME}"\nversion = {FORMAT_VERSION}\ncreated_at = "{now_ts()}"\n'
         fsutil.atomic_write(os.path.join(self.root, FORMAT_FILE), doc.encode())
+        self.registry_id  # made now, so a registry has its id before its first run
         self._checked = True
         self._version = FORMAT_VERSION
         return True
@@ -145,6 +149,33 @@ class RegistryRoot:
     def ensure(self) -> None:
         if not self.check_format():
             self.init()
+
+    @property
+    def registry_id(self) -> str:
+        """This registry's stable id (``<root>/registry-id``, 16 hex digits), made by the first
+        writer that asks: runs record it as their ``origin``, so a fleet archive can say where
+        each ran. Two writers racing agree on one (the file appears by a link, never replaced)."""
+        path = os.path.join(self.root, REGISTRY_ID_FILE)
+        try:
+            text = fsutil.read_regular(path, 64).decode("ascii", "replace").strip()
+        except FileNotFoundError:
+            text = ""
+        if len(text) == 16 and all(c in "0123456789abcdef" for c in text):
+            return text
+        if text:
+            from .errors import RegistryError
+
+            raise RegistryError(f"{path} does not hold a registry id (16 hex digits)", path=path)
+        tmp = os.path.join(self.root, fsutil.temp_name(REGISTRY_ID_FILE))
+        fsutil.atomic_write(tmp, os.urandom(8).hex().encode() + b"\n")
+        try:
+            os.link(tmp, path)  # fails if another writer made it first: then theirs is the id
+            fsutil.fsync_dir(self.root)
+        except FileExistsError:
+            pass
+        finally:
+            fsutil.unlink_quiet(tmp)
+        return self.registry_id
 
     def run_dir(self, run_id: str) -> RunDir:
         return RunDir(self.runs_dir, run_id)
