@@ -216,7 +216,9 @@ class Registry(RegistryRoot):
 
         return pull(self, src, run_ids, progress=progress, jobs=JOBS if jobs is None else jobs)
 
-    def archive_list(self, src: str) -> dict:
+    def archive_list(self, src: str, **filters) -> dict:
+        """An archive's runs, newest first; ``filters``: ``statuses``, ``labels``, ``promoted``,
+        ``since``, ``limit`` (as :meth:`list`)."""
         from .archive import list_archive
 
-        return list_archive(self, src)
+        return list_archive(self, src, **filters)

@@ -85,11 +85,17 @@ def _pull_line(r: dict) -> str:
 def _add_list(archive: click.Group) -> None:
     @archive.command(name="list")
     @click.argument("src")
+    @click.option("--status", "statuses", multiple=True, help="Only runs with this status (repeatable).")
+    @options.label_option("Only runs with this label (repeatable).")
+    @click.option("--since", help="Only runs created since TIME (RFC 3339 or a duration ago, e.g. 2h).")
+    @click.option("--limit", type=int, help="At most N runs.")
+    @click.option("--promoted/--not-promoted", "promoted", default=None, help="Only promoted (or only unpromoted) runs.")
     @json_option
     @click.pass_obj
-    def list_(obj, src, as_json):
-        """Runs held by an archive, with their status and promotion."""
-        report = obj.registry.archive_list(src)
+    def list_(obj, src, statuses, labels, since, limit, promoted, as_json):
+        """Runs held by an archive, newest first, with their status, promotion and origin."""
+        report = obj.registry.archive_list(src, statuses=statuses, labels=options.parse_labels(labels), promoted=promoted,
+                                           since=since, limit=limit)
         render.emit(as_json, report, _list_lines)
         if not as_json:
             render.echo(_error_lines(report), err=True)
@@ -98,5 +104,6 @@ def _add_list(archive: click.Group) -> None:
 
 def _list_lines(report: dict):
     for r in report["runs"]:
-        yield f"{r['run_id']}  {r['status']}{'  promoted' if r['promoted'] else ''}"
+        where = (r.get("origin") or {}).get("host") or "?"
+        yield f"{r['run_id']}  {r['status']}{'  promoted' if r['promoted'] else ''}  from {where}"
     yield f"{len(report['runs'])} runs in {report['src']}"

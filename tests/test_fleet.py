@@ -1,0 +1,49 @@
+"""The fleet archive (issue 18): where each run ran, and looking into an archive with filters."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import cli
+
+
+def test_every_run_records_the_registry_and_host_it_ran_on(casruns_home, tmp_path, validate):
+    """A fleet archive can say where each run ran (issue 18's first step): runs carry `origin`."""
+    import socket
+
+    rid = json.loads(cli("submit", "--json", "--", "true").stdout)["run_id"]
+    rec = validate(json.loads(cli("status", "--json", rid).stdout), "run.schema.json")
+    reg_id = (casruns_home / "registry-id").read_text().strip()
+    assert len(reg_id) == 16 and rec["origin"] == {"registry_id": reg_id, "host": socket.gethostname()}
+    cli("wait", rid)
+    cli("promote", rid, "--reason", "r", check=0)
+    arch = tmp_path / "arch"
+    assert cli("archive", "push", str(arch), rid).returncode == 0
+    listed = validate(json.loads(cli("archive", "list", "--json", str(arch)).stdout), "reports.schema.json#/$defs/archive_list")
+    assert listed["runs"][0]["origin"]["registry_id"] == reg_id
+    other = tmp_path / "other"
+    assert cli("archive", "pull", str(arch), env={"CASRUNS_HOME": str(other)}).returncode == 0
+    pulled = json.loads(cli("status", "--json", rid, env={"CASRUNS_HOME": str(other)}).stdout)
+    assert pulled["origin"]["registry_id"] == reg_id != (other / "registry-id").read_text().strip()
+
+
+def test_archive_list_takes_the_registrys_filters(registry, tmp_path, validate):
+    arch = tmp_path / "arch"
+    a = registry.submit(["true"], spawn=False, labels={"suite": "unit"})["run_id"]
+    b = registry.submit(["true"], spawn=False, labels={"suite": "e2e"})["run_id"]
+    for rid in (a, b):
+        registry.cancel(rid)
+    registry.promote(b, reason="keep")
+    assert cli("archive", "push", str(arch), a, b).returncode == 0
+
+    def ids(*args):
+        proc = cli("archive", "list", "--json", str(arch), *args)
+        assert proc.returncode == 0, proc.stderr
+        return [r["run_id"] for r in validate(json.loads(proc.stdout), "reports.schema.json#/$defs/archive_list")["runs"]]
+
+    assert ids() == [b, a]  # newest first
+    assert ids("--label", "suite=unit") == [a] and ids("--promoted") == [b] and ids("--not-promoted") == [a]
+    assert ids("--status", "cancelled", "--limit", "1") == [b] and ids("--status", "succeeded") == []
+    assert ids("--since", "1h") == [b, a] and ids("--since", "2099-01-01T00:00:00Z") == []
+    proc = cli("archive", "list", "--json", str(arch), "--status", "bogus")
+    assert proc.returncode == 3 and json.loads(proc.stdout)["error"]["code"] == "invalid_input"
