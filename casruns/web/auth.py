@@ -93,7 +93,7 @@ class Auth:
         body, _, mac = cookie.rpartition(".")
         if not hmac.compare_digest(self._sign(body), mac):
             return None
-        return body.split(".", 1)[0]
+        return body.rsplit(".", 1)[0]  # the nonce holds no dot; a label may
 
     def csrf_token(self, cookie: str | None) -> str:
         return self._sign("csrf:" + (cookie or ""))
