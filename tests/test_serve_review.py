@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
 import socket
 import time
@@ -98,3 +99,35 @@ def test_a_session_of_a_dotted_label_acts_as_that_label(registry, ten_run, tmp_p
         r = c.post(f"/runs/{rid}/promote", data={"csrf": csrf, "reason": "release"}, follow_redirects=False)
         assert r.status_code == 303, r.text
     assert registry.get(rid)["retention"]["history"][-1]["by"] == "ci.bot"
+
+
+# -- logout ends the session on the server, not only in this browser ---------------------------------
+def test_a_session_cookie_replayed_after_logout_is_refused(registry, ten_run, tmp_path):
+    tokens = write_tokens(tmp_path / "tokens", f"alice:{TOKEN}\n")
+    with Server("--token-file", str(tokens)) as srv, httpx.Client(base_url=srv.url, timeout=10) as c:
+        c.post("/login", data={"token": TOKEN}, follow_redirects=False)
+        stolen = c.cookies.get("casruns_session")
+        assert stolen and c.get("/api/v1/runs").status_code == 200
+        assert c.post("/logout", follow_redirects=False).status_code == 303
+        with httpx.Client(base_url=srv.url, timeout=10, cookies={"casruns_session": stolen}) as replay:
+            assert replay.get("/api/v1/runs").status_code == 401
+            assert replay.get(f"/runs/{ten_run['run_id']}").status_code == 401
+        c.post("/login", data={"token": TOKEN}, follow_redirects=False)  # a new login works
+        assert c.cookies.get("casruns_session") != stolen and c.get("/api/v1/runs").status_code == 200
+
+
+def test_token_files_that_are_symlinks_fifos_or_shared_are_refused(tmp_path):
+    from casruns.errors import InvalidInput
+    from casruns.web.auth import load_tokens
+
+    good = write_tokens(tmp_path / "tokens", f"alice:{TOKEN}\n")
+    assert load_tokens(str(good)) == {TOKEN: "alice"}
+    link = tmp_path / "link"
+    link.symlink_to(good)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    shared = write_tokens(tmp_path / "shared", f"alice:{TOKEN}\n")
+    shared.chmod(0o640)
+    for bad in (link, fifo, shared, tmp_path):
+        with pytest.raises(InvalidInput):
+            load_tokens(str(bad))
