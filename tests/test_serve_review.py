@@ -131,3 +131,31 @@ def test_token_files_that_are_symlinks_fifos_or_shared_are_refused(tmp_path):
     for bad in (link, fifo, shared, tmp_path):
         with pytest.raises(InvalidInput):
             load_tokens(str(bad))
+
+
+def test_localhost_is_bound_as_127_0_0_1_without_resolving(registry, monkeypatch):
+    """A hosts file mapping localhost elsewhere must not make a tokenless server public."""
+    import casruns.web.serve as serve_mod
+
+    bound: list = []
+
+    class FakeSocket:
+        def __init__(self, *a, **k) -> None:
+            pass
+
+        def setsockopt(self, *a) -> None:
+            pass
+
+        def bind(self, addr) -> None:
+            bound.append(addr)
+            raise OSError(99, "stop here")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(serve_mod.socket, "socket", FakeSocket)
+    from casruns.errors import InvalidInput
+
+    with pytest.raises(InvalidInput):
+        serve_mod.serve(registry, host="localhost", port=0)
+    assert bound == [("127.0.0.1", 0)]
