@@ -43,6 +43,14 @@ ARTIFACT_CSP = "sandbox; default-src 'none'"
 INLINE_SAFE = {"text/plain", "text/csv", "application/json", "text/markdown", "text/x-log"}
 NDJSON = "application/x-ndjson"
 RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+MAX_PAGE_TOKEN = 1024  # a page token this server gives is ~80 characters
+HUGE = 1 << 62  # what a byte position of more digits than a 64-bit number holds is read as
+
+
+def _pos(digits: str) -> int:
+    """A Range byte position: beyond any size when it has too many digits (int() of
+    thousands of digits raises)."""
+    return int(digits) if len(digits) <= 18 else HUGE
 
 
 # -- responses -----------------------------------------------------------------------------
@@ -159,10 +167,12 @@ def encode_page(record: dict) -> str:
 
 def decode_page(token: str) -> tuple[str, str]:
     try:
+        if len(token) > MAX_PAGE_TOKEN:
+            raise ValueError
         created, rid = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         if not isinstance(created, str) or not isinstance(rid, str):
             raise ValueError
-    except (ValueError, TypeError, binascii.Error):
+    except (ValueError, TypeError, binascii.Error, RecursionError):
         raise InvalidInput("page is not a token this server gave (use the list's next)") from None
     return created, rid
 
@@ -327,12 +337,12 @@ def routes(ctx: "WebContext") -> list:
         rng = request.headers.get("range")
         if rng and (request.headers.get("if-range") in (None, etag)):
             m = RANGE_RE.fullmatch(rng.strip())
-            if m and (m.group(1) or m.group(2)) and not (m.group(1) and m.group(2) and int(m.group(2)) < int(m.group(1))):
+            if m and (m.group(1) or m.group(2)) and not (m.group(1) and m.group(2) and _pos(m.group(2)) < _pos(m.group(1))):
                 if m.group(1):
-                    start = int(m.group(1))
-                    end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+                    start = _pos(m.group(1))
+                    end = min(_pos(m.group(2)), size - 1) if m.group(2) else size - 1
                 else:
-                    start, end = max(size - int(m.group(2)), 0), size - 1
+                    start, end = max(size - _pos(m.group(2)), 0), size - 1
                 if start >= size or start > end:
                     return Json(InvalidInput(f"range {rng[:60]!r} is outside the artifact ({size} bytes)").to_json(),
                                 status_code=416, headers={"content-range": f"bytes */{size}", **headers})

@@ -9,6 +9,7 @@ has tokens. Errors are ``casruns/error/v1`` with the HTTP status of their code.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
@@ -117,6 +118,15 @@ class Guard:
         if who is None:
             who = auth.session_label(_cookie(headers.get("cookie"), COOKIE))
         scope.setdefault("state", {})["who"] = who
+        if not auth.required and not _loopback_host(headers.get("host")):
+            # an open server is for this machine only: a page of another site whose name is
+            # rebound to 127.0.0.1 (DNS rebinding) sends its own name as Host and is refused
+            err = Forbidden("this server, open without a token, answers only a loopback Host (localhost, 127.0.0.1, [::1])")
+            response = error_response(err)
+            for k, v in SECURITY_HEADERS:
+                response.headers.setdefault(k.decode(), v.decode())
+            response.headers.setdefault("content-security-policy", PAGE_CSP.decode())
+            return await response(scope, receive, send)
         if auth.required and who is None and not path.startswith(OPEN_PATHS):
             return await self._unauthorized(scope, receive, send, path)
 
@@ -144,6 +154,32 @@ class Guard:
             response.headers.setdefault(k.decode(), v.decode())
         response.headers.setdefault("content-security-policy", PAGE_CSP.decode())
         await response(scope, receive, send)
+
+
+def _loopback_host(host: str | None) -> bool:
+    """Whether a Host header names this machine: localhost or a loopback address, any port."""
+    import ipaddress
+
+    if not host:
+        return False
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, sep, rest = host[1:].partition("]")
+        if not sep or (rest and not re.fullmatch(r":\d{1,5}", rest)):
+            return False
+    else:
+        name, sep, port = host.rpartition(":")
+        if not sep:
+            name = host
+        elif not re.fullmatch(r"\d{1,5}", port):
+            return False
+    name = name.removesuffix(".")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _cookie(header: str | None, name: str) -> str | None:

@@ -36,7 +36,14 @@ def load_tokens(path: str) -> dict[str, str]:
         raise InvalidInput(f"token file {path} is not a regular file", path=path)
     if st.st_mode & 0o077:
         raise InvalidInput(f"token file {path} is readable or writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it", path=path)
-    with open(path, encoding="utf-8") as f:
+    try:  # no symlink swapped in since the lstat; the file read is the file checked
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise InvalidInput(f"cannot read token file {path}: {e.strerror}", path=path) from None
+    with open(fd, encoding="utf-8") as f:
+        st2 = os.fstat(fd)
+        if (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(st2.st_mode) or st2.st_mode & 0o077:
+            raise InvalidInput(f"token file {path} changed while it was read", path=path)
         text = f.read(1 << 20)
     tokens: dict[str, str] = {}
     for n, line in enumerate(text.splitlines(), 1):
@@ -60,6 +67,7 @@ class Auth:
     def __init__(self, tokens: dict[str, str] | None) -> None:
         self.tokens = tokens
         self.secret = secrets.token_bytes(32)
+        self.ended: set[str] = set()  # the MACs of sessions ended by POST /logout (a copy replayed later is refused)
 
     @property
     def required(self) -> bool:
@@ -91,9 +99,15 @@ class Auth:
         if not cookie or cookie.count(".") < 2:
             return None
         body, _, mac = cookie.rpartition(".")
-        if not hmac.compare_digest(self._sign(body), mac):
+        if not hmac.compare_digest(self._sign(body), mac) or mac in self.ended:
             return None
-        return body.split(".", 1)[0]
+        return body.rsplit(".", 1)[0]  # the nonce holds no dot; a label may
+
+    def end_session(self, cookie: str | None) -> None:
+        """Log out: this session is refused from now on (until the server restarts, when every
+        session ends anyway). Only a valid session is remembered, so the set grows only by logouts."""
+        if self.session_label(cookie) is not None:
+            self.ended.add(cookie.rpartition(".")[2])
 
     def csrf_token(self, cookie: str | None) -> str:
         return self._sign("csrf:" + (cookie or ""))

@@ -341,6 +341,7 @@ def routes(ctx: "WebContext") -> list:
         return response
 
     async def logout(request: Request) -> Response:
+        ctx.auth.end_session(request.cookies.get(COOKIE))  # a copy of the cookie no longer works either
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
         return response

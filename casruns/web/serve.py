@@ -46,7 +46,9 @@ def serve(registry, *, host: str = "127.0.0.1", port: int = 8765, allow_actions:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        sock.bind((host, port))
+        # "localhost" is bound as 127.0.0.1, never resolved: a hosts file that maps it elsewhere
+        # must not turn a tokenless loopback server into a public one
+        sock.bind(("127.0.0.1" if host == "localhost" else host, port))
     except OSError as e:
         sock.close()
         raise InvalidInput(f"cannot listen on {host}:{port}: {e.strerror}") from None
