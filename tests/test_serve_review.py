@@ -159,3 +159,24 @@ def test_localhost_is_bound_as_127_0_0_1_without_resolving(registry, monkeypatch
     with pytest.raises(InvalidInput):
         serve_mod.serve(registry, host="localhost", port=0)
     assert bound == [("127.0.0.1", 0)]
+
+
+def test_event_streams_are_capped_with_503_busy(casruns_home):
+    import httpx
+
+    from conftest import cli
+    from webserve import Server
+
+    cli("init", check=0)
+    with Server(env={"CASRUNS_SERVE_MAX_STREAMS": "2"}) as srv:
+        with httpx.Client(timeout=10) as client:
+            streams = [client.stream("GET", srv.url + "/api/v1/events") for _ in range(2)]
+            opened = [s.__enter__() for s in streams]
+            try:
+                assert all(r.status_code == 200 for r in opened)
+                third = client.get(srv.url + "/api/v1/events")
+                assert third.status_code == 503 and third.headers["retry-after"] == "5"
+                assert third.json()["error"]["code"] == "busy"
+            finally:
+                for s in streams:
+                    s.__exit__(None, None, None)

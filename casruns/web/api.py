@@ -15,6 +15,7 @@ import binascii
 import contextlib
 import json
 import mimetypes
+import os
 import re
 from collections.abc import AsyncIterator, Iterator
 from urllib.parse import quote
@@ -43,6 +44,8 @@ ARTIFACT_CSP = "sandbox; default-src 'none'"
 INLINE_SAFE = {"text/plain", "text/csv", "application/json", "text/markdown", "text/x-log"}
 NDJSON = "application/x-ndjson"
 RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+# concurrent SSE clients; the next one is 503 busy (each may hold a replay batch in memory)
+MAX_STREAMS = int(os.environ.get("CASRUNS_SERVE_MAX_STREAMS", "") or 512)
 MAX_PAGE_TOKEN = 1024  # a page token this server gives is ~80 characters
 HUGE = 1 << 62  # what a byte position of more digits than a 64-bit number holds is read as
 
@@ -387,6 +390,13 @@ def routes(ctx: "WebContext") -> list:
         qp = request.query_params
         since = request.headers.get("last-event-id") or qp.get("since") or None
         filters = {"run_ids": _multi(request, "run"), "labels": _labels(_multi(request, "label")), "types": _multi(request, "type")}
+        if len(hub.subscribers) >= MAX_STREAMS:
+            from .app import error_response
+
+            busy = error_response(Busy(f"this server already streams events to {MAX_STREAMS} clients; retry later"))
+            busy.status_code = 503
+            busy.headers["retry-after"] = "5"
+            return busy
         sub = hub.subscribe(**filters)  # before the replay reads the journal: no gap between them
         replay = reg.events(since=since, from_now=not since, follow=False, **filters)
 
