@@ -18,6 +18,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 
 from conftest import ROOT, casruns_exe, cli_json, poll_until  # noqa: E402
+from webserve import finished_run  # noqa: E402
 
 TOKEN = "s3cret-token-0123456789abcdef"
 OTHER = "other-token-0123456789abcdef"
@@ -83,15 +84,6 @@ def token_file(tmp_path):
     p.write_text(f"# tokens\nci-bot:{TOKEN}\nalice:{OTHER}\n")
     p.chmod(0o600)
     return str(p)
-
-
-def finished_run(registry, tmp_path, script: str, **kw) -> dict:
-    ws = tmp_path / f"ws-{time.monotonic_ns()}"
-    ws.mkdir()
-    r = registry.submit(["sh", "-c", script], cwd=str(ws), **kw)
-    records, done = registry.wait([r["run_id"]], timeout=60)
-    assert done
-    return records[0]
 
 
 ARTIFACTS = (

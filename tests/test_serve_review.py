@@ -13,18 +13,9 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-from webserve import Server, write_tokens  # noqa: E402
+from webserve import Server, finished_run, write_tokens  # noqa: E402
 
 TOKEN = "s3cret-token-0123456789abcdef"
-
-
-def finished_run(registry, tmp_path, script: str, **kw) -> dict:
-    ws = tmp_path / f"ws-{time.monotonic_ns()}"
-    ws.mkdir()
-    r = registry.submit(["sh", "-c", script], cwd=str(ws), **kw)
-    records, done = registry.wait([r["run_id"]], timeout=60)
-    assert done
-    return records[0]
 
 
 @pytest.fixture

@@ -99,3 +99,13 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def finished_run(registry, tmp_path, script: str, **kw) -> dict:
+    """A run of ``sh -c SCRIPT`` in a fresh working directory, waited for; its record."""
+    ws = tmp_path / f"ws-{time.monotonic_ns()}"
+    ws.mkdir()
+    r = registry.submit(["sh", "-c", script], cwd=str(ws), **kw)
+    records, done = registry.wait([r["run_id"]], timeout=60)
+    assert done
+    return records[0]

@@ -20,6 +20,7 @@ from starlette.staticfiles import StaticFiles
 
 from ..errors import CasrunsError, Forbidden, Unauthorized, from_unexpected
 from .auth import COOKIE, Auth
+from .serve import is_loopback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPEN_PATHS = ("/healthz", "/login", "/static/")
@@ -158,8 +159,6 @@ class Guard:
 
 def _loopback_host(host: str | None) -> bool:
     """Whether a Host header names this machine: localhost or a loopback address, any port."""
-    import ipaddress
-
     if not host:
         return False
     host = host.strip().lower()
@@ -173,13 +172,7 @@ def _loopback_host(host: str | None) -> bool:
             name = host
         elif not re.fullmatch(r"\d{1,5}", port):
             return False
-    name = name.removesuffix(".")
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(name.removesuffix("."))
 
 
 def _cookie(header: str | None, name: str) -> str | None:
