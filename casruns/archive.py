@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from . import faults, query
@@ -146,6 +147,36 @@ def check_archived(remote: Remote, address: str) -> str | None:
     except (IntegrityError, StrayFile) as e:
         return e.message
     return None
+
+
+def archived_chunks(remote: Remote, address: str, limit: int | None = None) -> Iterator[bytes]:
+    """An archived blob's content, decoded as it streams in and verified against its address at
+    the end (IntegrityError then: a consumer that printed the bytes must fail, as ``cat`` does)."""
+    from .frames import FrameCheck
+
+    check = FrameCheck(address)
+    with remote.open(blob_key(address)) as f:
+        while chunk := f.read(CHUNK):
+            out = check.feed(chunk)
+            if limit is not None and check.size > limit:
+                raise TooLarge(f"archived blob {address} is over {limit} bytes", address=address)
+            if out:
+                yield out
+    check.finish()
+
+
+def archived_run(registry: "RegistryRoot", src: str, run_id: str) -> tuple[Remote, dict]:
+    """The archive and one run's manifest there (checked like a local one)."""
+    remote = open_remote(src, registry)
+    _check_marker(remote)
+    return remote, remote_manifest(remote, validate_run_id(run_id))
+
+
+def archived_tree(remote: Remote, m: dict):
+    from .tree import TREE_MAX, Tree
+
+    ref = (m.get("artifacts") or {}).get("tree")
+    return Tree.from_bytes(b"".join(archived_chunks(remote, ref, TREE_MAX))) if ref else Tree()
 
 
 def push(

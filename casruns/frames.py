@@ -51,7 +51,10 @@ class FrameCheck:
         self.dobj = zstandard.ZstdDecompressor().decompressobj()
         self.size = 0
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes) -> bytes:
+        """Decode one more piece; returns the content bytes it held (not yet verified: only
+        :meth:`finish` says the whole matches its address)."""
+        outs = []
         try:
             for i in range(0, len(chunk), 512):
                 if self.dobj.eof:
@@ -59,8 +62,10 @@ class FrameCheck:
                 out = self.dobj.decompress(chunk[i : i + 512])
                 self.hasher.update(out)
                 self.size += len(out)
+                outs.append(out)
         except zstandard.ZstdError as e:
             raise IntegrityError(f"blob {self.address} cannot be decoded ({e})", address=self.address) from None
+        return b"".join(outs)
 
     def finish(self) -> int:
         """The content size, once the frame is known to be whole and to match its address."""

@@ -216,6 +216,43 @@ class Registry(RegistryRoot):
 
         return pull(self, src, run_ids, progress=progress, jobs=JOBS if jobs is None else jobs)
 
+    def archive_record(self, src: str, run_id: str) -> dict:
+        """One archived run's record (``casruns/run/v1``), read straight from the archive."""
+        from .archive import archived_run
+        from .record import build
+
+        return build(archived_run(self, src, run_id)[1], self.config)
+
+    def archive_tree(self, src: str, run_id: str):
+        """One archived run's artifact tree, read from the archive and verified."""
+        from .archive import archived_run, archived_tree
+
+        remote, m = archived_run(self, src, run_id)
+        return archived_tree(remote, m), m
+
+    def archive_log_chunks(self, src: str, run_id: str, stream: str = "stdout") -> Iterator[bytes]:
+        """One archived run's log, streamed from the archive and verified at its end."""
+        from .archive import archived_chunks, archived_run
+
+        if stream not in LOG_STREAMS:
+            from .errors import InvalidInput
+
+            raise InvalidInput(f"unknown stream {stream!r}; one of: {', '.join(LOG_STREAMS)}")
+        remote, m = archived_run(self, src, run_id)
+        ref = (m.get("logs") or {}).get(stream)
+        return archived_chunks(remote, ref["blake3"]) if ref else iter(())
+
+    def archive_cat(self, src: str, run_id: str, path: str) -> Iterator[bytes]:
+        """One artifact of an archived run, streamed from the archive and verified at its end."""
+        from .archive import archived_chunks, archived_run, archived_tree
+        from .errors import ArtifactNotFound
+
+        remote, m = archived_run(self, src, run_id)
+        entry = archived_tree(remote, m).get(path)
+        if entry is None or entry.type != "file":
+            raise ArtifactNotFound(f"archived run {run_id} has no artifact file {path!r}", run_id=run_id, path=path)
+        return archived_chunks(remote, entry.blake3)
+
     def archive_list(self, src: str, **filters) -> dict:
         """An archive's runs, newest first; ``filters``: ``statuses``, ``labels``, ``promoted``,
         ``since``, ``limit`` (as :meth:`list`)."""

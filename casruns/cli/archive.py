@@ -16,7 +16,7 @@ def register(cli: click.Group) -> None:
     def archive():
         """Copy finished runs to an archive (a directory, s3://bucket/prefix, sftp://host/path) and back."""
 
-    for add in (_add_push, _add_pull, _add_list):
+    for add in (_add_push, _add_pull, _add_list, _add_reads):
         add(archive)
 
 
@@ -107,3 +107,48 @@ def _list_lines(report: dict):
         where = (r.get("origin") or {}).get("host") or "?"
         yield f"{r['run_id']}  {r['status']}{'  promoted' if r['promoted'] else ''}  from {where}"
     yield f"{len(report['runs'])} runs in {report['src']}"
+
+
+def _add_reads(archive: click.Group) -> None:
+    """status, logs, artifacts and cat of one archived run, read straight from the archive."""
+    from .evidence import emit_tree, write_chunks
+    from .runs import _status_line
+
+    @archive.command(name="status")
+    @click.argument("src")
+    @click.argument("run_id")
+    @json_option
+    @click.pass_obj
+    def status(obj, src, run_id, as_json):
+        """One archived run's record (the same JSON as status), without pulling it."""
+        render.emit(as_json, obj.registry.archive_record(src, run_id), _status_line)
+
+    @archive.command(name="artifacts")
+    @click.argument("src")
+    @click.argument("run_id")
+    @json_option
+    @click.pass_obj
+    def artifacts(obj, src, run_id, as_json):
+        """One archived run's artifact tree (verified), without pulling it."""
+        tree, m = obj.registry.archive_tree(src, run_id)
+        emit_tree(as_json, run_id, tree, m)
+
+    @archive.command(name="logs")
+    @click.argument("src")
+    @click.argument("run_id")
+    @click.option("--stream", default="stdout", show_default=True, help="stdout, stderr or transcript.")
+    @json_option
+    @click.pass_obj
+    def logs(obj, src, run_id, stream, as_json):
+        """One archived run's log (verified; exit 7 if corrupt). --json makes errors JSON."""
+        write_chunks(obj.registry.archive_log_chunks(src, run_id, stream))
+
+    @archive.command(name="cat")
+    @click.argument("src")
+    @click.argument("run_id")
+    @click.argument("path")
+    @json_option
+    @click.pass_obj
+    def cat(obj, src, run_id, path, as_json):
+        """One artifact of an archived run (verified; exit 7 if corrupt). --json makes errors JSON."""
+        write_chunks(obj.registry.archive_cat(src, run_id, path))

@@ -25,18 +25,29 @@ def _add_artifacts(cli: click.Group) -> None:
     @click.pass_obj
     def artifacts(obj, run_id, as_json):
         """List a run's artifact tree."""
-        tree = obj.registry.tree(run_id)
-        m = obj.registry.manifest(run_id)
-        doc = {
-            "schema": "casruns/artifacts/v1",
-            "run_id": run_id,
-            "tree": (m.get("artifacts") or {}).get("tree"),
-            "files": tree.files,
-            "bytes": tree.total_size,
-            "entries": [e.to_json() for e in tree.entries],
-            "skipped": tree.skipped,
-        }
-        render.emit(as_json, doc, lambda doc: _tree_lines(tree))
+        emit_tree(as_json, run_id, obj.registry.tree(run_id), obj.registry.manifest(run_id))
+
+
+def emit_tree(as_json: bool, run_id: str, tree, m: dict) -> None:
+    """``casruns/artifacts/v1`` for a run's tree (local or archived: the same JSON)."""
+    doc = {
+        "schema": "casruns/artifacts/v1",
+        "run_id": run_id,
+        "tree": (m.get("artifacts") or {}).get("tree"),
+        "files": tree.files,
+        "bytes": tree.total_size,
+        "entries": [e.to_json() for e in tree.entries],
+        "skipped": tree.skipped,
+    }
+    render.emit(as_json, doc, lambda doc: _tree_lines(tree))
+
+
+def write_chunks(chunks) -> None:
+    """Raw bytes to stdout (a verified stream: an IntegrityError at its end still fails the command)."""
+    out = sys.stdout.buffer
+    for chunk in chunks:
+        out.write(chunk)
+    out.flush()
 
 
 def _tree_lines(tree):
@@ -56,10 +67,7 @@ def _add_cat(cli: click.Group) -> None:
     @click.pass_obj
     def cat(obj, run_id, path, as_json):
         """Write one artifact to stdout (verified; exit 7 if corrupt). --json makes errors JSON."""
-        out = sys.stdout.buffer
-        for chunk in obj.registry.cat(run_id, path):
-            out.write(chunk)
-        out.flush()
+        write_chunks(obj.registry.cat(run_id, path))
 
 
 def _add_export(cli: click.Group) -> None:
