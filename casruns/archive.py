@@ -157,10 +157,9 @@ def archived_chunks(remote: Remote, address: str, limit: int | None = None) -> I
     check = FrameCheck(address)
     with remote.open(blob_key(address)) as f:
         while chunk := f.read(CHUNK):
-            out = check.feed(chunk)
-            if limit is not None and check.size > limit:
-                raise TooLarge(f"archived blob {address} is over {limit} bytes", address=address)
-            if out:
+            for out in check.pieces(chunk):  # a bomb's pieces stream through: never held whole
+                if limit is not None and check.size > limit:
+                    raise TooLarge(f"archived blob {address} is over {limit} bytes", address=address)
                 yield out
     check.finish()
 

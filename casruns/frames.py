@@ -51,10 +51,15 @@ class FrameCheck:
         self.dobj = zstandard.ZstdDecompressor().decompressobj()
         self.size = 0
 
-    def feed(self, chunk: bytes) -> bytes:
-        """Decode one more piece; returns the content bytes it held (not yet verified: only
-        :meth:`finish` says the whole matches its address)."""
-        outs = []
+    def feed(self, chunk: bytes) -> None:
+        """Decode and hash one more piece, keeping none of it."""
+        for _ in self.pieces(chunk):
+            pass
+
+    def pieces(self, chunk: bytes):
+        """Decode one more piece, yielding the content as it comes (at most ~16 MiB at a time,
+        whatever the frame claims; not yet verified: only :meth:`finish` says the whole
+        matches its address)."""
         try:
             for i in range(0, len(chunk), 512):
                 if self.dobj.eof:
@@ -62,10 +67,10 @@ class FrameCheck:
                 out = self.dobj.decompress(chunk[i : i + 512])
                 self.hasher.update(out)
                 self.size += len(out)
-                outs.append(out)
+                if out:
+                    yield out
         except zstandard.ZstdError as e:
             raise IntegrityError(f"blob {self.address} cannot be decoded ({e})", address=self.address) from None
-        return b"".join(outs)
 
     def finish(self) -> int:
         """The content size, once the frame is known to be whole and to match its address."""
