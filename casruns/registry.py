@@ -216,6 +216,13 @@ class Registry(RegistryRoot):
 
         return pull(self, src, run_ids, progress=progress, jobs=JOBS if jobs is None else jobs)
 
+    def archive_watch(self, dest: str, *, promoted: bool = False, timeout: float | None = None, on_push=None, **kw) -> dict:
+        """Push runs to ``dest`` as they finish (or get promoted), following the event journal;
+        resumable (spec/cli.md, ``archive push --watch``)."""
+        from .archivewatch import watch
+
+        return watch(self, dest, promoted=promoted, timeout=timeout, on_push=on_push, **kw)
+
     def archive_record(self, src: str, run_id: str) -> dict:
         """One archived run's record (``casruns/run/v1``), read straight from the archive."""
         from .archive import archived_run

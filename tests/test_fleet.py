@@ -77,3 +77,46 @@ def test_an_archived_run_is_read_without_pulling_it_and_verified(registry, tmp_p
     blob.write_bytes(bytes(data))
     proc = cli("archive", "logs", "--json", str(arch), rid)
     assert proc.returncode == 7 and json.loads(proc.stdout.splitlines()[-1])["error"]["code"] == "integrity_error"
+
+
+def test_push_watch_pushes_runs_as_they_finish_and_resumes_after_a_kill(casruns_home, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import poll_until
+
+    arch = tmp_path / "arch"
+    first = json.loads(cli("submit", "--json", "--", "echo", "before").stdout)["run_id"]
+    cli("wait", first)
+
+    def archived():
+        proc = cli("archive", "list", "--json", str(arch))
+        return {r["run_id"]: r for r in json.loads(proc.stdout)["runs"]} if proc.returncode == 0 else {}
+
+    def start():
+        return subprocess.Popen([sys.executable, "-m", "casruns", "archive", "push", "--json", str(arch), "--watch"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+
+    watcher = start()
+    try:
+        poll_until(lambda: first in archived(), what="the catch-up push of a run finished before the watch")
+        second = json.loads(cli("submit", "--json", "--", "echo", "during").stdout)["run_id"]
+        poll_until(lambda: second in archived(), what="a run pushed as it finished")
+    finally:
+        watcher.send_signal(signal.SIGKILL)
+        watcher.wait()
+    third = json.loads(cli("submit", "--json", "--", "echo", "while stopped").stdout)["run_id"]
+    cli("wait", third)
+    cli("promote", second, "--reason", "keep", check=0)
+    watcher = start()
+    try:
+        # resumed from its cursor: the run finished while it was down, and the promotion, reach the archive
+        poll_until(lambda: third in archived() and archived()[second]["promoted"], what="changes made while the watcher was down")
+    finally:
+        watcher.send_signal(signal.SIGTERM)
+        watcher.wait()
+    assert cli("verify", "--against", str(arch)).returncode == 0
+    assert cli("archive", "cat", str(arch), third, "nope").returncode == 4
+    assert cli("archive", "logs", str(arch), third).stdout == "while stopped\n"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from . import options, render
@@ -35,10 +37,30 @@ def _add_push(archive: click.Group) -> None:
         "--verify-existing", is_flag=True,
         help="Re-read (decode and re-hash) each blob the archive already holds; replace a bad copy.",
     )
+    @click.option("--watch", is_flag=True, help="Keep pushing runs as they finish (with --promoted: as they get promoted), resumably.")
+    @click.option("--timeout", help="With --watch: stop after this long.")
     @json_option
     @click.pass_obj
-    def push(obj, dest, run_ids, promoted, jobs, verify_existing, as_json):
+    def push(obj, dest, run_ids, promoted, jobs, verify_existing, watch, timeout, as_json):
         """Copy runs to DEST: blobs first, the manifest last; blobs already there (same size) are skipped."""
+        if watch:
+            if run_ids or verify_existing:
+                from ..errors import InvalidInput
+
+                raise InvalidInput("--watch pushes runs as they finish: give no RUN_IDs and no --verify-existing")
+
+            def pushed(report):
+                render.emit(as_json, report, lambda r: f"{r['run_id'] or 'catch-up'}: " + _push_line(r, False))
+                sys.stdout.flush()
+
+            try:
+                summary = obj.registry.archive_watch(dest, promoted=promoted, timeout=options.parse_duration(timeout),
+                                                     on_push=pushed, **({"jobs": jobs} if jobs else {}))
+            except KeyboardInterrupt:
+                return 0
+            if as_json:
+                render.emit(True, summary)
+            return 0
         with progress("archive push", as_json) as p:
             report = obj.registry.archive_push(
                 dest, options.optional_run_ids(run_ids), promoted=promoted, progress=p, jobs=jobs, verify_existing=verify_existing,
