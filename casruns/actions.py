@@ -23,7 +23,7 @@ def cancel(reg: "RegistryRoot", run_id: str, *, reason: str | None = None) -> tu
     ``already_requested`` or ``already_terminal`` (nothing changed)."""
     run = reg.run_dir(run_id)
     query.manifest(reg, run_id)
-    reason = reason or "cancelled by user"
+    reason = reg.redactor().text(reason or "cancelled by user")  # stored and journaled: masked like a promotion's reason
     with run.update() as m:
         if m["status"] in mf.TERMINAL:
             outcome = "already_terminal"

@@ -291,16 +291,9 @@ def list_archive(registry: "RegistryRoot", src: str, *, statuses=(), labels=None
                  since: str | None = None, limit: int | None = None) -> dict:
     """The archive's runs, newest first, with the registry's ``list`` filters (status: any of;
     labels: all of; promoted; created since; at most ``limit``)."""
-    from . import manifest as mf
     from .record import build
-    from .timefmt import parse_time_or_ago, parse_ts
 
-    for s in statuses:
-        if s not in mf.STATUSES:
-            raise InvalidInput(f"unknown status {s!r}; one of: {', '.join(mf.STATUSES)}")
-    if limit is not None and limit < 0:
-        raise InvalidInput("--limit must not be negative")
-    since_ts = parse_time_or_ago(since) if since else None
+    flt = query.ListFilter(statuses=statuses, labels=labels, since=since, limit=limit, promoted=promoted)
     remote = open_remote(src, registry)
     _check_marker(remote)
     runs, errors = [], []
@@ -311,19 +304,13 @@ def list_archive(registry: "RegistryRoot", src: str, *, statuses=(), labels=None
         except (CorruptManifest, UnsupportedFormat, RunNotFound, InvalidRunId) as e:
             errors.append({"run_id": rid, "code": e.code, "message": e.message})  # hides only that run
             continue
-        if statuses and m["status"] not in statuses:
-            continue
-        if labels and any(r["labels"].get(k) != v for k, v in labels.items()):
-            continue
-        if promoted is not None and r["retention"]["promoted"] != promoted:
-            continue
-        if since_ts is not None and parse_ts(m.get("created_at") or "1970-01-01T00:00:00Z") < since_ts:
+        if (flt.statuses and m["status"] not in flt.statuses) or not flt.manifest_matches(m):
             continue
         runs.append({"run_id": rid, "status": m["status"], "promoted": r["retention"]["promoted"], "created_at": m.get("created_at"),
                      "labels": r["labels"], "origin": r["origin"]})
     runs.sort(key=lambda r: (r["created_at"] or "", r["run_id"]), reverse=True)
-    if limit is not None:
-        runs = runs[:limit]
+    if flt.limit is not None:
+        runs = runs[: flt.limit]
     out = {"schema": "casruns/archive-list/v1", "src": remote.url, "runs": runs}
     if errors:
         out["errors"] = errors

@@ -86,18 +86,7 @@ def list_runs(reg: "RegistryRoot", *,
     page of a listing); ``where(manifest)`` is one more filter on the manifest, applied with
     the others before any record is built.
     """
-    statuses = set(statuses)
-    for s in statuses:
-        if s not in mf.STATUSES:
-            raise InvalidInput(f"unknown status {s!r}; one of: {', '.join(mf.STATUSES)}")
-    labels = dict(labels or {})
-    since_ts = None
-    if since:
-        from .timefmt import parse_time_or_ago
-
-        since_ts = parse_time_or_ago(since)
-    if limit is not None and limit < 0:
-        raise InvalidInput("--limit must not be negative")
+    flt = ListFilter(statuses=statuses, labels=labels, since=since, limit=limit, promoted=promoted)
     if not reg.check_format():
         return []
     found: list[tuple[str, str, RunDir, dict]] = []
@@ -114,11 +103,7 @@ def list_runs(reg: "RegistryRoot", *,
                 errors.append({"run_id": rid, "code": e.code, "message": e.message})
             continue
         everything.append(m)
-        if labels and any((m.get("labels") or {}).get(k) != v for k, v in labels.items()):
-            continue
-        if since_ts is not None and parse_ts(m.get("created_at") or "1970-01-01T00:00:00Z") < since_ts:
-            continue
-        if promoted is not None and bool((m.get("retention") or {}).get("promoted")) != promoted:
+        if not flt.manifest_matches(m):
             continue
         if before is not None and (m.get("created_at", ""), rid) >= before:
             continue
@@ -137,12 +122,41 @@ def list_runs(reg: "RegistryRoot", *,
             if errors is not None:
                 errors.append({"run_id": m["run_id"], "code": "manifest_corrupt", "message": e.message})
             continue
-        if statuses and r["status"] not in statuses:
+        if flt.statuses and r["status"] not in flt.statuses:
             continue
         out.append(r)
-        if limit is not None and len(out) >= limit:
+        if flt.limit is not None and len(out) >= flt.limit:
             break
     return out
+
+
+class ListFilter:
+    """The filters of ``list`` (and of ``archive list``), checked once: status (any of, judged
+    on the record, so after a reap), labels (all of), created since, promoted, and a limit."""
+
+    def __init__(self, *, statuses: Iterable[str] = (), labels: Mapping[str, str] | None = None, since: str | None = None,
+                 limit: int | None = None, promoted: bool | None = None) -> None:
+        self.statuses = set(statuses)
+        for s in self.statuses:
+            if s not in mf.STATUSES:
+                raise InvalidInput(f"unknown status {s!r}; one of: {', '.join(mf.STATUSES)}")
+        if limit is not None and limit < 0:
+            raise InvalidInput("--limit must not be negative")
+        self.labels = dict(labels or {})
+        self.limit, self.promoted = limit, promoted
+        self.since_ts = None
+        if since:
+            from .timefmt import parse_time_or_ago
+
+            self.since_ts = parse_time_or_ago(since)
+
+    def manifest_matches(self, m: dict) -> bool:
+        """The filters a manifest answers (all but status)."""
+        if self.labels and any((m.get("labels") or {}).get(k) != v for k, v in self.labels.items()):
+            return False
+        if self.since_ts is not None and parse_ts(m.get("created_at") or "1970-01-01T00:00:00Z") < self.since_ts:
+            return False
+        return self.promoted is None or bool((m.get("retention") or {}).get("promoted")) == self.promoted
 
 
 def wait(reg: "RegistryRoot", run_ids: list[str], *, timeout: float | None = None, poll: float | None = None) -> tuple[list[dict], bool]:

@@ -430,3 +430,15 @@ def test_verify_checks_the_journal_against_the_manifests(registry, casruns_home)
     proc, out = cli_json("events", "--from-start")
     assert proc.returncode == 7 and out[-1]["error"]["code"] == "integrity_error" and "checksum" in out[-1]["error"]["message"]
 
+
+
+def test_a_cancel_reason_is_redacted_before_it_is_stored_or_journaled(registry, casruns_home):
+    secret = "ghp_" + "a1B2" * 9
+    rid = registry.submit(["true"], spawn=False)["run_id"]
+    registry.cancel(rid, reason=f"leaked {secret} here")
+    rec = registry.get(rid)
+    assert secret not in json.dumps(rec) and "REDACTED" in rec["cancel"]["reason"]
+    for path in (casruns_home / "runs" / rid).rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    assert not any(secret.encode() in l for l in raw_lines(casruns_home))

@@ -107,11 +107,7 @@ def _pull_line(r: dict) -> str:
 def _add_list(archive: click.Group) -> None:
     @archive.command(name="list")
     @click.argument("src")
-    @click.option("--status", "statuses", multiple=True, help="Only runs with this status (repeatable).")
-    @options.label_option("Only runs with this label (repeatable).")
-    @click.option("--since", help="Only runs created since TIME (RFC 3339 or a duration ago, e.g. 2h).")
-    @click.option("--limit", type=int, help="At most N runs.")
-    @click.option("--promoted/--not-promoted", "promoted", default=None, help="Only promoted (or only unpromoted) runs.")
+    @options.list_filter_options
     @json_option
     @click.pass_obj
     def list_(obj, src, statuses, labels, since, limit, promoted, as_json):

@@ -18,6 +18,21 @@ def label_option(help: str):
     return click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help=help)
 
 
+def list_filter_options(f):
+    """``--status``, ``--label``, ``--since``, ``--limit``, ``--promoted/--not-promoted``: the
+    filters of ``list`` and ``archive list`` (spec/cli.md)."""
+    opts = [
+        click.option("--status", "statuses", multiple=True, help="Only runs with this status (repeatable)."),
+        label_option("Only runs with this label (repeatable)."),
+        click.option("--since", help="Only runs created since TIME (RFC 3339 or a duration ago, e.g. 2h)."),
+        click.option("--limit", type=int, help="At most N runs."),
+        click.option("--promoted/--not-promoted", "promoted", default=None, help="Only promoted (or only unpromoted) runs."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
 def submit_options(f):
     """The options of ``submit`` and ``run`` (spec/cli.md, "Submit options") and the command."""
     opts = [

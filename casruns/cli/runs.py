@@ -108,11 +108,7 @@ def _add_status(cli: click.Group) -> None:
 
 def _add_list(cli: click.Group) -> None:
     @cli.command(name="list")
-    @click.option("--status", "statuses", multiple=True, help="Only runs with this status (repeatable).")
-    @options.label_option("Only runs with this label (repeatable).")
-    @click.option("--since", help="Only runs created since TIME (RFC 3339 or a duration ago, e.g. 2h).")
-    @click.option("--limit", type=int, help="At most N runs.")
-    @click.option("--promoted/--not-promoted", "promoted", default=None, help="Only promoted (or only unpromoted) runs.")
+    @options.list_filter_options
     @click.option("--chain", metavar="RUN_ID", help="The attempts of RUN_ID's chain (resume links), first first.")
     @_format_option
     @json_option
