@@ -192,6 +192,13 @@ def clean_leftovers(reg: "RegistryRoot", grace: float = 3600.0) -> int:
                         removed += 1
                     except OSError:
                         pass
+    # temps of the registry id (at the root) and of the journal's reserves (in events/)
+    for where, prefix in ((reg.root, ".tmp-registry-id-"), (os.path.join(reg.root, "events"), ".tmp-")):
+        for name in os.listdir(where) if os.path.isdir(where) else []:
+            path = os.path.join(where, name)
+            if name.startswith(prefix) and abandoned(path, name) and not os.path.isdir(path):
+                fsutil.unlink_quiet(path)
+                removed += 1
     return removed
 
 

@@ -120,3 +120,20 @@ def test_push_watch_pushes_runs_as_they_finish_and_resumes_after_a_kill(casruns_
     assert cli("verify", "--against", str(arch)).returncode == 0
     assert cli("archive", "cat", str(arch), third, "nope").returncode == 4
     assert cli("archive", "logs", str(arch), third).stdout == "while stopped\n"
+
+
+def test_temps_of_the_registry_id_and_the_journal_reserves_are_cleaned_once_their_writer_is_gone(registry, casruns_home):
+    import os
+    import time
+
+    registry.submit(["true"], spawn=False)
+    dead = 2 ** 22 + 12345  # above pid_max's default: no such process
+    stale = [casruns_home / f".tmp-registry-id-{dead}-abcdef012345", casruns_home / "events" / f".tmp-reserve-{dead}-abcdef012345"]
+    alive = casruns_home / f".tmp-registry-id-{os.getpid()}-abcdef012345"
+    old = time.time() - 7200
+    for p in [*stale, alive]:
+        p.write_bytes(b"x")
+        os.utime(p, (old, old))
+    assert json.loads(cli("reap", "--json").stdout)["cleaned"] >= 2
+    assert not any(p.exists() for p in stale) and alive.exists()
+    assert (casruns_home / "registry-id").exists() and (casruns_home / "events" / "reserve").exists()
