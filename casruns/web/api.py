@@ -29,6 +29,7 @@ from starlette.routing import Match, Route
 from ..errors import Busy, CasrunsError, Forbidden, InvalidInput, UsageError
 from ..ids import validate_run_id
 from .hub import REPLAY_BATCH, Hub, dump
+from .index import matcher
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -186,24 +187,6 @@ def _labels(items: list[str]) -> dict[str, str]:
     return parse_labels(items)
 
 
-def _matcher(provider: str | None, q: str | None):
-    if not provider and not q:
-        return None
-    needle = (q or "").casefold()
-
-    def where(m: dict) -> bool:
-        if provider and m.get("provider") != provider:
-            return False
-        if needle:
-            hay = [m.get("run_id") or ""]
-            for k, v in (m.get("labels") or {}).items():
-                hay += [str(k), str(v)]
-            return any(needle in h.casefold() for h in hay)
-        return True
-
-    return where
-
-
 def _disposition(kind: str, path: str) -> str:
     name = path.rsplit("/", 1)[-1]
     ascii_name = re.sub(r"[^A-Za-z0-9._-]", "_", name) or "artifact"
@@ -263,7 +246,7 @@ def routes(ctx: "WebContext") -> list:
             cursor = reg.events_cursor() if reg.check_format() else "0" * 16  # before reading: misses nothing
             records = reg.list(
                 statuses=_multi(request, "status"), labels=labels, since=qp.get("since") or None, limit=limit + 1,
-                promoted=promoted, errors=errors, before=before, where=_matcher(qp.get("provider"), qp.get("q")),
+                promoted=promoted, errors=errors, before=before, where=matcher(qp.get("provider"), qp.get("q")),
             )
             return cursor, records
 

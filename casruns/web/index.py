@@ -15,6 +15,23 @@ import threading
 from ..errors import CasrunsError, RunNotFound
 
 
+def matcher(provider: str | None, q: str | None):
+    """The runs table's and the API's ``provider`` (exact) and ``q`` filters, on a manifest or
+    a record: ``q`` is a case-insensitive substring of the run id or of a label written
+    ``key=value``. None when neither is given."""
+    if not provider and not q:
+        return None
+    needle = (q or "").casefold()
+
+    def where(m: dict) -> bool:
+        if provider and m.get("provider") != provider:
+            return False
+        return not needle or needle in (m.get("run_id") or "").casefold() or any(
+            needle in f"{k}={v}".casefold() for k, v in (m.get("labels") or {}).items())
+
+    return where
+
+
 def slim(record: dict) -> dict:
     """What the runs page filters, counts and sorts on, from a record or a manifest (the fields
     have the same names in both). A full record is ~10 KiB: 10,000 would be most of the memory."""

@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from ..errors import ArtifactNotFound, CasrunsError, Forbidden, InvalidInput, Unauthorized
 from ..manifest import STATUSES
+from .index import matcher
 from .auth import COOKIE
 
 TYPE_CHECKING = False
@@ -121,7 +122,7 @@ def runs_view(reg, params, index=None) -> dict:
             labels[k] = v
     promoted = {"yes": True, "no": False}.get(params.get("promoted", ""))
     provider = params.get("provider", "").strip()
-    text = params.get("q", "").strip().lower()
+    text = params.get("q", "").strip()
     try:
         page = max(1, int(params.get("page", "1")))
     except ValueError:
@@ -137,10 +138,9 @@ def runs_view(reg, params, index=None) -> dict:
             runs = [r for r in runs if all(r["labels"].get(k) == v for k, v in labels.items())]
         if promoted is not None:
             runs = [r for r in runs if bool(r["retention"]["promoted"]) == promoted]
-    if provider:
-        runs = [r for r in runs if r.get("provider") == provider]
-    if text:
-        runs = [r for r in runs if text in r["run_id"].lower() or any(text in f"{k}={v}".lower() for k, v in r["labels"].items())]
+    where = matcher(provider, text)
+    if where is not None:
+        runs = [r for r in runs if where(r)]
     counts = {s: 0 for s in STATUSES}
     for r in runs:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
