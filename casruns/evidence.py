@@ -56,7 +56,7 @@ def log_chunks(
                 watch = notify.watch([run.spool_dir, run.path])  # before reading: no append is missed
             if fd is None:
                 try:
-                    fd = os.open(run.spool(stream), os.O_RDONLY | os.O_CLOEXEC)
+                    fd = fsutil.open_regular(run.spool(stream))  # a FIFO or symlink there: StrayFile, never a hang
                 except FileNotFoundError:
                     fd = None
                 else:

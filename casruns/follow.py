@@ -12,7 +12,8 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from . import evidence, notify, query
+from . import evidence, fsutil, notify, query
+from .errors import StrayFile
 
 if TYPE_CHECKING:
     from .root import RegistryRoot
@@ -47,9 +48,9 @@ def follow_streams(
             for stream in streams:
                 if stream not in fds:
                     try:
-                        fds[stream] = os.open(run.spool(stream), os.O_RDONLY | os.O_CLOEXEC)
-                    except FileNotFoundError:
-                        continue
+                        fds[stream] = fsutil.open_regular(run.spool(stream))
+                    except (FileNotFoundError, StrayFile):
+                        continue  # not there (yet), or not a file to read: the stored log is read at the end
                 while data := os.read(fds[stream], 1 << 16):
                     yield stream, data
             if rec["terminal"]:

@@ -290,3 +290,23 @@ def test_wait_with_a_long_poll_still_ends_promptly_enough(registry):
     rid = registry.submit(["sh", "-c", "sleep 0.3"])["run_id"]
     records, done = registry.wait([rid], poll=30.0)  # capped at a second: the end itself wakes it
     assert done and records[0]["status"] == "succeeded"
+
+
+def test_following_a_live_log_with_a_fifo_in_place_of_its_spool_does_not_hang(registry):
+    """The live spool is opened like every registry file: a FIFO there is a stray (exit 6 from
+    logs), never a read that waits forever for a writer."""
+    import subprocess
+    import sys
+
+    rid = registry.submit(["sleep", "30"])["run_id"]
+    spool = registry.run_dir(rid).spool("stderr")
+    poll_until(lambda: registry.get(rid)["status"] == "running", what="running")
+    if os.path.exists(spool):
+        os.unlink(spool)
+    os.mkfifo(spool, 0o600)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "casruns", "logs", "--json", rid, "--stream", "stderr"],
+                              capture_output=True, text=True, timeout=20, env=dict(os.environ, CASRUNS_HOME=str(registry.root)))
+        assert proc.returncode == 6 and json.loads(proc.stdout.splitlines()[-1])["error"]["code"] == "stray_file"
+    finally:
+        registry.cancel(rid)
