@@ -12,26 +12,60 @@ from __future__ import annotations
 import os
 import secrets
 import stat
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from . import faults, fsutil
 from .errors import ArchiveUnavailable, BackendMissing, CasrunsError, RegistryError, RunNotFound, StrayFile, TooLarge
 from .ids import is_run_id
 
 CHUNK = 1 << 20
+LOCK_NAME = ".cas-lock"  # a directory archive's compare-and-swap lock file
 READ_BLOCK = 4 << 20  # an fsspec reader's block: what one open archived object may hold in memory
 
 
+class Obj(NamedTuple):
+    """One archived object as a listing shows it. ``mtime`` is the store's own clock (S3's
+    LastModified, a file's mtime as the file server set it): the only clock the archive's gc
+    compares (spec/archive-gc.md). ``version`` changes whenever the object is written again."""
+
+    key: str
+    size: int
+    mtime: float
+    version: str
+
+
 class Remote:
-    """What an archive backend must do. Keys are relative POSIX paths."""
+    """What an archive backend must do. Keys are relative POSIX paths.
+
+    ``conditional``: whether :meth:`put_if` and :meth:`delete_if` are atomic on this store
+    (S3's If-None-Match/If-Match, a lock on a directory); where they are not, they check and
+    then act, and callers that need more read back (spec/archive-gc.md, "Stores without
+    conditional writes")."""
 
     url: str
+    conditional = False
 
     def size(self, key: str) -> int | None: ...
     def put_file(self, local: str, key: str, size: int) -> None: ...
     def put_bytes(self, data: bytes, key: str) -> None: ...
     def open(self, key: str) -> BinaryIO: ...
     def list_runs(self) -> list[str]: ...
+    def objects(self, prefix: str) -> list[Obj]:
+        """Every object under ``prefix`` (a folder: ``gc/marks``), recursively, in one listing."""
+        ...
+    def delete(self, keys: list[str]) -> None:
+        """Remove these objects; an absent one is not an error. Batched (S3: 1,000 a request)."""
+        ...
+    def put_if(self, data: bytes, key: str, version: str | None) -> bool:
+        """Write ``key`` only if it is still at ``version`` (None: only if absent). False if not."""
+        ...
+    def delete_if(self, key: str, version: str) -> bool:
+        """Remove ``key`` only if it is still at ``version``. False if it changed or is gone."""
+        ...
+
+    def stat(self, key: str) -> Obj | None:
+        """One object's listing entry (its store time and version), or None."""
+        return next((o for o in self.objects(key) if o.key == key), None)
 
     def get_bytes(self, key: str, limit: int | None = None) -> bytes:
         """An object's bytes; with ``limit``, TooLarge once more than ``limit`` bytes arrived
@@ -47,6 +81,8 @@ class Remote:
 
 class LocalRemote(Remote):
     """A local or mounted directory, written durably: temp, fsync, rename, fsync dir."""
+
+    conditional = True  # a check-then-write under the archive's flock
 
     def __init__(self, path: str) -> None:
         self.url = self.root = os.path.abspath(path)
@@ -113,6 +149,97 @@ class LocalRemote(Remote):
             return []
         return sorted(n for n in names if is_run_id(n) and os.path.isfile(os.path.join(self.root, "runs", n, "manifest.toml")))
 
+    def _version(self, st: os.stat_result) -> str:
+        return f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"  # every write renames a new inode in
+
+    def objects(self, prefix: str) -> list[Obj]:
+        out: list[Obj] = []
+        top = self._path(prefix.strip("/"))
+
+        def walk(path: str, key: str) -> None:
+            try:
+                entries = list(os.scandir(path))
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            for e in entries:
+                if e.name.startswith(".tmp-") or e.name == LOCK_NAME:
+                    continue  # a writer's temp (or a dead one's, until gc removes it), the CAS lock
+                st = e.stat(follow_symlinks=False)
+                sub = f"{key}/{e.name}" if key else e.name
+                if stat.S_ISDIR(st.st_mode):
+                    walk(e.path, sub)
+                elif stat.S_ISREG(st.st_mode):
+                    out.append(Obj(sub, st.st_size, st.st_mtime, self._version(st)))
+
+        try:
+            st = os.lstat(top)
+        except (FileNotFoundError, NotADirectoryError):
+            return out
+        if stat.S_ISREG(st.st_mode):
+            out.append(Obj(prefix.strip("/"), st.st_size, st.st_mtime, self._version(st)))
+        elif stat.S_ISDIR(st.st_mode):
+            walk(top, prefix.strip("/"))
+        return sorted(out)
+
+    def delete(self, keys: list[str]) -> None:
+        dirs = fsutil.DirSync()
+        for key in keys:
+            path = self._path(key)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise fsutil.write_error(f"cannot remove {path}", e, path) from e
+            if key.startswith("runs/") and key.count("/") == 2:
+                try:
+                    os.rmdir(os.path.dirname(path))  # the run's folder, now empty
+                    dirs.add(os.path.join(self.root, "runs"))
+                    continue
+                except OSError:
+                    pass
+            dirs.add(os.path.dirname(path))
+        dirs.sync()
+
+    def _cas(self):
+        """The archive's compare-and-swap lock (flock on ``<root>/.cas-lock``): held for one
+        check-then-write of one object by every casruns that writes this directory."""
+        import contextlib
+        import fcntl
+
+        @contextlib.contextmanager
+        def held():
+            fsutil.ensure_dir(self.root)
+            fd = fsutil.open_private(os.path.join(self.root, LOCK_NAME), os.O_RDWR | os.O_CREAT)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+        return held()
+
+    def _current(self, key: str) -> str | None:
+        try:
+            st = os.lstat(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return self._version(st) if stat.S_ISREG(st.st_mode) else "stray"
+
+    def put_if(self, data: bytes, key: str, version: str | None) -> bool:
+        with self._cas():
+            if self._current(key) != version:
+                return False
+            self.put_bytes(data, key)
+            return True
+
+    def delete_if(self, key: str, version: str) -> bool:
+        with self._cas():
+            if self._current(key) != version:
+                return False
+            self.delete([key])
+            return True
+
 
 class FsspecRemote(Remote):
     def __init__(self, url: str, storage_options: dict, extra: str = "archive") -> None:
@@ -132,6 +259,8 @@ class FsspecRemote(Remote):
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         # filesystems rename and may hold FIFOs and symlinks; object stores have neither
         self.renames = protocol in ("file", "local", "sftp", "ssh")
+        self.s3 = protocol in ("s3", "s3a")
+        self.conditional = self.s3  # If-None-Match / If-Match on PUT and DELETE
 
     def _path(self, key: str) -> str:
         return f"{self.base.rstrip('/')}/{key}"
@@ -211,6 +340,87 @@ class FsspecRemote(Remote):
             if self.size(f"runs/{name}/manifest.toml") is not None:
                 out.append(name)
         return sorted(out)
+
+    def objects(self, prefix: str) -> list[Obj]:
+        path = self._path(prefix.strip("/"))
+        base = self._path("")
+        try:
+            self.fs.invalidate_cache()  # a listing is the store's truth, never a cached one
+            found = self.fs.find(path, detail=True)
+        except FileNotFoundError:
+            return []
+        except Exception as e:
+            if _backend_error(e):
+                raise self._unavailable(f"list {prefix}", e) from e
+            raise
+        out = []
+        for name, info in found.items():
+            if info.get("type") != "file" or info.get("islink"):
+                continue
+            key = name[len(base):] if name.startswith(base) else name.split(base.split("://")[-1], 1)[-1]
+            want = prefix.strip("/")
+            if key.startswith("tmp/") or (want and not (key == want or key.startswith(want + "/"))):
+                continue
+            when = info.get("LastModified") or info.get("mtime") or info.get("created") or 0
+            mtime = when.timestamp() if hasattr(when, "timestamp") else float(when)
+            size = int(info.get("size") or 0)
+            out.append(Obj(key, size, mtime, str(info.get("ETag") or f"{size}-{mtime}")))
+        return sorted(out)
+
+    def delete(self, keys: list[str]) -> None:
+        if keys:
+            self._guarded(f"remove {len(keys)} objects", lambda: self._rm([self._path(k) for k in keys]))
+
+    def _rm(self, paths: list[str]) -> None:
+        try:
+            self.fs.rm(paths)
+        except FileNotFoundError:
+            for p in paths:  # one was gone already: remove the rest one by one
+                try:
+                    self.fs.rm_file(p)
+                except FileNotFoundError:
+                    pass
+        self.fs.invalidate_cache()
+
+    def _precondition(self, fn) -> bool:
+        try:
+            fn()
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if "pre-condition" in str(e) or "PreconditionFailed" in repr(e.__cause__):
+                return False
+            raise self._unavailable("write conditionally", e) from e
+        finally:
+            self.fs.invalidate_cache()
+        return True
+
+    def put_if(self, data: bytes, key: str, version: str | None) -> bool:
+        path = self._path(key)
+        if self.s3:
+            if version is None:
+                return self._precondition(lambda: self.fs.pipe_file(path, data, mode="create"))
+            return self._precondition(lambda: self.fs.pipe_file(path, data, IfMatch=version))
+        current = self.stat(key)  # no conditional writes here: check, then write
+        if (current.version if current else None) != version:
+            return False
+        self.put_bytes(data, key)
+        return True
+
+    def delete_if(self, key: str, version: str) -> bool:
+        if self.s3:
+            bucket, k, _ = self.fs.split_path(self._path(key))
+            try:
+                return self._precondition(lambda: self.fs.call_s3("delete_object", Bucket=bucket, Key=k, IfMatch=version))
+            except ArchiveUnavailable as e:
+                if "NoSuchKey" in str(e.__cause__) or isinstance(e.__cause__, FileNotFoundError):
+                    return False
+                raise
+        current = self.stat(key)
+        if current is None or current.version != version:
+            return False
+        self.delete([key])
+        return True
 
 
 _BACKENDS = {"botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "paramiko", "urllib3", "requests"}
