@@ -30,10 +30,13 @@ environment variables or the registry config's ``[archive]`` table, never from m
 from __future__ import annotations
 
 import io
+import os
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from . import archiveconfig
+from . import archiveproto as proto
 from . import faults, query
 from . import manifest as mf
 from .errors import (
@@ -207,9 +210,12 @@ def push(
     remote = open_remote(dest, registry)
     report = {
         "schema": "casruns/archive-push/v1", "dest": remote.url, "runs": 0, "blobs_sent": 0, "blobs_skipped": 0,
-        "bytes_sent": 0, "bytes_logical": 0, "blobs_verified": 0, "blobs_replaced": 0,
+        "bytes_sent": 0, "bytes_logical": 0, "blobs_verified": 0, "blobs_replaced": 0, "blobs_touched": 0,
+        "manifests_merged": 0, "rechecks": 0,
     }
     store = registry.store
+    touched_by: dict[str, set[str]] = {}  # run -> the gc marks whose blobs this push touched for it
+    marks = None
     present: set[str] = set()  # blobs known to be in the archive: shared ones are asked about once
     lock = threading.Lock()
 
@@ -224,7 +230,10 @@ def push(
         verified = there and verify_existing
         if verified and check_archived(remote, address) is not None:
             there = False  # a bad copy of the same size: replaced below
-        if not there:
+        # present, but an open gc mark lists it: write it again so that its store time passes
+        # the mark's and the sweep spares it (spec/archive-gc.md, "touch")
+        touched = there and bool(marks.marked(address))
+        if not there or touched:
             # never archive a corrupt blob: a packed frame is checked as the very bytes sent
             if frame is not None:
                 store.check_frame(address, frame)
@@ -237,6 +246,9 @@ def push(
             present.add(address)
             report["bytes_logical"] += size
             report["blobs_verified"] += verified
+            if touched:
+                report["blobs_touched"] += 1
+                touched_by.setdefault(rid, set()).update(marks.marked(address))
             if there:
                 report["blobs_skipped"] += 1
                 return
@@ -246,21 +258,21 @@ def push(
         faults.point("archive_push_blob")  # archive_push_blob=kill@N: killed after the N-th blob sent
 
     rid = None
+    lease = None
     try:
         _ensure_marker(remote)
+        # the lease first, then the marks: gc writes its mark first, then reads the leases, so
+        # one of the two always sees the other (spec/archive-gc.md, race 4)
+        period = archiveconfig.read(remote)[0].lease
+        me = proto.machine_of(registry)
+        lease = proto.Refresher(remote, f"{proto.LEASES}/{proto.machine_key(me)}-{proto.nonce()}.lease",
+                                {"schema": "casruns/archive-lease/v1", "machine": me, "pid": os.getpid()}, period).start()
+        faults.point("archive_push_after_lease")
+        marks = proto.Marks(remote)
         with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="casruns-push") as pool:
-            for i, (rid, m) in enumerate(manifests.items()):
-                if progress:
-                    progress("pushing runs", i + 1, len(manifests))
-                todo = []
-                for address in _run_blobs(registry, m):
-                    if address in present:
-                        report["bytes_logical"] += store.frame_size(address)
-                        report["blobs_skipped"] += 1
-                    else:
-                        todo.append(address)
-                # every blob of the run is in the archive before its manifest is written
-                futures = [pool.submit(send, rid, a) for a in todo]
+
+            def send_all(rid: str, addresses: list[str]) -> None:
+                futures = [pool.submit(send, rid, a) for a in addresses]
                 try:
                     for future in futures:
                         future.result()
@@ -268,15 +280,46 @@ def push(
                     for future in futures:
                         future.cancel()  # the first failure ends the push: send nothing more
                     raise
+
+            for i, (rid, m) in enumerate(manifests.items()):
+                if progress:
+                    progress("pushing runs", i + 1, len(manifests))
+                todo = []
+                run_blobs = _run_blobs(registry, m)
+                for address in run_blobs:
+                    if address in present and not marks.marked(address):
+                        report["bytes_logical"] += store.frame_size(address)
+                        report["blobs_skipped"] += 1
+                    else:
+                        todo.append(address)
+                # every blob of the run is in the archive before its manifest is written
+                send_all(rid, todo)
+                # Blobs touched for an open mark must not be deleted by a sweep that listed them
+                # before the touch: wait out such a sweep, then look again. A lease whose last
+                # rewrite is too old may have been judged stale by a gc: look again as well.
+                while touched_by.get(rid) or not lease.healthy():
+                    waited = marks.wait_for_sweeps(touched_by.pop(rid, set()), period)
+                    if not waited and lease.healthy():
+                        break
+                    if not lease.healthy():
+                        lease.renew()
+                    marks = proto.Marks(remote)
+                    present.difference_update(run_blobs)
+                    report["rechecks"] += 1
+                    send_all(rid, run_blobs)
+                faults.point("archive_push_before_manifest")
                 with open(registry.run_dir(rid).manifest_path, "rb") as f:
                     data = f.read()
                 key = manifest_key(rid)
-                if remote.size(key) != len(data) or remote.get_bytes(key) != data:
-                    remote.put_bytes(data, key)  # last: the run's commit point
+                # last: the run's commit point, merged with a copy another machine pushed
+                report["manifests_merged"] += proto.publish_manifest(remote, key, data, m) == "merged"
                 report["runs"] += 1
     except Exception as e:
         where = f"of the archive {remote.url}" + (f" while pushing run {rid}" if rid else "")
         _raise_interrupted(e, report, where, f"{report['runs']} runs were pushed whole")
+    finally:
+        if lease is not None:
+            lease.stop()
     return report
 
 

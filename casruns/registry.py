@@ -260,6 +260,24 @@ class Registry(RegistryRoot):
             raise ArtifactNotFound(f"archived run {run_id} has no artifact file {path!r}", run_id=run_id, path=path)
         return archived_chunks(remote, entry.blake3)
 
+    def archive_gc(self, dest: str, *, dry_run: bool = False, wait: bool = False, progress=None) -> dict:
+        """Expire archived runs by the archive's own retention and sweep blobs no run references,
+        safely while other machines push (spec/archive-gc.md)."""
+        from .archivegc import gc
+
+        return gc(self, dest, dry_run=dry_run, wait=wait, progress=progress)
+
+    def archive_config(self, dest: str, sets: list[str] | None = None, unsets: list[str] | None = None) -> dict:
+        """The archive's settings (``casruns/archive-config/v1``), edited first if asked."""
+        from . import archiveconfig
+        from .archive import _check_marker, open_remote
+
+        remote = open_remote(dest, self)
+        _check_marker(remote)
+        if sets or unsets:
+            return archiveconfig.edit(remote, list(sets or ()), list(unsets or ())).to_json(remote.url)
+        return archiveconfig.read(remote)[0].to_json(remote.url)
+
     def archive_list(self, src: str, **filters) -> dict:
         """An archive's runs, newest first; ``filters``: ``statuses``, ``labels``, ``promoted``,
         ``since``, ``limit`` (as :meth:`list`)."""

@@ -18,7 +18,7 @@ def register(cli: click.Group) -> None:
     def archive():
         """Copy finished runs to an archive (a directory, s3://bucket/prefix, sftp://host/path) and back."""
 
-    for add in (_add_push, _add_pull, _add_list, _add_reads):
+    for add in (_add_push, _add_pull, _add_list, _add_reads, _add_gc):
         add(archive)
 
 
@@ -170,3 +170,60 @@ def _add_reads(archive: click.Group) -> None:
     def cat(obj, src, run_id, path, as_json):
         """One artifact of an archived run (verified; exit 7 if corrupt). --json makes errors JSON."""
         write_chunks(obj.registry.archive_cat(src, run_id, path))
+
+
+def _add_gc(archive: click.Group) -> None:
+    @archive.command(name="gc")
+    @click.argument("dest")
+    @click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+    @click.option("--wait", is_flag=True, help="Wait (grace, pushes in progress) and sweep in this run instead of leaving it to the next gc.")
+    @json_option
+    @click.pass_obj
+    def gc(obj, dest, dry_run, wait, as_json):
+        """Remove expired runs from an archive and the blobs no remaining run references, safely while others push."""
+        with progress("archive gc", as_json) as p:
+            report = obj.registry.archive_gc(dest, dry_run=dry_run, wait=wait, progress=p)
+        render.emit(as_json, report, _gc_lines)
+        if not as_json:
+            render.echo((f"casruns: error: {e['run_id']}: {e['message']}" for e in report["runs_unreadable"]), err=True)
+        return 14 if report["runs_unreadable"] else 0
+
+    @archive.command(name="config")
+    @click.argument("dest")
+    @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                  help="retention.<status>=D, retention.promoted=D, retention.keep_last.<label>=N, gc.grace=D, gc.lease=D.")
+    @click.option("--unset", "unsets", multiple=True, metavar="KEY", help="Remove a setting.")
+    @json_option
+    @click.pass_obj
+    def config(obj, dest, sets, unsets, as_json):
+        """Show or change an archive's own settings (its config.toml): retention, keep-last, gc grace."""
+        report = obj.registry.archive_config(dest, list(sets), list(unsets))
+        render.emit(as_json, report, _config_lines)
+        return 0
+
+
+def _gc_lines(r: dict):
+    verb = "would remove" if r["dry_run"] else "removed"
+    yield f"{verb} {len(r['runs_removed'])} expired runs and {r['blobs_removed']} blobs ({r['bytes_removed']} bytes) from {r['dest']}"
+    for run in r["runs_removed"]:
+        yield f"  {run['run_id']}  {run['status']}  ({run['rule']})"
+    mark = r.get("mark") or {}
+    if mark.get("state") == "waiting":
+        why = f"until {mark['ready_at']}" if mark.get("reason") == "grace" else f"for {len(mark.get('leases') or [])} pushes in progress"
+        yield f"{mark['candidates']} unreferenced blobs are marked; they are swept by a gc after the grace ({why})"
+    elif mark.get("state") == "made":
+        yield f"marked {mark['candidates']} unreferenced blobs"
+    if r["runs_changed"]:
+        yield f"{r['runs_changed']} runs were pushed again while gc ran and are kept"
+    if r.get("record"):
+        yield f"deletion record: {r['record']}"
+
+
+def _config_lines(c: dict):
+    ret = c["retention"]
+    for status, secs in ret.items():
+        yield f"retention.{status} = {'kept until unpromoted' if secs is None and status == 'promoted' else f'{secs:.0f}s'}"
+    for label, n in c["keep_last"].items():
+        yield f"retention.keep_last.{label} = {n}"
+    yield f"gc.grace = {c['grace']:.0f}s"
+    yield f"gc.lease = {c['lease']:.0f}s"
