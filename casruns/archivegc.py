@@ -46,7 +46,7 @@ def gc(registry, dest: str, *, dry_run: bool = False, wait: bool = False, progre
     report = {
         "schema": SCHEMA, "dest": remote.url, "dry_run": dry_run, "gc_id": gc_id, "machine": me, "store_time": format_ts(now),
         "runs_removed": [], "runs_changed": 0, "runs_unreadable": [], "blobs_removed": 0, "bytes_removed": 0,
-        "blobs_spared": 0, "mark": None, "record": None,
+        "blobs_spared": 0, "mark": None, "marks_swept": [], "record": None,
     }
     lock = None if dry_run else _take_lock(remote, gc_id, me, now, settings)
     state = _Run(remote, settings, me, gc_id, report, lock, progress)
@@ -142,7 +142,7 @@ class _Run:
                 if e.code == "run_not_found":
                     continue  # removed since the listing
                 out[rid] = (o, None)
-                self.report["runs_unreadable"].append({"run_id": rid, "code": e.code, "message": e.message})
+                self.unreadable(rid, e.code, e.message)
         return out
 
     def references(self, runs: dict) -> tuple[set[str], bool]:
@@ -166,10 +166,14 @@ class _Run:
                     self.trees[tree] = frozenset(archived_tree(self.remote, m).addresses())
                 except CasrunsError as e:
                     unreadable = True
-                    self.report["runs_unreadable"].append({"run_id": rid, "code": e.code, "message": f"its artifact tree: {e.message}"})
+                    self.unreadable(rid, e.code, f"its artifact tree: {e.message}")
                     continue
             refs.update(self.trees[tree])
         return refs, unreadable
+
+    def unreadable(self, rid: str, code: str, message: str) -> None:
+        if all(u["run_id"] != rid for u in self.report["runs_unreadable"]):
+            self.report["runs_unreadable"].append({"run_id": rid, "code": code, "message": message})
 
     # -- the deletion record ---------------------------------------------------------------
 
@@ -230,7 +234,8 @@ class _Run:
             return self.gc_id, None
         candidates = sorted(a for a in (_address(o.key) for o in self.remote.objects("blobs")) if a not in refs)
         if not candidates:
-            self.report["mark"] = {"id": None, "state": "none", "candidates": 0}
+            if self.report["mark"] is None:  # else it tells of the mark this gc swept
+                self.report["mark"] = {"id": None, "state": "none", "candidates": 0}
             return self.gc_id, None
         self.check_lock()
         key = f"{proto.MARKS}/{self.gc_id}.json"
@@ -298,6 +303,7 @@ class _Run:
                               marks_swept=(self.record or {}).get("marks_swept", []) + [mark_id])
             r.delete([f"{proto.MARKS}/{mark_id}.json", f"{proto.MARKS}/{mark_id}.leases"])
             self.report["mark"] = {"id": mark_id, "state": "swept", "candidates": len(mark["candidates"])}
+            self.report["marks_swept"].append(mark_id)
         finally:
             sweep.stop()
 
