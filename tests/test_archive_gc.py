@@ -73,11 +73,16 @@ def configure(dest, *sets):
 
 def assert_whole(reg: Registry, dest: str, rids) -> None:
     """Every named run is in the archive, reads back verified, and `verify --against` is clean."""
-    proc = cli("verify", "--json", "--against", dest, "--read-data", *rids)
-    assert proc.returncode == 0, proc.stdout
+    report = reg.verify(list(rids), read_data=True, against=dest)
+    assert report["ok"], report["problems"]
     for rid in rids:
-        got = cli("archive", "logs", dest, rid)
-        assert got.returncode == 0 and got.stdout == b"".join(reg.log_chunks(rid, "stdout")).decode(), got.stderr
+        assert b"".join(reg.archive_log_chunks(dest, rid)) == b"".join(reg.log_chunks(rid, "stdout"))
+        assert b"".join(reg.archive_cat(dest, rid, "a.txt")) == b"".join(reg.cat(rid, "a.txt"))
+
+
+def gc_now(reg: Registry, dest: str, **kw) -> dict:
+    """archive gc in this process (the CLI's JSON contract is checked by gc_json)."""
+    return reg.archive_gc(dest, **kw)
 
 
 def dangling(remote) -> list[tuple[str, str]]:
@@ -346,9 +351,9 @@ def test_a_gc_killed_at_each_step_is_finished_by_the_next(registry, dest, point)
     assert dangling(remote) == []  # whatever the kill left, no manifest lost a blob
     assert_whole(registry, dest, [keep])
     time.sleep(3.2)  # the dead gc's lock (and sweep object) go stale
-    r = gc_json(dest, "--wait")
+    r = gc_now(registry, dest, wait=True)
     if r["mark"]["state"] != "swept":  # a mark discarded (its lease list never written): one more round
-        r = gc_json(dest, "--wait")
+        r = gc_now(registry, dest, wait=True)
     assert archived_runs(remote) == {keep}
     assert archived_blobs(remote) == blobs_of(registry, keep)
     assert dangling(remote) == []
@@ -385,7 +390,7 @@ def test_a_push_killed_mid_protocol_leaves_a_lease_that_goes_stale(registry, des
     if point == "archive_push_before_manifest":  # b's blobs arrived, its manifest did not
         assert r["mark"]["reason"] == "pushes"
     time.sleep(3.2)
-    gc_json(dest, "--wait")
+    gc_now(registry, dest, wait=True)
     assert archived_runs(remote) == {a} and archived_blobs(remote) == blobs_of(registry, a)
     assert registry.archive_push(dest, [b])["runs"] == 1  # the push resumed from scratch
     assert dangling(remote) == []
