@@ -145,7 +145,7 @@ class Index:
 
     def __init__(self) -> None:
         self.entries: dict[str, dict] = {}  # run_id -> the newest segment's entry
-        self.segments: list[str] = []  # every segment key read, oldest first
+        self.segments: list[str] = []  # every segment key listed and read (or found corrupt), oldest first
         self.problems: list[dict] = []  # {"segment", "line"?, "message"}
         self._by_version: dict[tuple[str, str], dict] = {}
 
@@ -185,6 +185,7 @@ def load(remote: "Remote", *, blobs: bool = True) -> Index:
     index = Index()
     listing = sorted((o for o in remote.objects(PREFIX) if is_segment(o.key)), key=_order)
     for o in listing:
+        index.segments.append(o.key)  # a corrupt one too: compaction folds (drops) it like the rest
         if o.size > SEGMENT_MAX:
             index.problems.append({"segment": o.key, "message": f"larger than {SEGMENT_MAX} bytes; skipped"})
             continue
@@ -195,7 +196,6 @@ def load(remote: "Remote", *, blobs: bool = True) -> Index:
         except CasrunsError as e:  # gone (compacted meanwhile), a stray, too large
             index.problems.append({"segment": o.key, "message": e.message})
             continue
-        index.segments.append(o.key)
         for n, line in lines:
             try:
                 e = json.loads(line)

@@ -136,9 +136,14 @@ def test_a_corrupt_segment_or_line_is_skipped_and_the_run_read_from_its_manifest
     index = archiveindex.load(remote)
     assert set(index.entries) == {a} and len(index.problems) == 5
     assert {p["segment"] for p in index.problems} == {"index/m1-0000000000000001-00000000.ndjson", "index/m2-0000000000000002-00000000.ndjson"}
+    assert index.segments == ["index/m1-0000000000000001-00000000.ndjson", "index/m2-0000000000000002-00000000.ndjson"]
     reads.clear()
     assert registry.archive_list(url) == plain
     assert manifest_reads(reads) == sorted([b, c])
+    # compaction drops the corrupt segment with the rest (the README is no segment: left alone)
+    archiveindex.compact(remote, "gc", dict(index.entries), folded=index.segments)
+    assert [k for k in segments(registry, url) if archiveindex.is_segment(k)] != [] and "index/README" in segments(registry, url)
+    assert len(segments(registry, url)) == 2 and archiveindex.load(remote).problems == []
 
 
 def test_a_run_whose_manifest_is_gone_is_not_listed_though_indexed(registry, archive):
