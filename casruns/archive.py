@@ -297,13 +297,12 @@ def list_archive(registry: "RegistryRoot", src: str, *, statuses=(), labels=None
     manifest version the listing shows, else its manifest is read (casruns/archiveindex.py)."""
     from . import archiveindex
     from .ids import is_run_id
-    from .remotes import Remote as _Base
 
     flt = query.ListFilter(statuses=statuses, labels=labels, since=since, limit=limit, promoted=promoted)
     remote = open_remote(src, registry)
     _check_marker(remote)
     versions: dict[str, str | None] = {}
-    if type(remote).objects is _Base.objects:  # a plugin's remote without listings: no index
+    if type(remote).objects is Remote.objects:  # a plugin's remote without listings: no index
         versions = dict.fromkeys(remote.list_runs())
     else:
         for o in remote.objects("runs"):
