@@ -190,26 +190,28 @@ def load(remote: "Remote", *, blobs: bool = True) -> Index:
             index.problems.append({"segment": o.key, "message": f"larger than {SEGMENT_MAX} bytes; skipped"})
             continue
         try:
-            lines = list(_lines(remote, o.key, index))
+            for n, line in _lines(remote, o.key, index):  # streamed: one line held at a time
+                _add_line(index, o.key, n, line, blobs)
         except ArchiveUnavailable:
             raise  # the store failed: not a problem of the index
-        except CasrunsError as e:  # gone (compacted meanwhile), a stray, too large
+        except CasrunsError as e:  # gone (compacted meanwhile), a stray, too large: its lines read so far stay
             index.problems.append({"segment": o.key, "message": e.message})
-            continue
-        for n, line in lines:
-            try:
-                e = json.loads(line)
-            except (ValueError, UnicodeDecodeError) as err:
-                index.problems.append({"segment": o.key, "line": n, "message": f"not JSON: {err}"})
-                continue
-            problem = _invalid(e)
-            if problem:
-                index.problems.append({"segment": o.key, "line": n, "message": problem})
-                continue
-            if not blobs:
-                e["blobs"] = []
-            index.add(e)
     return index
+
+
+def _add_line(index: Index, key: str, n: int, line: bytes, blobs: bool) -> None:
+    try:
+        e = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as err:
+        index.problems.append({"segment": key, "line": n, "message": f"not JSON: {err}"})
+        return
+    problem = _invalid(e)
+    if problem:
+        index.problems.append({"segment": key, "line": n, "message": problem})
+        return
+    if not blobs:
+        e["blobs"] = []
+    index.add(e)
 
 
 def _lines(remote: "Remote", key: str, index: Index):
