@@ -333,24 +333,40 @@ def remote_manifest(remote: Remote, run_id: str) -> dict:
 def list_archive(registry: "RegistryRoot", src: str, *, statuses=(), labels=None, promoted: bool | None = None,
                  since: str | None = None, limit: int | None = None) -> dict:
     """The archive's runs, newest first, with the registry's ``list`` filters (status: any of;
-    labels: all of; promoted; created since; at most ``limit``)."""
-    from .record import build
+    labels: all of; promoted; created since; at most ``limit``).
+
+    One listing of ``runs/`` (paged by the store), one of ``index/`` and a GET per index
+    segment; a run's summary comes from the index when its entry was written for the very
+    manifest version the listing shows, else its manifest is read (casruns/archiveindex.py)."""
+    from . import archiveindex
+    from .ids import is_run_id
 
     flt = query.ListFilter(statuses=statuses, labels=labels, since=since, limit=limit, promoted=promoted)
     remote = open_remote(src, registry)
     _check_marker(remote)
+    versions: dict[str, str | None] = {}
+    if type(remote).objects is Remote.objects:  # a plugin's remote without listings: no index
+        versions = dict.fromkeys(remote.list_runs())
+    else:
+        for o in remote.objects("runs"):
+            parts = o.key.split("/")
+            if len(parts) == 3 and parts[2] == "manifest.toml" and is_run_id(parts[1]):
+                versions[parts[1]] = o.version
+    index = archiveindex.load(remote, blobs=False) if versions and None not in versions.values() else archiveindex.Index()
     runs, errors = [], []
-    for rid in remote.list_runs():
-        try:
-            m = remote_manifest(remote, rid)
-            r = build(m, registry.config)
-        except (CorruptManifest, UnsupportedFormat, RunNotFound, InvalidRunId) as e:
-            errors.append({"run_id": rid, "code": e.code, "message": e.message})  # hides only that run
+    for rid in sorted(versions):
+        s = index.summary(rid, versions[rid])
+        if s is None:
+            try:
+                s = archiveindex.summary(remote_manifest(remote, rid), registry.config)
+            except (CorruptManifest, UnsupportedFormat, RunNotFound, InvalidRunId) as e:
+                errors.append({"run_id": rid, "code": e.code, "message": e.message})  # hides only that run
+                continue
+        if (flt.statuses and s["status"] not in flt.statuses) or not flt.manifest_matches(
+                {"labels": s["labels"], "created_at": s["created_at"], "retention": {"promoted": s["promoted"]}}):
             continue
-        if (flt.statuses and m["status"] not in flt.statuses) or not flt.manifest_matches(m):
-            continue
-        runs.append({"run_id": rid, "status": m["status"], "promoted": r["retention"]["promoted"], "created_at": m.get("created_at"),
-                     "labels": r["labels"], "origin": r["origin"]})
+        runs.append({"run_id": rid, "status": s["status"], "promoted": s["promoted"], "created_at": s["created_at"],
+                     "labels": s["labels"], "origin": s["origin"]})
     runs.sort(key=lambda r: (r["created_at"] or "", r["run_id"]), reverse=True)
     if flt.limit is not None:
         runs = runs[: flt.limit]
