@@ -35,7 +35,7 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from . import archiveconfig
+from . import archiveconfig, archiveindex
 from . import archiveproto as proto
 from . import faults, query
 from . import manifest as mf
@@ -113,6 +113,7 @@ def _run_blobs(registry: "RegistryRoot", m: dict) -> list[str]:
     return list(dict.fromkeys(files + logs + tree))
 
 
+INDEX_ON_PUSH = True  # push appends an index segment (tests of the index reader turn it off to stage their own)
 JOBS = 8  # concurrent requests: an object store is latency-bound (~19 requests a run, one at a time)
 
 
@@ -259,6 +260,7 @@ def push(
 
     rid = None
     lease = None
+    indexed: list[dict] = []  # index entries of the runs pushed (archiveindex.append, once at the end)
     try:
         _ensure_marker(remote)
         # the lease first, then the marks: gc writes its mark first, then reads the leases, so
@@ -312,12 +314,20 @@ def push(
                     data = f.read()
                 key = manifest_key(rid)
                 # last: the run's commit point, merged with a copy another machine pushed
-                report["manifests_merged"] += proto.publish_manifest(remote, key, data, m) == "merged"
+                outcome, published, version = proto.publish_manifest(remote, key, data, m)
+                report["manifests_merged"] += outcome == "merged"
+                if INDEX_ON_PUSH and version and all(published.get(k) == m.get(k) for k in ("logs", "artifacts")):
+                    indexed.append(archiveindex.entry(rid, version, published, run_blobs, registry.config))
                 report["runs"] += 1
     except Exception as e:
         where = f"of the archive {remote.url}" + (f" while pushing run {rid}" if rid else "")
         _raise_interrupted(e, report, where, f"{report['runs']} runs were pushed whole")
     finally:
+        if indexed:
+            try:  # after the manifests they name; a lost segment costs list requests, never truth
+                archiveindex.append(remote, proto.machine_key(me), indexed)
+            except CasrunsError:
+                pass
         if lease is not None:
             lease.stop()
     return report

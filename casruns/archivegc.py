@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
-from . import archiveconfig, faults
+from . import archiveconfig, archiveindex, faults
 from . import archiveproto as proto
 from .errors import Busy, CasrunsError
 from .timefmt import format_ts, parse_ts
@@ -46,10 +46,10 @@ def gc(registry, dest: str, *, dry_run: bool = False, wait: bool = False, progre
     report = {
         "schema": SCHEMA, "dest": remote.url, "dry_run": dry_run, "gc_id": gc_id, "machine": me, "store_time": format_ts(now),
         "runs_removed": [], "runs_changed": 0, "runs_unreadable": [], "blobs_removed": 0, "bytes_removed": 0,
-        "blobs_spared": 0, "mark": None, "marks_swept": [], "record": None,
+        "blobs_spared": 0, "mark": None, "marks_swept": [], "record": None, "index": None,
     }
     lock = None if dry_run else _take_lock(remote, gc_id, me, now, settings)
-    state = _Run(remote, settings, me, gc_id, report, lock, progress)
+    state = _Run(remote, settings, me, gc_id, report, lock, progress, registry.config)
     try:
         faults.point("archive_gc_after_lock")
         runs = state.read_runs()
@@ -69,6 +69,10 @@ def gc(registry, dest: str, *, dry_run: bool = False, wait: bool = False, progre
             mark_id, mark = state.make_mark()
             if mark is not None:
                 state.sweep_if_ready(mark_id, mark, wait=wait, sleep=sleep)
+        if state.runs is not None and (state.runs or state.index.segments):
+            state.references(state.runs)  # entries for runs read from their manifests
+            state.check_lock()
+            state.compact_index(state.runs)
         if state.record is not None and state.record.get("state") != "done":
             state.write_record("done")  # an "intent" left behind means: that gc was killed
         return report
@@ -117,59 +121,92 @@ def _open_marks(remote) -> dict[str, dict]:
 class _Run:
     """One gc invocation's state: the archive, its settings, the report, the lock."""
 
-    def __init__(self, remote, settings, me, gc_id, report, lock, progress) -> None:
+    def __init__(self, remote, settings, me, gc_id, report, lock, progress, config=None) -> None:
         self.remote, self.settings, self.me, self.gc_id = remote, settings, me, gc_id
         self.report, self.lock, self.progress = report, lock, progress
         self.trees: dict[str, frozenset[str]] = {}
+        self.entries: dict[str, dict] = {}  # run id -> its index entry (from the index, or made from its manifest)
+        self.index = archiveindex.Index()
+        self.config = config
+        self.runs: dict | None = None  # the newest listing read
         self.record_key: str | None = None
         self.record: dict | None = None
 
     # -- reading the archive ---------------------------------------------------------------
 
     def read_runs(self) -> dict[str, tuple]:
-        """run id -> (its manifest object, the manifest or None if unreadable)."""
+        """run id -> (its manifest object, the manifest or None if unreadable, its blobs or None).
+
+        A run whose index entry was written for the very manifest version listed now is taken
+        from the index (its retention fields and blob list: no GET); any other is read."""
         from .archive import remote_manifest
 
         out = {}
         objs = [o for o in self.remote.objects("runs") if o.key.endswith("/manifest.toml") and o.key.count("/") == 2]
+        self.index = archiveindex.load(self.remote)
         for i, o in enumerate(objs):
             if self.progress:
                 self.progress("reading manifests", i + 1, len(objs))
             rid = o.key.split("/")[1]
+            e = self.index.entry(rid, o.version)
+            m = archiveindex.as_manifest(e) if e is not None else None
+            if m is not None:
+                out[rid] = (o, m, set(e["blobs"]))
+                self.entries[rid] = e
+                continue
             try:
-                out[rid] = (o, remote_manifest(self.remote, rid))
+                out[rid] = (o, remote_manifest(self.remote, rid), None)
             except CasrunsError as e:
                 if e.code == "run_not_found":
                     continue  # removed since the listing
-                out[rid] = (o, None)
+                out[rid] = (o, None, None)
                 self.unreadable(rid, e.code, e.message)
+        self.runs = out
         return out
 
-    def references(self, runs: dict) -> tuple[set[str], bool]:
-        """Every blob the manifests reference, and whether some could not be read (then nothing
-        may be swept: what it references is unknown)."""
+    def blobs_of(self, rid: str, m: dict) -> set[str] | None:
+        """Every blob a manifest references (logs, tree, the tree's files); None if its tree
+        cannot be read."""
         from .archive import archived_tree
 
-        refs: set[str] = set()
-        unreadable = False
-        for rid, (o, m) in runs.items():
-            if m is None:
-                unreadable = True
-                continue
-            refs.update(r["blake3"] for r in (m.get("logs") or {}).values() if isinstance(r, dict) and r.get("blake3"))
-            tree = (m.get("artifacts") or {}).get("tree")
-            if not tree:
-                continue
+        refs = {r["blake3"] for r in (m.get("logs") or {}).values() if isinstance(r, dict) and r.get("blake3")}
+        tree = (m.get("artifacts") or {}).get("tree")
+        if tree:
             refs.add(tree)
             if tree not in self.trees:
                 try:
                     self.trees[tree] = frozenset(archived_tree(self.remote, m).addresses())
                 except CasrunsError as e:
-                    unreadable = True
                     self.unreadable(rid, e.code, f"its artifact tree: {e.message}")
+                    return None
+            refs |= self.trees[tree]
+        return refs
+
+    def references(self, runs: dict) -> tuple[set[str], bool]:
+        """Every blob the manifests reference, and whether some could not be read (then nothing
+        may be swept: what it references is unknown)."""
+        refs: set[str] = set()
+        unreadable = False
+        for rid, (o, m, blobs) in runs.items():
+            if m is None:
+                unreadable = True
+                continue
+            if blobs is None:
+                blobs = self.blobs_of(rid, m)
+                if blobs is None:
+                    unreadable = True
                     continue
-            refs.update(self.trees[tree])
+                runs[rid] = (o, m, blobs)
+                self.entries[rid] = archiveindex.entry(rid, o.version, m, sorted(blobs), self.config)
+            refs |= blobs
         return refs, unreadable
+
+    def compact_index(self, runs: dict) -> None:
+        """One index segment for the runs as this gc last listed them (so the next list and gc
+        need no manifest GETs); segments this gc read are folded into it, newer ones stay."""
+        live = {rid: self.entries[rid] for rid, (o, m, blobs) in runs.items()
+                if rid in self.entries and self.entries[rid]["version"] == o.version}
+        self.report["index"] = archiveindex.compact(self.remote, proto.machine_key(self.me), live, folded=self.index.segments)
 
     def unreadable(self, rid: str, code: str, message: str) -> None:
         if all(u["run_id"] != rid for u in self.report["runs_unreadable"]):
@@ -197,9 +234,9 @@ class _Run:
         from . import retention
 
         s = self.settings
-        protected = retention.keep_last_protected((m for _, m in runs.values() if m is not None), SimpleNamespace(keep_last=s.keep_last))
+        protected = retention.keep_last_protected((m for _, m, _ in runs.values() if m is not None), SimpleNamespace(keep_last=s.keep_last))
         doomed = []
-        for rid, (o, m) in sorted(runs.items()):
+        for rid, (o, m, _) in sorted(runs.items()):
             if m is None or rid in protected:
                 continue
             rule = _expired(m, s, now)

@@ -74,7 +74,30 @@ def entry(run_id: str, version: str, m: dict, blobs: list[str], config: "Config"
     if m.get("run_id") != run_id or not is_run_id(run_id):
         raise ValueError(f"index entry: manifest of {m.get('run_id')!r} given for run {run_id!r}")
     return {"schema": SCHEMA, "run_id": run_id, "version": str(version), "summary": summary(m, config),
-            "blobs": list(dict.fromkeys(blobs))}
+            "blobs": list(dict.fromkeys(blobs)), "retention": retention_fields(m)}
+
+
+def retention_fields(m: dict) -> dict:
+    """What archive gc's retention rules read of a manifest besides the summary: its times, its
+    own retention fields and when it was last promoted (casruns/archivegc.py, ``_expired``)."""
+    ret = m.get("retention") or {}
+    last = next((h for h in reversed(ret.get("history") or []) if isinstance(h, dict) and h.get("action") == "promote"), None)
+    return {"finished_at": m.get("finished_at"), "updated_at": m.get("updated_at"), "retain_until": ret.get("retain_until"),
+            "retain_for": ret.get("retain_for"), "promoted_at": last.get("at") if last else None}
+
+
+def as_manifest(e: dict) -> dict | None:
+    """The fields of a manifest that archive gc's retention rules read, rebuilt from an entry;
+    None for an entry written without them (gc then reads the manifest)."""
+    r = e.get("retention")
+    if not isinstance(r, dict):
+        return None
+    s = e["summary"]
+    history = [{"action": "promote", "at": r["promoted_at"]}] if r.get("promoted_at") else []
+    return {"run_id": e["run_id"], "status": s["status"], "created_at": s["created_at"], "labels": s["labels"], "origin": s["origin"],
+            "finished_at": r.get("finished_at"), "updated_at": r.get("updated_at"),
+            "retention": {"promoted": s["promoted"], "history": history, "retain_until": r.get("retain_until"),
+                          "retain_for": r.get("retain_for")}}
 
 
 def machine_name(name: str) -> str:

@@ -238,12 +238,13 @@ def merge(ours: dict, theirs: dict | None) -> dict:
     return out
 
 
-def publish_manifest(remote, key: str, data: bytes, m: dict, *, attempts: int = 20) -> str | None:
+def publish_manifest(remote, key: str, data: bytes, m: dict, *, attempts: int = 20) -> tuple[str | None, dict, str | None]:
     """Write one run's manifest, merged with what the archive holds (:func:`merge`), replacing
     only the version it read (If-Match; If-None-Match for a new run) and retrying on a conflict.
     On a store without conditional writes it writes and reads back, and merges again if another
-    push replaced it in between. Returns None (the archive's copy already says it all),
-    "written" (ours as it is) or "merged" (ours merged with another machine's)."""
+    push replaced it in between. Returns (None: the archive's copy already says it all,
+    "written": ours as it is, or "merged": ours merged with another machine's; the manifest the
+    archive now holds; its version as far as known, for the index)."""
     from . import manifest as mf
 
     for _ in range(attempts):
@@ -252,21 +253,26 @@ def publish_manifest(remote, key: str, data: bytes, m: dict, *, attempts: int = 
         if current is not None:
             raw = remote.get_bytes(key, limit=mf.MANIFEST_LIMIT)
             if raw == data:
-                return None
+                return None, m, current.version
             try:
                 theirs = mf.loads(raw, f"{remote.url}/{key}")
             except (CorruptManifest, RegistryError):
                 theirs = None  # an unreadable archived copy is replaced by ours
         merged = merge(m, theirs)
         if theirs is not None and merged == theirs:
-            return None  # the archive's copy already says everything ours does
+            return None, theirs, current.version  # the archive's copy already says everything ours does
         body, outcome = (data, "written") if merged == m else (mf.dumps(merged), "merged")
         if remote.conditional:
             if remote.put_if(body, key, current.version if current else None):
-                return outcome
+                return outcome, merged, _version_of(remote, key)
             continue  # another push replaced it meanwhile: merge with that one
         remote.put_bytes(body, key)
         back = remote.get_bytes(key, limit=mf.MANIFEST_LIMIT)
         if back == body:
-            return outcome
+            return outcome, merged, _version_of(remote, key)
     raise ArchiveUnavailable(f"{remote.url}: {key} kept changing under {attempts} merges; another push is writing it in a loop")
+
+
+def _version_of(remote, key: str) -> str | None:
+    got = remote.stat(key)
+    return got.version if got else None

@@ -17,6 +17,14 @@ FILTERS = [{}, {"labels": {"suite": "unit"}}, {"statuses": ["cancelled"]}, {"pro
            {"since": "1h"}, {"since": "2099-01-01T00:00:00Z"}, {"limit": 2}, {"statuses": ["succeeded"], "labels": {"suite": "e2e"}}]
 
 
+@pytest.fixture(autouse=True)
+def no_push_index(monkeypatch):
+    """These tests stage the index themselves (index_runs); push's own segments are tested last."""
+    import casruns.archive
+
+    monkeypatch.setattr(casruns.archive, "INDEX_ON_PUSH", False)
+
+
 @pytest.fixture
 def reads(monkeypatch):
     """Every key opened on any remote, in order (a GET each)."""
@@ -207,3 +215,29 @@ def test_append_writes_nothing_for_no_entries_and_refuses_a_bad_entry(registry, 
         archiveindex.append(remote, "m", [{"schema": archiveindex.SCHEMA, "run_id": a}])
     key = archiveindex.append(remote, "host name/with:odd chars", [archiveindex.entry(a, "v1", remote_manifest(remote, a), [], registry.config)])
     assert archiveindex.is_segment(key) and key.startswith("index/host_name_with_odd_chars-")
+
+
+def test_push_indexes_what_it_pushed_and_gc_compacts_it(registry, archive, reads, monkeypatch):
+    import casruns.archive
+
+    monkeypatch.setattr(casruns.archive, "INDEX_ON_PUSH", True)
+    url = archive["url"]
+    ids = cancelled_runs(registry, 3, promote=(0,))
+    registry.archive_push(url, ids[:2])
+    registry.archive_push(url, ids[2:])
+    assert len(segments(registry, url)) == 2  # one per push
+    reads.clear()
+    listing = registry.archive_list(url)
+    assert manifest_reads(reads) == [] and {r["run_id"] for r in listing["runs"]} == set(ids)
+    registry.promote(ids[1], reason="later")
+    registry.archive_push(url, [ids[1]])  # a rewritten manifest: a new entry for its new version
+    reads.clear()
+    assert {r["run_id"]: r["promoted"] for r in registry.archive_list(url)["runs"]}[ids[1]] is True
+    assert manifest_reads(reads) == []
+    r = registry.archive_gc(url)
+    assert r["index"]["entries"] == 3 and r["index"]["segments_deleted"] == 3 and len(segments(registry, url)) == 1
+    reads.clear()
+    assert registry.archive_list(url) == listing | {"runs": registry.archive_list(url)["runs"]} and manifest_reads(reads) == []
+    reads.clear()
+    registry.archive_gc(url)  # a gc over a compacted index reads no manifest either
+    assert manifest_reads(reads) == []
