@@ -58,6 +58,10 @@ def main() -> int:
     sh("list", "--chain", slow)
     archive_dir = os.path.join(root, "..", os.path.basename(root) + "-archive")
     sh("archive", "push", archive_dir, "--promoted")
+    sh("archive", "push", archive_dir, slow)  # an unpromoted run too: the archive's own retention expires it
+    sh("archive", "config", archive_dir, "--set", "retention.default=0s", "--set", "gc.grace=0s", "--set", "gc.lease=1s")
+    sh("archive", "gc", archive_dir, "--wait")  # the expired run goes, its unshared blobs after it; promoted evidence stays
+    sh("archive", "list", archive_dir)
     # make the unpromoted runs old news, then collect them
     with open(os.path.join(root, "config.toml"), "w") as f:  # the demo's own throw-away config
         f.write('gc_grace = "0s"\n[retention]\nsucceeded = "0s"\nfailed = "0s"\ntimed_out = "0s"\ncancelled = "0s"\n')

@@ -31,7 +31,7 @@ def command_paths():
 
 def test_the_group_lists_every_command():
     assert set(build_cli().commands) == COMMANDS
-    assert set(build_cli().commands["archive"].commands) == {"push", "pull", "list", "status", "artifacts", "logs", "cat"}
+    assert set(build_cli().commands["archive"].commands) == {"push", "pull", "list", "status", "artifacts", "logs", "cat", "gc", "config"}
 
 
 @pytest.mark.parametrize("path", command_paths(), ids=" ".join)
