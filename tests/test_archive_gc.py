@@ -287,13 +287,19 @@ def test_a_push_that_touched_waits_out_a_sweep_in_progress_then_looks_again(regi
 # ---- two machines, one run -----------------------------------------------------------------
 
 
-def test_concurrent_pushes_of_one_run_merge_and_never_lose_a_promotion(registry, dest, tmp_path):
-    a = finished(registry, "fleet", promote=True)
+def on_two_machines(registry, dest, tmp_path, text: str, *, theirs: str) -> tuple[str, Registry]:
+    """A promoted run pushed from here, pulled by another machine, which unpromotes it."""
+    a = finished(registry, text, promote=True)
     assert cli("archive", "push", dest, a).returncode == 0
     other = Registry(str(tmp_path / "other"))
     other.archive_pull(dest, [a])
     time.sleep(0.01)
-    other.unpromote(a, reason="not needed", by="bob")
+    other.unpromote(a, reason=theirs, by="bob")
+    return a, other
+
+
+def test_concurrent_pushes_of_one_run_merge_and_never_lose_a_promotion(registry, dest, tmp_path):
+    a, other = on_two_machines(registry, dest, tmp_path, "fleet", theirs="not needed")
     time.sleep(0.01)
     registry.unpromote(a, reason="superseded", by="alice")
     registry.promote(a, reason="needed again", by="alice")
@@ -309,11 +315,7 @@ def test_concurrent_pushes_of_one_run_merge_and_never_lose_a_promotion(registry,
 
 
 def test_a_conditional_write_conflict_is_merged_again_not_overwritten(registry, dest, tmp_path):
-    a = finished(registry, "race", promote=True)
-    assert cli("archive", "push", dest, a).returncode == 0
-    other = Registry(str(tmp_path / "other"))
-    other.archive_pull(dest, [a])
-    other.unpromote(a, reason="theirs", by="bob")
+    a, other = on_two_machines(registry, dest, tmp_path, "race", theirs="theirs")
     registry.unpromote(a, reason="ours", by="alice")
     remote_cls = type(open_remote(dest, registry))
     real = remote_cls.put_if
