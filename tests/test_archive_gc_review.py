@@ -57,9 +57,62 @@ def test_a_merge_never_drops_another_machines_retain_until(registry, tmp_path):
     # machine B (a pulled copy: its event_seq restarts low) keeps the run until 2099 and pushes that
     other.retain(a, until="2099-01-01T00:00:00Z")
     rep = other.archive_push(dest, [a])
-    rec = registry.archive_record(dest, a)
+    from casruns.archive import remote_manifest
+
+    archived = remote_manifest(open_remote(dest, registry), a)
     conf(registry, dest, "retention.succeeded=1s")
     time.sleep(1.2)
     r = registry.archive_gc(dest)
-    assert rec["retention"].get("retain_until"), (rep, rec["retention"])
+    assert (archived.get("retention") or {}).get("retain_until"), (rep, archived.get("retention"))
     assert r["runs_removed"] == [] and archived_runs(open_remote(dest, registry)) == {a}
+
+
+# ---- leases judged with another period than the one they are refreshed at ---------------------
+
+
+def _stall_push_before_manifest(registry, dest, rid, out):
+    """Run a push on a thread that stops (alive, its lease thread alive) right before it writes
+    the manifest; returns (thread, reached, release)."""
+    import threading
+
+    from casruns import faults
+
+    reached, release = threading.Event(), threading.Event()
+    real = faults.point
+
+    def point(name):
+        if name == "archive_push_before_manifest":
+            reached.set()
+            release.wait(30)
+        return real(name)
+
+    patch = um.patch.object(faults, "point", point)
+    patch.start()
+    t = threading.Thread(target=lambda: out.update(registry.archive_push(dest, [rid])))
+    t.start()
+    assert reached.wait(30)
+    return t, release, patch
+
+
+@pytest.mark.xfail(strict=True, reason="gc judges a push's lease stale by ITS OWN gc.lease, not the period the pusher "
+                   "refreshes at: after `archive config --set gc.lease` shrinks it, a live push's skipped blobs are swept")
+def test_a_gc_after_gc_lease_is_shortened_never_sweeps_a_live_pushs_blobs(registry, tmp_path):
+    dest = str(tmp_path / "archive")
+    a = finished(registry, "longlease")
+    registry.archive_push(dest, [a])
+    remote = open_remote(dest, registry)
+    remote.delete([manifest_key(a)])  # its blobs stay, unreferenced (a run pushed, then expired, say)
+    conf(registry, dest, "gc.lease=10m", "gc.grace=0s")
+    out = {}
+    # the push (lease period 10 min, rewritten every 10 min) skips every blob as present, no mark open
+    t, release, patch = _stall_push_before_manifest(registry, dest, a, out)
+    try:
+        conf(registry, dest, "gc.lease=1s")  # an operator shortens the lease while the push runs
+        time.sleep(3.3)  # 3 periods of the NEW lease; the push is 3 s into its 30 min stale limit
+        registry.archive_gc(dest, wait=True)
+    finally:
+        release.set()
+        t.join(30)
+        patch.stop()
+    assert out.get("runs") == 1
+    assert dangling(remote) == [], "the manifest of a live push references blobs gc deleted"
