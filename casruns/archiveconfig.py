@@ -67,7 +67,9 @@ class ArchiveSettings:
             if key == "grace":
                 self.grace = _duration(value, f"{where}: gc.grace")
             elif key == "lease":
-                self.lease = max(MIN_LEASE, _duration(value, f"{where}: gc.lease"))
+                self.lease = _duration(value, f"{where}: gc.lease")
+                if self.lease < MIN_LEASE:
+                    raise InvalidInput(f"{where}: gc.lease must be at least {MIN_LEASE:.0f}s (it is how often leases are rewritten)")
             else:
                 raise InvalidInput(f"{where}: gc.{key}: unknown setting (grace, lease)")
 
@@ -142,7 +144,7 @@ def edit(remote, sets: list[str], unsets: list[str], *, attempts: int = 10) -> A
                 node.pop(path[-1], None)
         new = ArchiveSettings(raw, "the new config")  # refuse before writing anything
         body = f"# casruns archive settings ({SCHEMA}); see spec/archive-gc.md\n".encode() + tomli_w.dumps(raw).encode()
-        if remote.put_if(body, KEY, version):
+        if remote.put_if(body, KEY, version) is not None:
             return new
     raise InvalidInput(f"{remote.url}/{KEY} kept changing while it was being edited; try again")
 

@@ -89,13 +89,16 @@ def _address(key: str) -> str:
 def _take_lock(remote, gc_id: str, me: dict, now: float, settings) -> proto.Refresher:
     doc = {"schema": "casruns/archive-gc-lock/v1", "gc_id": gc_id, "machine": me}
     for _ in range(3):
-        if remote.put_if(proto.dump({**doc, "n": 0}), proto.LOCK, None):
-            return proto.Refresher(remote, proto.LOCK, doc, settings.lease, version_guard=True).start(written=True)
+        version = remote.put_if(proto.dump({**doc, "n": 0}), proto.LOCK, None)
+        if version is not None:
+            lock = proto.Refresher(remote, proto.LOCK, doc, settings.lease, version_guard=True)
+            lock.version = version
+            return lock.start(written=True)
         held = remote.stat(proto.LOCK)
         if held is None:
             continue
-        if now - held.mtime >= proto.STALE_AFTER * settings.lease:
-            remote.delete_if(proto.LOCK, held.version)  # its holder is gone: take it over
+        if proto.stale_after(remote, proto.LOCK, settings.lease, now - held.mtime):
+            remote.delete_if(proto.LOCK, held.version)  # its holder is gone: take it over (that version only)
             continue
         other = proto.read_json(remote, proto.LOCK) or {}
         who = (other.get("machine") or {}).get("host") or "another machine"
@@ -113,8 +116,11 @@ def _open_marks(remote) -> dict[str, dict]:
         if not key.endswith(".json"):
             continue
         mark_id = key.rsplit("/", 1)[-1][: -len(".json")]
-        leases = proto.read_json(remote, f"{proto.MARKS}/{mark_id}.leases") if f"{proto.MARKS}/{mark_id}.leases" in objs else None
-        out[mark_id] = {"t0": o.mtime, "leases": None if leases is None else list(leases.get("leases") or [])}
+        doc = proto.read_json(remote, f"{proto.MARKS}/{mark_id}.leases") if f"{proto.MARKS}/{mark_id}.leases" in objs else None
+        leases = (doc or {}).get("leases")
+        if doc is not None and not (isinstance(leases, list) and all(isinstance(k, str) for k in leases)):
+            leases = ["?"]  # malformed: it may have named any lease, so wait for every lease to go
+        out[mark_id] = {"t0": o.mtime, "version": o.version, "leases": None if doc is None else leases}
     return out
 
 
@@ -236,10 +242,20 @@ class _Run:
         s = self.settings
         protected = retention.keep_last_protected((m for _, m, _ in runs.values() if m is not None), SimpleNamespace(keep_last=s.keep_last))
         doomed = []
-        for rid, (o, m, _) in sorted(runs.items()):
+        for rid, (o, m, blobs) in sorted(runs.items()):
             if m is None or rid in protected:
                 continue
             rule = _expired(m, s, now)
+            if rule and blobs is not None:
+                # judged from the index: judge again from the manifest itself before deleting it
+                # (the delete is If-Match the listed version, so a newer one is kept anyway)
+                from .archive import remote_manifest
+
+                try:
+                    m = remote_manifest(self.remote, rid)
+                except CasrunsError:
+                    continue
+                rule = _expired(m, s, now)
             if rule:
                 doomed.append((rid, o, m, rule))
         if not doomed:
@@ -284,7 +300,7 @@ class _Run:
         leases = sorted(o.key for o in self.remote.objects(proto.LEASES))
         self.remote.put_bytes(proto.dump({"schema": MARK_SCHEMA, "gc_id": self.gc_id, "leases": leases}), f"{proto.MARKS}/{self.gc_id}.leases")
         self.report["mark"] = {"id": self.gc_id, "state": "made", "candidates": len(candidates)}
-        return self.gc_id, {"t0": got.mtime, "leases": leases, "candidates": candidates}
+        return self.gc_id, {"t0": got.mtime, "version": got.version, "leases": leases, "candidates": candidates}
 
     # -- 3. sweep --------------------------------------------------------------------------
 
@@ -298,8 +314,9 @@ class _Run:
         while True:
             now = proto.store_now(r, f"{self.gc_id}-{mark_id}")
             t0 = mark["t0"]
-            stale = proto.STALE_AFTER * self.settings.lease
-            live = [o.key for o in r.objects(proto.LEASES) if o.key in set(mark["leases"]) and now - o.mtime < stale]
+            named = set(mark["leases"])
+            live = [o.key for o in r.objects(proto.LEASES) if (o.key in named or "?" in named)
+                    and not proto.stale_after(r, o.key, self.settings.lease, now - o.mtime)]
             waiting = None
             if now - t0 < self.settings.grace:
                 waiting = {"reason": "grace", "ready_at": format_ts(t0 + self.settings.grace)}
@@ -314,11 +331,12 @@ class _Run:
             sleep(min(max(1.0, self.settings.lease / 2), 5.0))
         if "candidates" not in mark:
             doc = proto.read_json(r, f"{proto.MARKS}/{mark_id}.json")
-            if doc is None:
+            listed = (doc or {}).get("candidates")
+            if not isinstance(listed, list) or not all(isinstance(a, str) for a in listed):
                 r.delete([f"{proto.MARKS}/{mark_id}.json", f"{proto.MARKS}/{mark_id}.leases"])
                 self.report["mark"] = {"id": mark_id, "state": "discarded", "candidates": 0}
                 return
-            mark["candidates"] = list(doc.get("candidates") or [])
+            mark["candidates"] = list(listed)
         self._sweep(mark_id, mark)
 
     def _sweep(self, mark_id: str, mark: dict) -> None:
@@ -327,6 +345,12 @@ class _Run:
         sweep = proto.Refresher(r, f"{proto.SWEEPS}/{mark_id}", {"schema": "casruns/archive-gc-sweep/v1", "gc_id": self.gc_id,
                                                                   "machine": self.me}, self.settings.lease).start()
         try:
+            now_mark = r.stat(f"{proto.MARKS}/{mark_id}.json")
+            if now_mark is None or now_mark.version != mark.get("version", now_mark.version):
+                # another gc (one that judged this one dead) discarded or replaced the mark:
+                # pushes since may not have touched for it, so it must not be swept
+                self.report["mark"] = {"id": mark_id, "state": "discarded", "candidates": 0}
+                return
             removed, spared, size = self._delete_unreferenced(mark, sweep)
             if removed is None:
                 self.report["mark"] = {"id": mark_id, "state": "unreadable", "candidates": len(mark["candidates"])}
@@ -390,17 +414,18 @@ def _expired(m: dict, s, now: float) -> str | None:
         return None
     ret = m.get("retention") or {}
     try:
+        finished = parse_ts(m.get("finished_at") or m.get("updated_at"))
         if ret.get("promoted"):
             if s.promoted is None:
                 return None
             last = next((h for h in reversed(ret.get("history") or []) if isinstance(h, dict) and h.get("action") == "promote"), None)
-            since = parse_ts(last["at"]) if last and last.get("at") else parse_ts(m.get("finished_at") or m.get("updated_at"))
-            return "promoted" if now >= since + s.promoted else None
-        keep = s.keep_for(m["status"])
-        if keep is None:
-            return None
-        finished = parse_ts(m.get("finished_at") or m.get("updated_at"))
-        until = finished + keep
+            since = parse_ts(last["at"]) if last and last.get("at") else finished
+            rule, until = "promoted", since + s.promoted
+        else:
+            keep = s.keep_for(m["status"])
+            if keep is None:
+                return None
+            rule, until = f"status:{m['status']}", finished + keep
         # a run's own retention (retain --for/--until) can only keep it longer in an archive
         if ret.get("retain_until"):
             until = max(until, parse_ts(ret["retain_until"]))
@@ -408,4 +433,4 @@ def _expired(m: dict, s, now: float) -> str | None:
             until = max(until, finished + float(ret["retain_for"]))
     except (CasrunsError, KeyError, TypeError, ValueError):
         return None  # unparseable times: never expired by guesswork
-    return f"status:{m['status']}" if now >= until else None
+    return rule if now >= until else None

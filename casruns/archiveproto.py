@@ -85,6 +85,21 @@ def dump(doc: dict) -> bytes:
     return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode() + b"\n"
 
 
+def declared_period(doc: dict | None) -> float:
+    """The rewrite period an object of ours says its writer uses (0 when it says none)."""
+    p = (doc or {}).get("period")
+    return float(p) if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0 else 0.0
+
+
+def stale_after(remote, key: str, period: float, age: float) -> bool:
+    """Whether an object last rewritten ``age`` seconds ago (store time) is stale: older than
+    STALE_AFTER periods, by the longer of ``period`` (the current setting) and the one its
+    writer declared in it (read only when the first test says stale)."""
+    if age < STALE_AFTER * period:
+        return False
+    return age >= STALE_AFTER * max(period, declared_period(read_json(remote, key, limit=1 << 16)))
+
+
 class Refresher:
     """An object rewritten every ``period`` seconds on a thread while its holder works: a
     push's lease, the gc lock, a sweep object. ``healthy()`` says whether the last rewrite that
@@ -92,7 +107,10 @@ class Refresher:
     the object stale; a holder that is not healthy must re-check before it relies on it."""
 
     def __init__(self, remote, key: str, doc: dict, period: float, *, version_guard: bool = False) -> None:
-        self.remote, self.key, self.doc, self.period = remote, key, dict(doc), period
+        # the period goes into the object: whoever judges it stale uses the longer of this and
+        # the archive's current setting, so a shorter `gc.lease` set meanwhile cannot make a
+        # live holder look dead
+        self.remote, self.key, self.doc, self.period = remote, key, {**doc, "period": period}, period
         self.version_guard = version_guard  # the gc lock: rewrite only our own version (put_if)
         self.version: str | None = None
         self.lost = False
@@ -105,20 +123,17 @@ class Refresher:
         self.n += 1
         data = dump({**self.doc, "n": self.n})
         if self.version_guard and self.version is not None:
-            if not self.remote.put_if(data, self.key, self.version):
+            version = self.remote.put_if(data, self.key, self.version)
+            if version is None:
                 self.lost = True  # another gc judged us stale and took the lock
                 return
+            self.version = version
         else:
             self.remote.put_bytes(data, self.key)
-        if self.version_guard:
-            got = self.remote.stat(self.key)
-            self.version = got.version if got else None
         self.last_ok = time.monotonic()
 
     def start(self, *, written: bool = False) -> "Refresher":
-        if written:
-            got = self.remote.stat(self.key)
-            self.version = got.version if got else None
+        if written:  # the caller wrote it (and set self.version from that write)
             self.last_ok = time.monotonic()
         else:
             self._write()
@@ -168,11 +183,13 @@ class Marks:
                 continue
             doc = read_json(remote, o.key)
             gc_id = o.key.rsplit("/", 1)[-1][: -len(".json")]
-            if doc is None:
-                # unreadable: assume it lists everything (touch every present blob) rather than nothing
+            listed = (doc or {}).get("candidates")
+            if not isinstance(listed, list) or not all(isinstance(a, str) for a in listed):
+                # unreadable or malformed: it counts as listing everything (touch every present
+                # blob) rather than nothing
                 self.candidates[gc_id] = _Everything()
                 continue
-            self.candidates[gc_id] = set(doc.get("candidates") or ())
+            self.candidates[gc_id] = set(listed)
 
     def marked(self, address: str) -> list[str]:
         return [g for g, c in self.candidates.items() if address in c]
@@ -182,7 +199,7 @@ class Marks:
         rewritten); a sweep object unchanged for STALE_AFTER periods of this machine's monotonic
         clock belongs to a dead gc, which deletes nothing more. Returns the seconds waited."""
         waited = 0.0
-        seen: dict[str, tuple[str, float]] = {}
+        seen: dict[str, tuple[str, float, float]] = {}  # gc id -> (version, first seen, period)
         while True:
             live = False
             for o in self.remote.objects(SWEEPS):
@@ -191,9 +208,10 @@ class Marks:
                     continue
                 first = seen.get(gc_id)
                 if first is None or first[0] != o.version:
-                    seen[gc_id] = (o.version, time.monotonic())
+                    declared = declared_period(read_json(self.remote, o.key, limit=1 << 16))
+                    seen[gc_id] = (o.version, time.monotonic(), max(period, declared))
                     live = True
-                elif time.monotonic() - first[1] < STALE_AFTER * period:
+                elif time.monotonic() - first[1] < STALE_AFTER * first[2]:
                     live = True
             if not live:
                 return int(waited)
@@ -223,18 +241,32 @@ def merge(ours: dict, theirs: dict | None) -> dict:
 
     newer, older = (theirs, ours) if rank(theirs) > rank(ours) else (ours, theirs)
     out = dict(newer)
+    # retention is merged field by field: ``event_seq`` counts one registry's changes (a pulled
+    # copy starts again), so neither record's retention may simply win over the other's
+    a, b = newer.get("retention") or {}, older.get("retention") or {}
+    ret = dict(a)
     hist: dict[tuple, dict] = {}
-    for h in ((older.get("retention") or {}).get("history") or []) + ((newer.get("retention") or {}).get("history") or []):
+    for h in (b.get("history") or []) + (a.get("history") or []):
         if isinstance(h, dict):
             hist.setdefault((str(h.get("at")), str(h.get("action")), str(h.get("by"))), h)
     if hist:
         entries = sorted(hist.values(), key=lambda h: str(h.get("at") or ""))
-        ret = dict(newer.get("retention") or {})
         ret["history"] = entries
         last = entries[-1].get("action")
         if last in ("promote", "unpromote"):
             ret["promoted"] = last == "promote"
+    # kept as long as either machine asked (an archive only ever keeps a run longer)
+    untils = [r["retain_until"] for r in (a, b) if r.get("retain_until")]
+    if untils:
+        ret["retain_until"] = max(untils)
+    fors = [r["retain_for"] for r in (a, b) if isinstance(r.get("retain_for"), (int, float)) and not isinstance(r.get("retain_for"), bool)]
+    if fors:
+        ret["retain_for"] = max(fors)
+    if ret or "retention" in out:
         out["retention"] = ret
+    stamps = [m["updated_at"] for m in (newer, older) if isinstance(m, dict) and isinstance(m.get("updated_at"), str)]
+    if stamps:
+        out["updated_at"] = max(stamps)
     return out
 
 
@@ -263,8 +295,9 @@ def publish_manifest(remote, key: str, data: bytes, m: dict, *, attempts: int = 
             return None, theirs, current.version  # the archive's copy already says everything ours does
         body, outcome = (data, "written") if merged == m else (mf.dumps(merged), "merged")
         if remote.conditional:
-            if remote.put_if(body, key, current.version if current else None):
-                return outcome, merged, _version_of(remote, key)
+            version = remote.put_if(body, key, current.version if current else None)
+            if version is not None:
+                return outcome, merged, version  # the version this write made: the index names no other
             continue  # another push replaced it meanwhile: merge with that one
         remote.put_bytes(body, key)
         back = remote.get_bytes(key, limit=mf.MANIFEST_LIMIT)

@@ -56,8 +56,10 @@ class Remote:
     def delete(self, keys: list[str]) -> None:
         """Remove these objects; an absent one is not an error. Batched (S3: 1,000 a request)."""
         ...
-    def put_if(self, data: bytes, key: str, version: str | None) -> bool:
-        """Write ``key`` only if it is still at ``version`` (None: only if absent). False if not."""
+    def put_if(self, data: bytes, key: str, version: str | None) -> str | None:
+        """Write ``key`` only if it is still at ``version`` (None: only if absent). Returns the
+        version written (taken atomically with the write where the store is conditional: S3's
+        ETag in the PUT's answer, a stat under the directory's flock), or None if it was not."""
         ...
     def delete_if(self, key: str, version: str) -> bool:
         """Remove ``key`` only if it is still at ``version``. False if it changed or is gone."""
@@ -226,12 +228,15 @@ class LocalRemote(Remote):
             return None
         return self._version(st) if stat.S_ISREG(st.st_mode) else "stray"
 
-    def put_if(self, data: bytes, key: str, version: str | None) -> bool:
+    def put_if(self, data: bytes, key: str, version: str | None) -> str | None:
         with self._cas():
-            if self._current(key) != version:
-                return False
+            current = self._current(key)
+            if current == "stray":
+                raise StrayFile(f"{self._path(key)} in the archive is not a regular file (a directory, symlink or FIFO); remove it", path=self._path(key))
+            if current != version:
+                return None
             self.put_bytes(data, key)
-            return True
+            return self._current(key)
 
     def delete_if(self, key: str, version: str) -> bool:
         with self._cas():
@@ -382,36 +387,43 @@ class FsspecRemote(Remote):
                     pass
         self.fs.invalidate_cache()
 
-    def _precondition(self, fn) -> bool:
+    def _precondition(self, fn):
+        """``fn()``'s answer, or None when the store refused it for a failed precondition."""
         try:
-            fn()
+            return fn() or {}
         except FileExistsError:
-            return False
+            return None
         except OSError as e:
             if "pre-condition" in str(e) or "PreconditionFailed" in repr(e.__cause__):
-                return False
+                return None
             raise self._unavailable("write conditionally", e) from e
         finally:
             self.fs.invalidate_cache()
-        return True
 
-    def put_if(self, data: bytes, key: str, version: str | None) -> bool:
+    def put_if(self, data: bytes, key: str, version: str | None) -> str | None:
         path = self._path(key)
         if self.s3:
-            if version is None:
-                return self._precondition(lambda: self.fs.pipe_file(path, data, mode="create"))
-            return self._precondition(lambda: self.fs.pipe_file(path, data, IfMatch=version))
+            match = {"mode": "create"} if version is None else {"IfMatch": version}
+            answer = self._precondition(lambda: self.fs.pipe_file(path, data, **match))
+            if answer is None:
+                return None
+            etag = answer.get("ETag") if isinstance(answer, dict) else None
+            if etag:
+                return str(etag)  # the version this very PUT made, whatever came after it
+            got = self.stat(key)
+            return got.version if got else None
         current = self.stat(key)  # no conditional writes here: check, then write
         if (current.version if current else None) != version:
-            return False
+            return None
         self.put_bytes(data, key)
-        return True
+        got = self.stat(key)
+        return got.version if got else None
 
     def delete_if(self, key: str, version: str) -> bool:
         if self.s3:
             bucket, k, _ = self.fs.split_path(self._path(key))
             try:
-                return self._precondition(lambda: self.fs.call_s3("delete_object", Bucket=bucket, Key=k, IfMatch=version))
+                return self._precondition(lambda: self.fs.call_s3("delete_object", Bucket=bucket, Key=k, IfMatch=version)) is not None
             except ArchiveUnavailable as e:
                 if "NoSuchKey" in str(e.__cause__) or isinstance(e.__cause__, FileNotFoundError):
                     return False

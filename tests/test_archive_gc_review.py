@@ -1,7 +1,7 @@
 """Hostile review of the fleet archive's retention and gc (issue 18, spec/archive-gc.md).
 
-Each test proves a defect: it is marked xfail(strict=True) so the branch stays green; the fix
-removes the mark. Directory archives unless S3 semantics matter."""
+Each test proved a defect a hostile review found (each was xfail until its fix landed); the fix
+removed the mark. Directory archives unless S3 semantics matter."""
 
 from __future__ import annotations
 
@@ -30,8 +30,6 @@ def conf(reg, dest, *sets):
 # ---- retention: what the archive's expiry must respect ----------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="_expired ignores retain_until/retain_for of a promoted run: "
-                   "retention.promoted expires it earlier than its own retention says")
 def test_a_promoted_runs_own_retain_until_keeps_it_past_retention_promoted(registry, tmp_path):
     """spec: 'A run's own retain_for/retain_until can only keep it longer in an archive, never
     shorter.' A promoted run kept --until 2099 must outlive retention.promoted=1s."""
@@ -46,8 +44,6 @@ def test_a_promoted_runs_own_retain_until_keeps_it_past_retention_promoted(regis
     assert archived_runs(open_remote(dest, registry)) == {a}
 
 
-@pytest.mark.xfail(strict=True, reason="merge ranks records by event_seq, a per-registry counter (a pulled copy restarts "
-                   "at 1): a pulled copy's retain --until is silently dropped and gc expires the run early")
 def test_a_merge_never_drops_another_machines_retain_until(registry, tmp_path):
     dest = str(tmp_path / "archive")
     a = finished(registry, "fleetkeep")
@@ -94,8 +90,6 @@ def _stall_push_before_manifest(registry, dest, rid, out):
     return t, release, patch
 
 
-@pytest.mark.xfail(strict=True, reason="gc judges a push's lease stale by ITS OWN gc.lease, not the period the pusher "
-                   "refreshes at: after `archive config --set gc.lease` shrinks it, a live push's skipped blobs are swept")
 def test_a_gc_after_gc_lease_is_shortened_never_sweeps_a_live_pushs_blobs(registry, tmp_path):
     dest = str(tmp_path / "archive")
     a = finished(registry, "longlease")
@@ -121,9 +115,6 @@ def test_a_gc_after_gc_lease_is_shortened_never_sweeps_a_live_pushs_blobs(regist
 # ---- the index: an entry must describe the manifest version it names --------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="push stats the manifest's version AFTER its conditional write: another machine's "
-                   "merged (promoted) write in between gets an index entry with this push's unpromoted content; "
-                   "gc trusts it and deletes the promoted run, list shows it unpromoted")
 def test_an_index_entry_never_names_a_version_it_was_not_written_for(registry, tmp_path):
     from casruns.remotes import LocalRemote
 
@@ -161,8 +152,6 @@ def test_an_index_entry_never_names_a_version_it_was_not_written_for(registry, t
 # ---- bad input in the archive's gc/ objects -----------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="proto.Marks does set(doc['candidates']) unchecked: a mark whose candidates are not a "
-                   "list (hand-edited, another version) makes every push an internal error instead of 'counts as every blob'")
 def test_a_malformed_mark_does_not_break_every_push(registry, tmp_path):
     dest = str(tmp_path / "archive")
     a = finished(registry, "badmark")
@@ -176,8 +165,6 @@ def test_a_malformed_mark_does_not_break_every_push(registry, tmp_path):
     assert archived_runs(remote) == {a} and dangling(remote) == []
 
 
-@pytest.mark.xfail(strict=True, reason="archivegc does list(doc['leases'] / ['candidates']) unchecked: a malformed mark or "
-                   ".leases is an internal error (exit 1) that stops every gc for good")
 @pytest.mark.parametrize("which", ["leases", "candidates"])
 def test_a_malformed_mark_or_lease_list_does_not_stop_every_gc(registry, tmp_path, which):
     dest = str(tmp_path / "archive")
@@ -193,8 +180,6 @@ def test_a_malformed_mark_or_lease_list_does_not_stop_every_gc(registry, tmp_pat
     assert archived_runs(remote) == {a} and dangling(remote) == []
 
 
-@pytest.mark.xfail(strict=True, reason="a gc/lock that is not a regular file (a directory, a symlink) is never stale and never "
-                   "reported: every gc says 'busy: the gc lock keeps changing hands' for ever")
 def test_a_stray_gc_lock_is_reported_not_busy_for_ever(registry, tmp_path):
     dest = str(tmp_path / "archive")
     a = finished(registry, "straylock")
