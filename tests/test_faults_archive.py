@@ -41,7 +41,9 @@ def local_objects(root: Path) -> tuple[list[str], list[Path]]:
         rel = p.relative_to(root).parts
         if len(rel) == 3 and rel[0] == "blobs" and len(rel[1]) == 2 and len(rel[2]) == 62:
             blobs.append(rel[1] + rel[2])
-        elif not (len(rel) == 3 and rel[0] == "runs" and rel[2] == "manifest.toml") and rel != ("casruns-archive.toml",):
+        elif len(rel) == 2 and rel[0] == "index" and rel[1].endswith(".ndjson") and not rel[1].startswith(".tmp-"):
+            continue  # push's index segment (a whole object like any other)
+        elif not (len(rel) == 3 and rel[0] == "runs" and rel[2] == "manifest.toml") and rel not in (("casruns-archive.toml",), (".cas-lock",)):
             others.append(p)
     return blobs, others
 
