@@ -1,0 +1,388 @@
+"""Stress of the fleet archive's gc (issue 18, spec/archive-gc.md): several machines push while
+archive gc runs in a loop, and pushers and gcs are killed (SIGKILL) and paused (SIGSTOP) at random
+moments and at every fault point; then the archive must hold every promoted run byte for byte, and
+no manifest may reference a missing blob. Also: pushers and gcs whose clocks are hours off
+(libfaketime), and the targeted interleaving of race 2 (a push that skipped a blob gc then marks).
+
+The random choices come from one seed: ``CASRUNS_STRESS_SEED`` (default 1818), printed on failure.
+``CASRUNS_STRESS_SECONDS`` sets how long the concurrent phase lasts (default 9 s per archive kind).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from casruns import Registry, collect
+from casruns import manifest as mf
+from conftest import casruns_exe, cli, cli_json
+
+pytest.importorskip("s3fs")
+KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+SEED = int(os.environ.get("CASRUNS_STRESS_SEED", "1818"))
+SECONDS = float(os.environ.get("CASRUNS_STRESS_SECONDS", "9"))
+LEASE, GRACE = 1.0, 2.0  # gc.lease, gc.grace: stale after 3 s
+PUSH_FAULTS = ["archive_push_after_lease", "archive_push_before_manifest", "archive_push_blob"]
+GC_FAULTS = ["archive_gc_after_lock", "archive_gc_mid_expire", "archive_gc_after_mark", "archive_gc_after_sweep_start",
+             "archive_gc_mid_sweep", "archive_gc_after_sweep"]
+T_BOOT = "2026-01-01T00:00:00Z"
+
+
+# -- archives --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+class Archive:
+    """An archive's URL, the environment its CLI calls need, and a direct view of its objects
+    (plain directory walks or s3fs: not casruns' own remote code)."""
+
+    def __init__(self, url: str, env: dict, root: Path | None = None, fs=None, prefix: str | None = None) -> None:
+        self.url, self.env, self.root, self.fs, self.prefix = url, env, root, fs, prefix
+
+    def keys(self, under: str) -> set[str]:
+        if self.fs is None:
+            top = self.root / under
+            out = set()
+            for dirpath, _, files in os.walk(top):
+                for f in files:
+                    if not f.startswith(".tmp-") and f != ".cas-lock":
+                        out.add(str(Path(dirpath, f).relative_to(self.root)))
+            return out
+        self.fs.invalidate_cache()
+        try:
+            found = self.fs.find(f"{self.prefix}/{under}")
+        except FileNotFoundError:
+            return set()
+        return {k[len(self.prefix) + 1:] for k in found}
+
+    def read(self, key: str) -> bytes:
+        if self.fs is None:
+            return (self.root / key).read_bytes()
+        return self.fs.cat_file(f"{self.prefix}/{key}")
+
+
+@pytest.fixture(params=["dir", "s3"])
+def archive(request, tmp_path):
+    if request.param == "dir":
+        root = tmp_path / "archive"
+        return Archive(str(root), {}, root=root)
+    endpoint = request.getfixturevalue("s3_server")
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing")
+    bucket = f"stress-{os.urandom(4).hex()}"
+    fs.mkdir(bucket)
+    return Archive(f"s3://{bucket}/fleet", {**KEYS, "CASRUNS_S3_ENDPOINT": endpoint}, fs=fs, prefix=f"{bucket}/fleet")
+
+
+def dangling(arch: Archive) -> list[str]:
+    """Every (manifest, blob) pair where an archived manifest references a blob the archive lacks,
+    read straight from the objects: the invariant of spec/archive-gc.md."""
+    import zstandard
+
+    from casruns.tree import Tree
+
+    blobs = {k.split("/")[1] + k.split("/")[2] for k in arch.keys("blobs") if k.count("/") == 2}
+    out = []
+    for key in sorted(arch.keys("runs")):
+        if not key.endswith("/manifest.toml"):
+            continue
+        try:
+            m = mf.loads(arch.read(key), key)
+        except FileNotFoundError:
+            continue  # removed by nobody: every process is stopped when this is called
+        refs = [r["blake3"] for r in (m.get("logs") or {}).values() if isinstance(r, dict) and r.get("blake3")]
+        tree = (m.get("artifacts") or {}).get("tree")
+        if tree:
+            refs.append(tree)
+            if tree in blobs:
+                raw = arch.read(f"blobs/{tree[:2]}/{tree[2:]}")
+                refs += sorted(Tree.from_bytes(zstandard.ZstdDecompressor().decompressobj().decompress(raw)).addresses())
+        out += [f"{key} -> {a}" for a in refs if a not in blobs]
+    return out
+
+
+# -- machines --------------------------------------------------------------------------------------
+
+
+def finished_run(reg: Registry, *, files: dict, stdout: bytes) -> str:
+    """A succeeded run with real blobs, made without a supervisor (as tests/test_gc.py does)."""
+    rid = reg.submit(["true"], spawn=False)["run_id"]
+    run = reg.run_dir(rid)
+    for name, data in files.items():
+        p = Path(run.artifacts_dir) / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    Path(run.spool("stdout")).write_bytes(stdout)
+    with run.update() as m:
+        mf.transition(m, "booting", T_BOOT)
+    assert collect.finish(run, reg.store, "succeeded", exit_code=0)["status"] == "succeeded"
+    return rid
+
+
+class Machine:
+    def __init__(self, home: Path, promoted: list[str], unpromoted: list[str]) -> None:
+        self.home, self.promoted, self.unpromoted = home, promoted, unpromoted
+        self.env = {"CASRUNS_HOME": str(home)}
+
+    @property
+    def runs(self) -> list[str]:
+        return self.promoted + self.unpromoted
+
+
+def make_machines(tmp_path: Path, n: int, rng: random.Random) -> list[Machine]:
+    """``n`` registries whose runs share blobs: one artifact and one log in every machine's
+    promoted runs, and artifacts, a log and a whole artifact tree shared only by the unpromoted
+    runs of all machines (which the archive expires, so those shared blobs churn)."""
+    common = rng.randbytes(40_000)
+    churn = rng.randbytes(30_000)
+    out = []
+    for i in range(n):
+        reg = Registry(tmp_path / f"machine{i}")
+        reg.init()
+        p0 = finished_run(reg, files={"common.bin": common, f"own{i}.txt": f"machine {i}\n".encode()}, stdout=b"shared line\n" * 200)
+        p1 = finished_run(reg, files={f"promo{i}.bin": rng.randbytes(5_000)}, stdout=f"promoted {i}\n".encode() * 30)
+        u0 = finished_run(reg, files={"churn.bin": churn, f"u{i}.txt": rng.randbytes(2_000)}, stdout=b"churn log\n" * 100)
+        u1 = finished_run(reg, files={"common.bin": common, f"w{i}.bin": rng.randbytes(3_000)}, stdout=f"unpromoted {i}\n".encode() * 40)
+        u2 = finished_run(reg, files={"churn.bin": churn}, stdout=b"churn log\n" * 100)  # its tree is every machine's
+        for rid in (p0, p1):
+            reg.promote(rid, reason="keep")
+        out.append(Machine(reg.root, [p0, p1], [u0, u1, u2]))
+    return out
+
+
+def evidence(reg: Registry, rid: str) -> dict:
+    out = {s: b"".join(reg.log_chunks(rid, s)) for s in ("stdout", "stderr", "transcript")}
+    for e in reg.tree(rid).entries:
+        out[e.path] = b"".join(reg.cat(rid, e.path))
+    return out
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def wait_stopped(proc: subprocess.Popen, timeout: float = 20.0) -> bool:
+    """True once ``proc`` stopped itself (a ``stop`` fault); False if it ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if _state(proc.pid) == "T":
+            return True
+        time.sleep(0.01)
+    raise AssertionError(f"process {proc.pid} neither stopped nor ended in {timeout}s")
+
+
+def spawn(args: list, env: dict, fault: str | None = None, extra: dict | None = None) -> subprocess.Popen:
+    full = {k: v for k, v in os.environ.items() if k != "CASRUNS_TEST_FAULT"}
+    full.update(env)
+    full.update(extra or {})
+    if fault:
+        full["CASRUNS_TEST_FAULT"] = fault
+    return subprocess.Popen(casruns_exe() + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=full)
+
+
+class Chaos:
+    """The concurrent phase: per machine a thread pushing random subsets of its runs again and
+    again, and gc threads running ``archive gc --wait``; each process may get a fault point
+    (kill@N, or stop then continue or kill) or a SIGKILL after a random delay."""
+
+    def __init__(self, arch: Archive, machines: list[Machine], seed: int, gcs: int = 2) -> None:
+        self.arch, self.machines, self.seed = arch, machines, seed
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.log: list[dict] = []
+        self.errors: list[str] = []
+        self.threads = [threading.Thread(target=self._guard, args=(self._pusher, i), daemon=True) for i in range(len(machines))]
+        self.threads += [threading.Thread(target=self._guard, args=(self._gc, i), daemon=True) for i in range(gcs)]
+
+    def _guard(self, fn, i):
+        try:
+            fn(i)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            with self.lock:
+                self.errors.append(f"{fn.__name__}[{i}]: {type(e).__name__}: {e}")
+
+    def _drive(self, rng: random.Random, kind: str, args: list, env: dict, faults: list[str]) -> None:
+        fault = None
+        roll = rng.random()
+        if roll < 0.35:
+            name = rng.choice(faults)
+            action = rng.choice(["kill", "stop", "stop"]) if name != "archive_push_blob" else "kill"
+            fault = f"{name}={action}@{rng.randint(1, 3)}"
+        killer = rng.uniform(0.05, 1.5) if 0.35 <= roll < 0.6 else None
+        t0 = time.monotonic()
+        proc = spawn(args, env, fault)
+        how = "ran"
+        if killer is not None:
+            try:
+                proc.wait(timeout=killer)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                how = f"killed after {killer:.2f}s"
+        elif fault and "=stop" in fault:
+            # faults.point fires on the N-th hit and on every hit after it: a push of several
+            # runs stops before each later manifest too, so keep continuing it
+            pauses = []
+            while wait_stopped(proc, timeout=40):
+                pause = rng.uniform(0.1, 1.2)  # well under the stale limit of 3 lease periods
+                time.sleep(pause)
+                pauses.append(f"{pause:.2f}")
+                if rng.random() < 0.2:
+                    proc.kill()
+                    how = f"stopped {'+'.join(pauses)}s, killed"
+                    break
+                proc.send_signal(signal.SIGCONT)
+                time.sleep(0.02)
+                how = f"stopped {'+'.join(pauses)}s, continued"
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            how += ", hung (killed after 60s)"
+        entry = {"kind": kind, "args": [str(a) for a in args[2:]], "fault": fault, "how": how, "rc": proc.returncode,
+                 "secs": round(time.monotonic() - t0, 2), "stderr": err.strip()[-600:]}
+        if proc.returncode == 0 and "--json" in args:
+            try:
+                entry["report"] = json.loads(out.splitlines()[-1])
+            except (ValueError, IndexError):
+                pass
+        with self.lock:
+            self.log.append(entry)
+
+    def _pusher(self, i: int) -> None:
+        rng = random.Random(self.seed * 1000 + i)
+        m = self.machines[i]
+        while not self.stop.is_set():
+            ids = rng.sample(m.runs, rng.randint(1, len(m.runs)))
+            self._drive(rng, "push", ["archive", "push", self.arch.url, *ids], {**self.arch.env, **m.env}, PUSH_FAULTS)
+            time.sleep(rng.uniform(0, 0.2))
+
+    def _gc(self, i: int) -> None:
+        rng = random.Random(self.seed * 1000 + 500 + i)
+        m = self.machines[i % len(self.machines)]
+        time.sleep(i * 0.7)
+        while not self.stop.is_set():
+            self._drive(rng, "gc", ["archive", "gc", "--json", self.arch.url, "--wait"], {**self.arch.env, **m.env}, GC_FAULTS)
+            time.sleep(rng.uniform(0, 0.3))
+
+    def run(self, seconds: float) -> None:
+        for t in self.threads:
+            t.start()
+        time.sleep(seconds)
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+            assert not t.is_alive(), "a chaos thread did not end"
+
+
+def setup_archive(arch: Archive, machines: list[Machine]) -> None:
+    first = machines[0]
+    proc = cli("archive", "push", arch.url, first.promoted[0], env={**arch.env, **first.env})
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("archive", "config", arch.url, "--set", "retention.succeeded=1s", "--set", f"gc.grace={GRACE:.0f}s",
+               "--set", f"gc.lease={LEASE:.0f}s", env={**arch.env, **first.env})
+    assert proc.returncode == 0, proc.stderr
+
+
+def final_gc(arch: Archive, env: dict, attempts: int = 20) -> dict:
+    """A gc that runs to its end: the lock of a killed gc goes stale after 3 lease periods."""
+    for _ in range(attempts):
+        proc, out = cli_json("archive", "gc", arch.url, "--wait", env={**arch.env, **env}, timeout=120)
+        if proc.returncode == 0:
+            return out[0]
+        assert out and out[-1].get("error", {}).get("code") == "busy", (proc.returncode, proc.stdout, proc.stderr)
+        time.sleep(LEASE)
+    raise AssertionError("the gc lock never went stale")
+
+
+def summary(log: list[dict]) -> str:
+    lines = []
+    for e in log:
+        rep = e.get("report") or {}
+        extra = f" removed runs={len(rep.get('runs_removed') or [])} blobs={rep.get('blobs_removed')} mark={rep.get('mark')}" if rep else ""
+        lines.append(f"{e['kind']} {e['args'][:4]} fault={e['fault']} {e['how']} rc={e['rc']} {e['secs']}s{extra} {e['stderr'][-200:]!r}")
+    return "\n".join(lines)
+
+
+# -- the stress test -------------------------------------------------------------------------------
+
+
+def test_pushes_and_gcs_killed_at_random_keep_every_promoted_run_whole(tmp_path, archive):
+    rng = random.Random(SEED)
+    machines = make_machines(tmp_path, 3, rng)
+    setup_archive(archive, machines)
+    chaos = Chaos(archive, machines, SEED)
+    chaos.run(SECONDS)
+    story = f"seed {SEED}\n" + summary(chaos.log)
+    if os.environ.get("CASRUNS_STRESS_VERBOSE"):
+        print(story)
+    assert not chaos.errors, story + "\n" + "\n".join(chaos.errors)
+    # a push or gc that was neither killed nor given a fault ends cleanly (busy: another gc holds the lock)
+    for e in chaos.log:
+        if e["how"] == "ran" and not e["fault"]:
+            assert e["rc"] == 0 or (e["kind"] == "gc" and '"busy"' in e["stderr"] + json.dumps(e.get("report"))) or e["rc"] == 5, story
+        assert "Traceback" not in e["stderr"] or e["fault"] and "=error" in e["fault"], story
+    # the invariant, before anything repairs the archive: every process has stopped now
+    assert dangling(archive) == [], story
+    gcs = [e.get("report") or {} for e in chaos.log if e["kind"] == "gc"]
+    assert sum(len(r.get("runs_removed") or []) for r in gcs) > 0, "the archive's gc never expired a run:\n" + story
+    assert sum(r.get("blobs_removed") or 0 for r in gcs) > 0, "the archive's gc never removed a blob:\n" + story
+
+    # a final clean push of every promoted run, from each machine, and a gc that runs to its end
+    for m in machines:
+        proc = cli("archive", "push", archive.url, *m.promoted, env={**archive.env, **m.env})
+        assert proc.returncode == 0, proc.stderr
+    report = final_gc(archive, machines[0].env)
+    assert dangling(archive) == [], story
+    held = {k.split("/")[1] for k in archive.keys("runs") if k.endswith("/manifest.toml")}
+    promoted = {rid for m in machines for rid in m.promoted}
+    unpromoted = {rid for m in machines for rid in m.unpromoted}
+    assert promoted <= held, (sorted(promoted - held), report)
+    assert not held & unpromoted, "an expired run survived the final gc: " + repr((sorted(held & unpromoted), report))
+    for m in machines:
+        mine = [rid for rid in m.runs if rid in held]
+        proc = cli("verify", "--against", archive.url, "--read-data", *mine, env={**archive.env, **m.env})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    # every promoted run reads back byte for byte, pulled into a fresh registry
+    fresh = tmp_path / "reader"
+    proc = cli("archive", "pull", archive.url, env={**archive.env, "CASRUNS_HOME": str(fresh)})
+    assert proc.returncode == 0, proc.stderr
+    reader = Registry(fresh)
+    for m in machines:
+        source = Registry(m.home)
+        for rid in m.promoted:
+            assert evidence(reader, rid) == evidence(source, rid), rid
+    assert reader.verify(read_data=True)["ok"]
