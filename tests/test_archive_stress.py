@@ -85,7 +85,11 @@ class Archive:
 
 @pytest.fixture(params=["dir", "s3"])
 def archive(request, tmp_path):
-    if request.param == "dir":
+    return make_archive(request.param, request, tmp_path)
+
+
+def make_archive(kind: str, request, tmp_path: Path) -> Archive:
+    if kind == "dir":
         root = tmp_path / "archive"
         return Archive(str(root), {}, root=root)
     endpoint = request.getfixturevalue("s3_server")
@@ -386,3 +390,133 @@ def test_pushes_and_gcs_killed_at_random_keep_every_promoted_run_whole(tmp_path,
         for rid in m.promoted:
             assert evidence(reader, rid) == evidence(source, rid), rid
     assert reader.verify(read_data=True)["ok"]
+
+
+# -- race 2, targeted: a push that skipped a blob gc then marks -----------------------------------
+
+
+def _libfaketime() -> str | None:
+    found = glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1") + glob.glob("/usr/lib/faketime/libfaketimeMT.so.1")
+    return found[0] if found else None
+
+
+def faketime_env(shift: str | None) -> dict:
+    """The environment that moves a process's clock by ``shift`` ("+3h", "-3h") with libfaketime."""
+    if not shift:
+        return {}
+    return {"LD_PRELOAD": _libfaketime(), "FAKETIME": shift, "FAKETIME_NO_CACHE": "1"}
+
+
+def blob_keys(arch: Archive) -> set[str]:
+    return {k.split("/")[1] + k.split("/")[2] for k in arch.keys("blobs") if k.count("/") == 2}
+
+
+class Race2:
+    """Machine G archived run X, the only run referencing the shared blob S, and the archive's
+    gc expired X and died before its mark: S is present and unreferenced. Then pushers (machine
+    A, and B) start pushing runs that reference S (and T), skip it as present and unmarked, and
+    stop (SIGSTOP) right before writing their manifests."""
+
+    def __init__(self, tmp_path: Path, arch: Archive, *, lease: float, grace: float, pushers: int = 1) -> None:
+        rng = random.Random(SEED)
+        self.arch = arch
+        self.shared = [rng.randbytes(20_000) for _ in range(pushers)]  # S (and T)
+        g = Registry(tmp_path / "G")
+        g.init()
+        self.x = finished_run(g, files={f"s{i}.bin": s for i, s in enumerate(self.shared)} | {"x.bin": rng.randbytes(7_000)},
+                              stdout=b"x only\n" * 50)
+        self.g_env = {**arch.env, "CASRUNS_HOME": str(g.root)}
+        self.pushers = []
+        for i in range(pushers):
+            reg = Registry(tmp_path / f"P{i}")
+            reg.init()
+            rid = finished_run(reg, files={"s.bin": self.shared[i], "own.txt": f"pusher {i}\n".encode()}, stdout=f"p{i}\n".encode())
+            reg.promote(rid, reason="keep")
+            self.pushers.append((reg, rid))
+        cli("archive", "push", arch.url, self.x, env=self.g_env, check=0)
+        cli("archive", "config", arch.url, "--set", "retention.succeeded=1s", "--set", f"gc.grace={grace:g}s",
+            "--set", f"gc.lease={lease:g}s", env=self.g_env, check=0)
+        self.s_addr = [g.tree(self.x).get(f"s{i}.bin").blake3 for i in range(pushers)]
+        self.x_own = g.tree(self.x).get("x.bin").blake3
+        time.sleep(1.1)  # X's retention (1 s) is up
+        # gc expires X, then fails before its mark (its lock is released on the way out)
+        proc = cli("archive", "gc", arch.url, env={**self.g_env, "CASRUNS_TEST_FAULT": "archive_gc_mid_expire=error"})
+        assert proc.returncode != 0 and "fault injected" in proc.stderr, proc.stderr
+        assert not any(k.endswith("/manifest.toml") for k in arch.keys("runs")), "X was not expired"
+        assert not [k for k in arch.keys("gc/marks")] and not arch.keys("gc/lock")
+        assert set(self.s_addr) <= blob_keys(arch)
+
+    def start_pushes(self, shifts: list[str | None]) -> list[subprocess.Popen]:
+        procs = []
+        for (reg, rid), shift in zip(self.pushers, shifts):
+            proc = spawn(["archive", "push", "--json", self.arch.url, rid], {**self.arch.env, "CASRUNS_HOME": str(reg.root)},
+                         "archive_push_before_manifest=stop", faketime_env(shift))
+            procs.append(proc)
+        for proc in procs:
+            assert wait_stopped(proc), proc.communicate()
+        return procs
+
+    def finish_pushes(self, procs: list[subprocess.Popen]) -> list[dict]:
+        reports = []
+        for proc in procs:
+            proc.send_signal(signal.SIGCONT)
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+            reports.append(json.loads(out.splitlines()[-1]))
+        return reports
+
+    def check_pushed_runs(self) -> None:
+        assert dangling(self.arch) == []
+        assert set(self.s_addr) <= blob_keys(self.arch)
+        for (reg, rid), s in zip(self.pushers, self.shared):
+            env = {**self.arch.env, "CASRUNS_HOME": str(reg.root)}
+            got = subprocess.run(casruns_exe() + ["archive", "cat", self.arch.url, rid, "s.bin"], capture_output=True,
+                                 env={**os.environ, **env}, timeout=60)
+            assert got.returncode == 0 and got.stdout == s, got.stderr
+            assert cli("verify", "--against", self.arch.url, "--read-data", rid, env=env).returncode == 0
+
+
+def test_gc_waits_for_a_push_that_skipped_a_blob_before_the_mark(tmp_path, archive):
+    """spec/archive-gc.md, race 2: the push's lease existed at the mark, so gc must wait for it."""
+    race = Race2(tmp_path, archive, lease=2, grace=0)
+    (push,) = race.start_pushes([None])
+    leases = archive.keys("pushes")
+    assert len(leases) == 1
+    proc, out = cli_json("archive", "gc", archive.url, env=race.g_env)
+    assert proc.returncode == 0, proc.stderr
+    mark = out[0]["mark"]
+    assert mark["state"] == "waiting" and mark["reason"] == "pushes" and mark["leases"] == sorted(leases), out[0]
+    assert out[0]["blobs_removed"] == 0 and set(race.s_addr) <= blob_keys(archive)
+    (report,) = race.finish_pushes([push])
+    assert report["runs"] == 1 and report["blobs_skipped"] >= 1
+    proc, out = cli_json("archive", "gc", archive.url, "--wait", env=race.g_env, timeout=60)
+    # the open mark is swept (then a new one finds nothing: the report shows the last mark)
+    assert proc.returncode == 0 and out[0]["blobs_removed"] >= 1 and not archive.keys("gc/marks"), out
+    assert race.x_own not in blob_keys(archive)  # the sweep really ran
+    race.check_pushed_runs()
+
+
+@pytest.mark.skipif(_libfaketime() is None, reason="libfaketime is not installed (apt-get install faketime; .ci/run installs it)")
+@pytest.mark.parametrize("kind, gc_shift", [("dir", "+3h"), ("dir", "-3h"), ("s3", "-3h")])
+def test_clock_skew_of_pushers_and_gc_never_loses_a_blob_a_push_needs(tmp_path, request, kind, gc_shift):
+    """Pushers 3 h ahead and 3 h behind, and a gc whose own clock is 3 h off too: every time gc
+    compares is the store's, so it waits for both paused pushes (S3: the one case that takes
+    the longest, to keep the file's wall time down)."""
+    archive = make_archive(kind, request, tmp_path)
+    race = Race2(tmp_path, archive, lease=2, grace=0, pushers=2)
+    procs = race.start_pushes(["+3h", "-3h"])
+    gc = spawn(["archive", "gc", "--json", archive.url, "--wait"], race.g_env, None, faketime_env(gc_shift))
+    deadline = time.monotonic() + 20
+    while not any(k.endswith(".leases") for k in archive.keys("gc/marks")):
+        assert gc.poll() is None and time.monotonic() < deadline, gc.communicate()
+        time.sleep(0.05)
+    time.sleep(1.2)  # gc judges the leases (it polls every second): both live, both listed at the mark
+    assert gc.poll() is None, "gc did not wait for the paused pushes: " + repr(gc.communicate())
+    assert set(race.s_addr) <= blob_keys(archive)
+    race.finish_pushes(procs)
+    out, err = gc.communicate(timeout=60)
+    assert gc.returncode == 0, err
+    report = json.loads(out.splitlines()[-1])
+    assert report["blobs_removed"] >= 1 and not archive.keys("gc/marks"), report
+    assert race.x_own not in blob_keys(archive)
+    race.check_pushed_runs()
