@@ -195,6 +195,10 @@ def _state(pid: int) -> str | None:
         return None
 
 
+class Hung(AssertionError):
+    pass
+
+
 def wait_stopped(proc: subprocess.Popen, timeout: float = 20.0) -> bool:
     """True once ``proc`` stopped itself (a ``stop`` fault); False if it ended first."""
     deadline = time.monotonic() + timeout
@@ -204,13 +208,14 @@ def wait_stopped(proc: subprocess.Popen, timeout: float = 20.0) -> bool:
         if _state(proc.pid) == "T":
             return True
         time.sleep(0.01)
-    raise AssertionError(f"process {proc.pid} neither stopped nor ended in {timeout}s")
+    raise Hung(f"process {proc.pid} neither stopped nor ended in {timeout}s")
 
 
 def spawn(args: list, env: dict, fault: str | None = None, extra: dict | None = None) -> subprocess.Popen:
     full = {k: v for k, v in os.environ.items() if k != "CASRUNS_TEST_FAULT"}
     full.update(env)
     full.update(extra or {})
+    full["PYTHONFAULTHANDLER"] = "1"  # SIGABRT on a hung process prints every thread's stack
     if fault:
         full["CASRUNS_TEST_FAULT"] = fault
     return subprocess.Popen(casruns_exe() + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -259,7 +264,7 @@ class Chaos:
             # faults.point fires on the N-th hit and on every hit after it: a push of several
             # runs stops before each later manifest too, so keep continuing it
             pauses = []
-            while wait_stopped(proc, timeout=40):
+            while self._stopped(proc):
                 pause = rng.uniform(0.1, 1.2)  # well under the stale limit of 3 lease periods
                 time.sleep(pause)
                 pauses.append(f"{pause:.2f}")
@@ -271,13 +276,14 @@ class Chaos:
                 time.sleep(0.02)
                 how = f"stopped {'+'.join(pauses)}s, continued"
         try:
-            out, err = proc.communicate(timeout=60)
+            out, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            proc.send_signal(signal.SIGABRT)  # faulthandler: the stacks go to stderr
             out, err = proc.communicate()
-            how += ", hung (killed after 60s)"
+            how += ", HUNG (no end in 30 s; SIGABRT)"
+            err = err[-6000:]
         entry = {"kind": kind, "args": [str(a) for a in args[2:]], "fault": fault, "how": how, "rc": proc.returncode,
-                 "secs": round(time.monotonic() - t0, 2), "stderr": err.strip()[-600:]}
+                 "secs": round(time.monotonic() - t0, 2), "stderr": err.strip()[-6000:] if "HUNG" in how else err.strip()[-600:]}
         if proc.returncode == 0 and "--json" in args:
             try:
                 entry["report"] = json.loads(out.splitlines()[-1])
@@ -285,6 +291,14 @@ class Chaos:
                 pass
         with self.lock:
             self.log.append(entry)
+
+    @staticmethod
+    def _stopped(proc: subprocess.Popen) -> bool:
+        """wait_stopped, but a process that neither stops nor ends is left to the hang check."""
+        try:
+            return wait_stopped(proc, timeout=30)
+        except Hung:
+            return False
 
     def _pusher(self, i: int) -> None:
         rng = random.Random(self.seed * 1000 + i)
@@ -302,10 +316,20 @@ class Chaos:
             self._drive(rng, "gc", ["archive", "gc", "--json", self.arch.url, "--wait"], {**self.arch.env, **m.env}, GC_FAULTS)
             time.sleep(rng.uniform(0, 0.3))
 
-    def run(self, seconds: float) -> None:
+    def gc_reports(self) -> list[dict]:
+        with self.lock:
+            return [e.get("report") or {} for e in self.log if e["kind"] == "gc"]
+
+    def run(self, seconds: float, longest: float) -> None:
+        """At least ``seconds``; longer (up to ``longest``) until some gc has expired a run and
+        removed a blob (with bad luck every gc is killed or finds the lock of a killed one)."""
         for t in self.threads:
             t.start()
+        t0 = time.monotonic()
         time.sleep(seconds)
+        while time.monotonic() - t0 < longest and not (
+                any(r.get("runs_removed") for r in self.gc_reports()) and any(r.get("blobs_removed") for r in self.gc_reports())):
+            time.sleep(0.2)
         self.stop.set()
         for t in self.threads:
             t.join(timeout=120)
@@ -349,11 +373,13 @@ def test_pushes_and_gcs_killed_at_random_keep_every_promoted_run_whole(tmp_path,
     machines = make_machines(tmp_path, 3, rng)
     setup_archive(archive, machines)
     chaos = Chaos(archive, machines, SEED)
-    chaos.run(SECONDS)
+    chaos.run(SECONDS, 4 * SECONDS)
     story = f"seed {SEED}\n" + summary(chaos.log)
     if os.environ.get("CASRUNS_STRESS_VERBOSE"):
         print(story)
     assert not chaos.errors, story + "\n" + "\n".join(chaos.errors)
+    hung = [e for e in chaos.log if "HUNG" in e["how"]]
+    assert not hung, "\n\n".join(f"{e['kind']} {e['args']} fault={e['fault']} {e['how']}:\n{e['stderr']}" for e in hung)
     # a push or gc that was neither killed nor given a fault ends cleanly (busy: another gc holds the lock)
     for e in chaos.log:
         if e["how"] == "ran" and not e["fault"]:
@@ -361,7 +387,7 @@ def test_pushes_and_gcs_killed_at_random_keep_every_promoted_run_whole(tmp_path,
         assert "Traceback" not in e["stderr"] or e["fault"] and "=error" in e["fault"], story
     # the invariant, before anything repairs the archive: every process has stopped now
     assert dangling(archive) == [], story
-    gcs = [e.get("report") or {} for e in chaos.log if e["kind"] == "gc"]
+    gcs = chaos.gc_reports()
     assert sum(len(r.get("runs_removed") or []) for r in gcs) > 0, "the archive's gc never expired a run:\n" + story
     assert sum(r.get("blobs_removed") or 0 for r in gcs) > 0, "the archive's gc never removed a blob:\n" + story
 
