@@ -5,7 +5,7 @@ no manifest may reference a missing blob. Also: pushers and gcs whose clocks are
 (libfaketime), and the targeted interleaving of race 2 (a push that skipped a blob gc then marks).
 
 The random choices come from one seed: ``CASRUNS_STRESS_SEED`` (default 1818), printed on failure.
-``CASRUNS_STRESS_SECONDS`` sets how long the concurrent phase lasts (default 9 s per archive kind).
+``CASRUNS_STRESS_SECONDS`` sets how long the concurrent phase lasts (default 7 s per archive kind; it runs on, up to 4x, until some gc has expired a run and removed a blob).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from conftest import casruns_exe, cli, cli_json
 pytest.importorskip("s3fs")
 KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 SEED = int(os.environ.get("CASRUNS_STRESS_SEED", "1818"))
-SECONDS = float(os.environ.get("CASRUNS_STRESS_SECONDS", "9"))
+SECONDS = float(os.environ.get("CASRUNS_STRESS_SECONDS", "7"))
 LEASE, GRACE = 1.0, 2.0  # gc.lease, gc.grace: stale after 3 s
 PUSH_FAULTS = ["archive_push_after_lease", "archive_push_before_manifest", "archive_push_blob"]
 GC_FAULTS = ["archive_gc_after_lock", "archive_gc_mid_expire", "archive_gc_after_mark", "archive_gc_after_sweep_start",
@@ -523,7 +523,7 @@ def test_gc_waits_for_a_push_that_skipped_a_blob_before_the_mark(tmp_path, archi
 
 
 @pytest.mark.skipif(_libfaketime() is None, reason="libfaketime is not installed (apt-get install faketime; .ci/run installs it)")
-@pytest.mark.parametrize("kind, gc_shift", [("dir", "+3h"), ("dir", "-3h"), ("s3", "-3h")])
+@pytest.mark.parametrize("kind, gc_shift", [("dir", "+3h"), ("s3", "-3h")])
 def test_clock_skew_of_pushers_and_gc_never_loses_a_blob_a_push_needs(tmp_path, request, kind, gc_shift):
     """Pushers 3 h ahead and 3 h behind, and a gc whose own clock is 3 h off too: every time gc
     compares is the store's, so it waits for both paused pushes (S3: the one case that takes
