@@ -271,6 +271,7 @@ def push(
                                 {"schema": "casruns/archive-lease/v1", "machine": me, "pid": os.getpid()}, period).start()
         faults.point("archive_push_after_lease")
         marks = proto.Marks(remote)
+        dead_sweeps: dict[str, str] = {}  # sweep objects of dead gcs, judged once
         with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="casruns-push") as pool:
 
             def send_all(rid: str, addresses: list[str]) -> None:
@@ -299,12 +300,16 @@ def push(
                 # Blobs touched for an open mark must not be deleted by a sweep that listed them
                 # before the touch: wait out such a sweep, then look again. A lease whose last
                 # rewrite is too old may have been judged stale by a gc: look again as well.
-                while touched_by.get(rid) or not lease.healthy():
-                    waited = marks.wait_for_sweeps(touched_by.pop(rid, set()), period)
-                    if not waited and lease.healthy():
-                        break
+                while True:
                     if not lease.healthy():
+                        # a gap in the lease's rewrites long enough that a gc may have judged this
+                        # push gone: nothing skipped before it can be trusted. Renew (then read the
+                        # marks: lease first, as at the start), forget what was seen, look again.
                         lease.renew()
+                        present.clear()
+                    elif not (touched_by.get(rid) and marks.wait_for_sweeps(touched_by.pop(rid), period, dead=dead_sweeps)):
+                        break
+                    touched_by.pop(rid, None)
                     marks = proto.Marks(remote)
                     present.difference_update(run_blobs)
                     report["rechecks"] += 1

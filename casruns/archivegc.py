@@ -155,6 +155,9 @@ class _Run:
                 self.progress("reading manifests", i + 1, len(objs))
             rid = o.key.split("/")[1]
             e = self.index.entry(rid, o.version)
+            known = self.entries.get(rid)
+            if e is None and known is not None and known["version"] == o.version:
+                e = known  # read (or rebuilt) earlier in this gc, and unchanged since
             m = archiveindex.as_manifest(e) if e is not None else None
             if m is not None:
                 out[rid] = (o, m, set(e["blobs"]))
@@ -245,7 +248,7 @@ class _Run:
         for rid, (o, m, blobs) in sorted(runs.items()):
             if m is None or rid in protected:
                 continue
-            rule = _expired(m, s, now)
+            rule = _expired(m, s, now, o.mtime)
             if rule and blobs is not None:
                 # judged from the index: judge again from the manifest itself before deleting it
                 # (the delete is If-Match the listed version, so a newer one is kept anyway)
@@ -255,7 +258,7 @@ class _Run:
                     m = remote_manifest(self.remote, rid)
                 except CasrunsError:
                     continue
-                rule = _expired(m, s, now)
+                rule = _expired(m, s, now, o.mtime)
             if rule:
                 doomed.append((rid, o, m, rule))
         if not doomed:
@@ -406,20 +409,25 @@ class _Run:
                 return done, spared, size
 
 
-def _expired(m: dict, s, now: float) -> str | None:
-    """The rule under which the archive's settings let this run go now, or None."""
+def _expired(m: dict, s, now: float, stored_at: float) -> str | None:
+    """The rule under which the archive's settings let this run go now, or None.
+
+    Times recorded in the manifest came from the clock of the machine the run ran on; the
+    manifest object's own store time (``stored_at``: when the archive last received it) is a
+    floor under them, so a machine whose clock is behind cannot make a run expire early:
+    a run is kept at least the rule's duration after the archive got its current record."""
     from . import manifest as mf
 
     if m.get("status") not in mf.TERMINAL:
         return None
     ret = m.get("retention") or {}
     try:
-        finished = parse_ts(m.get("finished_at") or m.get("updated_at"))
+        finished = max(parse_ts(m.get("finished_at") or m.get("updated_at")), stored_at)
         if ret.get("promoted"):
             if s.promoted is None:
                 return None
             last = next((h for h in reversed(ret.get("history") or []) if isinstance(h, dict) and h.get("action") == "promote"), None)
-            since = parse_ts(last["at"]) if last and last.get("at") else finished
+            since = max(parse_ts(last["at"]), stored_at) if last and last.get("at") else finished
             rule, until = "promoted", since + s.promoted
         else:
             keep = s.keep_for(m["status"])

@@ -118,8 +118,11 @@ class Refresher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_ok = 0.0
+        self.last_sent: float | None = None  # when the last successful write was sent (monotonic)
+        self.max_gap = 0.0  # the longest gap between successful writes since the epoch (renew resets it)
 
     def _write(self) -> None:
+        sent = time.monotonic()
         self.n += 1
         data = dump({**self.doc, "n": self.n})
         if self.version_guard and self.version is not None:
@@ -130,11 +133,16 @@ class Refresher:
             self.version = version
         else:
             self.remote.put_bytes(data, self.key)
-        self.last_ok = time.monotonic()
+        done = time.monotonic()
+        if self.last_sent is not None:
+            # the store saw this write at most done - last_sent after the previous one: the
+            # longest such gap is how close the object came to looking stale
+            self.max_gap = max(self.max_gap, done - self.last_sent)
+        self.last_sent, self.last_ok = sent, done
 
     def start(self, *, written: bool = False) -> "Refresher":
         if written:  # the caller wrote it (and set self.version from that write)
-            self.last_ok = time.monotonic()
+            self.last_ok = self.last_sent = time.monotonic()
         else:
             self._write()
         self._thread = threading.Thread(target=self._loop, name=f"casruns-refresh-{self.key}", daemon=True)
@@ -150,11 +158,22 @@ class Refresher:
             except Exception:  # noqa: BLE001 - a failed rewrite shows as not healthy(); the next one may succeed
                 pass
 
+    def safe_gap(self) -> float:
+        """The longest gap between writes that nobody can have judged stale: STALE_AFTER periods,
+        less a second (S3's LastModified has one-second steps) and half a period of margin."""
+        return STALE_AFTER * self.period - 1.0 - self.period / 2
+
     def healthy(self) -> bool:
-        return not self.lost and time.monotonic() - self.last_ok < 2 * self.period
+        """No gap since the epoch, and none now, long enough for anyone to have judged this
+        object stale. A holder that is not healthy renews and looks again at what it relied on."""
+        if self.lost or self.last_sent is None:
+            return False
+        return self.max_gap < self.safe_gap() and time.monotonic() - self.last_sent < self.safe_gap()
 
     def renew(self) -> None:
+        """Write now and start a new epoch (raises if the store refuses: the holder then stops)."""
         self._write()
+        self.max_gap = 0.0
 
     def stop(self, *, remove: bool = True) -> None:
         self._stop.set()
@@ -194,17 +213,18 @@ class Marks:
     def marked(self, address: str) -> list[str]:
         return [g for g, c in self.candidates.items() if address in c]
 
-    def wait_for_sweeps(self, gc_ids: set[str], period: float, *, sleep=time.sleep) -> int:
+    def wait_for_sweeps(self, gc_ids: set[str], period: float, *, dead: dict | None = None, sleep=time.sleep) -> float:
         """Wait while a sweep of one of these marks is in progress (its object present and being
         rewritten); a sweep object unchanged for STALE_AFTER periods of this machine's monotonic
         clock belongs to a dead gc, which deletes nothing more. Returns the seconds waited."""
         waited = 0.0
+        dead = {} if dead is None else dead  # sweep key -> the version judged dead (kept across calls)
         seen: dict[str, tuple[str, float, float]] = {}  # gc id -> (version, first seen, period)
         while True:
             live = False
             for o in self.remote.objects(SWEEPS):
                 gc_id = o.key.rsplit("/", 1)[-1]
-                if gc_id not in gc_ids:
+                if gc_id not in gc_ids or dead.get(o.key) == o.version:
                     continue
                 first = seen.get(gc_id)
                 if first is None or first[0] != o.version:
@@ -213,8 +233,10 @@ class Marks:
                     live = True
                 elif time.monotonic() - first[1] < STALE_AFTER * first[2]:
                     live = True
+                else:
+                    dead[o.key] = o.version  # its gc is gone: it deletes nothing more; never wait on it again
             if not live:
-                return int(waited)
+                return waited  # > 0: a sweep ended (or was judged dead) meanwhile: look again
             step = min(1.0, period / 2)
             sleep(step)
             waited += step
