@@ -56,7 +56,8 @@ def gc(registry, dest: str, *, dry_run: bool = False, wait: bool = False, progre
         state.expire(runs, now, dry_run)
         marks = _open_marks(remote)
         if dry_run:
-            refs, unreadable = state.references(runs)
+            going = {r["run_id"] for r in report["runs_removed"]}  # would expire: their blobs would not count
+            refs, unreadable = state.references({rid: v for rid, v in runs.items() if rid not in going})
             blobs = remote.objects("blobs")
             doomed = [o for o in blobs if _address(o.key) not in refs]
             report["blobs_removed"] = len(doomed) if not unreadable else 0

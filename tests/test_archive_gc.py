@@ -144,11 +144,12 @@ def test_gc_expires_by_the_archives_retention_and_keeps_promoted_and_keep_last(r
     dry = validate(gc_json(dest, "--dry-run"), "reports.schema.json#/$defs/archive_gc")
     assert {r["run_id"] for r in dry["runs_removed"]} == set(old[:2]) and dry["dry_run"]
     assert archived_blobs(remote) == before and archived_runs(remote) == {kept, *old}  # a dry run removes nothing
+    gone = (blobs_of(registry, old[0]) | blobs_of(registry, old[1])) - blobs_of(registry, kept) - blobs_of(registry, old[2])
+    assert dry["blobs_removed"] == len(gone)  # what the expired runs alone referenced
 
     r = validate(gc_json(dest, "--wait"), "reports.schema.json#/$defs/archive_gc")
     assert {x["run_id"] for x in r["runs_removed"]} == set(old[:2]) and all(x["rule"] == "status:succeeded" for x in r["runs_removed"])
     assert archived_runs(remote) == {kept, old[2]}  # keep_last.suite=1 keeps the newest of suite s
-    gone = (blobs_of(registry, old[0]) | blobs_of(registry, old[1])) - blobs_of(registry, kept) - blobs_of(registry, old[2])
     assert gone and r["blobs_removed"] == len(gone) and r["mark"]["state"] == "swept"
     assert archived_blobs(remote) == before - gone
     assert dangling(remote) == []

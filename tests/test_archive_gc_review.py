@@ -103,12 +103,16 @@ def test_a_gc_after_gc_lease_is_shortened_never_sweeps_a_live_pushs_blobs(regist
     try:
         conf(registry, dest, "gc.lease=1s")  # an operator shortens the lease while the push runs
         time.sleep(3.3)  # 3 periods of the NEW lease; the push is 3 s into its 30 min stale limit
-        registry.archive_gc(dest, wait=True)
+        first = registry.archive_gc(dest)  # makes the mark: the push's lease is live
+        time.sleep(3.3)
+        r = registry.archive_gc(dest)  # judged by the period the push declared, not the new setting
+        assert r["mark"]["state"] == "waiting" and r["mark"]["reason"] == "pushes" and r["blobs_removed"] == 0, (first, r)
     finally:
         release.set()
         t.join(30)
         patch.stop()
     assert out.get("runs") == 1
+    assert registry.archive_gc(dest, wait=True)["mark"]["state"] == "swept"
     assert dangling(remote) == [], "the manifest of a live push references blobs gc deleted"
 
 
