@@ -53,6 +53,8 @@ def gc(registry, dest: str, *, dry_run: bool = False, wait: bool = False, progre
     try:
         faults.point("archive_gc_after_lock")
         runs = state.read_runs()
+        if not dry_run:
+            state.references(runs)  # blob lists (and index entries) now: the mark and sweep reuse them
         state.expire(runs, now, dry_run)
         marks = _open_marks(remote)
         if dry_run:
@@ -134,6 +136,7 @@ class _Run:
         self.trees: dict[str, frozenset[str]] = {}
         self.entries: dict[str, dict] = {}  # run id -> its index entry (from the index, or made from its manifest)
         self.index = archiveindex.Index()
+        self.from_index: set[str] = set()  # runs judged from an index entry (re-read before deletion)
         self.config = config
         self.runs: dict | None = None  # the newest listing read
         self.record_key: str | None = None
@@ -163,6 +166,7 @@ class _Run:
             if m is not None:
                 out[rid] = (o, m, set(e["blobs"]))
                 self.entries[rid] = e
+                self.from_index.add(rid)
                 continue
             try:
                 out[rid] = (o, remote_manifest(self.remote, rid), None)
@@ -250,7 +254,7 @@ class _Run:
             if m is None or rid in protected:
                 continue
             rule = _expired(m, s, now, o.mtime)
-            if rule and blobs is not None:
+            if rule and rid in self.from_index:
                 # judged from the index: judge again from the manifest itself before deleting it
                 # (the delete is If-Match the listed version, so a newer one is kept anyway)
                 from .archive import remote_manifest
