@@ -321,33 +321,35 @@ class FsspecRemote(Remote):
         if self.renames:
             return super().get_bytes(key, limit)
         path = self._path(key)
+        data = self._reading(key, lambda: self.fs.cat_file(path, start=0, end=None if limit is None else limit + 1))
+        if limit is not None and len(data) > limit:
+            raise TooLarge(f"{self.url}/{key} is larger than its limit of {limit} bytes")
+        return data
+
+    def _reading(self, key: str, fn):
+        """``fn()``, with a missing object as run_not_found/blob_not_found and the backend's
+        failures as archive_unavailable."""
         try:
-            data = self.fs.cat_file(path, start=0, end=None if limit is None else limit + 1)
+            return fn()
         except FileNotFoundError:
             raise _missing(self.url, key) from None
         except Exception as e:
             if _backend_error(e):
                 raise self._unavailable(f"read {key}", e) from e
             raise
-        if limit is not None and len(data) > limit:
-            raise TooLarge(f"{self.url}/{key} is larger than its limit of {limit} bytes")
-        return data
 
     def open(self, key: str) -> BinaryIO:
         path = self._path(key)
-        try:
+
+        def opened():
             if self.renames:  # a filesystem: open a regular file only (a FIFO would block the read)
                 info = self.fs.info(path)
                 if info.get("type") != "file" or info.get("islink"):
                     raise StrayFile(f"{self.url}: {key} is not a regular file", path=key)
             # reads are sequential: small blocks bound memory (s3fs reads ahead 50 MiB by default)
             return self.fs.open(path, "rb", block_size=READ_BLOCK)
-        except FileNotFoundError:
-            raise _missing(self.url, key) from None
-        except Exception as e:
-            if _backend_error(e):
-                raise self._unavailable(f"read {key}", e) from e
-            raise
+
+        return self._reading(key, opened)
 
     def list_runs(self) -> list[str]:
         try:

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 import unittest.mock as um
 
@@ -17,10 +14,10 @@ import pytest
 
 from casruns import Registry
 from casruns import archiveproto as proto
-from casruns.archive import blob_key, manifest_key, open_remote
-from conftest import cli, poll_until
+from casruns.archive import manifest_key, open_remote
+from conftest import cli
 
-from test_archive_gc import archived_blobs, archived_runs, blobs_of, dangling, finished
+from test_archive_gc import archived_runs, dangling, finished
 
 
 def conf(reg, dest, *sets):

@@ -15,7 +15,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -41,17 +40,7 @@ T_BOOT = "2026-01-01T00:00:00Z"
 # -- archives --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+from test_archive import s3_server  # noqa: E402,F401 - the moto server fixture, shared
 
 
 class Archive:
@@ -554,6 +543,19 @@ def test_clock_skew_of_pushers_and_gc_never_loses_a_blob_a_push_needs(tmp_path, 
     race.check_pushed_runs()
 
 
+def push_in_thread(reg: Registry, url: str, rid: str, result: dict) -> threading.Thread:
+    """``archive push`` of one run on a thread; its report (or its error) lands in ``result``."""
+    def push():
+        try:
+            result["report"] = reg.archive_push(url, [rid])
+        except Exception as e:  # noqa: BLE001 - the test looks at what it left
+            result["error"] = e
+
+    pusher = threading.Thread(target=push, daemon=True)
+    pusher.start()
+    return pusher
+
+
 # -- defects found by this stress work (each was a strict xfail until its fix landed) -------------
 
 
@@ -590,15 +592,8 @@ def test_a_push_paused_for_less_than_three_lease_periods_after_failed_lease_rewr
 
     monkeypatch.setattr(proto.Refresher, "_write", flaky_write)
     monkeypatch.setattr(faults, "point", point)
-    result = {}
-    def push():
-        try:
-            result["report"] = reg.archive_push(arch.url, [rid])
-        except Exception as e:  # noqa: BLE001 - the test looks at what it left
-            result["error"] = e
-
-    pusher = threading.Thread(target=push, daemon=True)
-    pusher.start()
+    result: dict = {}
+    pusher = push_in_thread(reg, arch.url, rid, result)
     assert at_blob.wait(30)
     gc = spawn(["archive", "gc", "--json", arch.url, "--wait"], race.g_env)
     # The lease went 1.75 periods without a rewrite: past the push's safe gap, so before its
@@ -663,15 +658,8 @@ def test_a_push_whose_lease_rewrites_failed_for_a_while_rechecks_what_it_skipped
 
     monkeypatch.setattr(proto.Refresher, "_write", flaky_write)
     monkeypatch.setattr(faults, "point", point)
-    result = {}
-    def push():
-        try:
-            result["report"] = reg.archive_push(arch.url, [rid])
-        except Exception as e:  # noqa: BLE001 - the test looks at what it left
-            result["error"] = e
-
-    pusher = threading.Thread(target=push, daemon=True)
-    pusher.start()
+    result: dict = {}
+    pusher = push_in_thread(reg, arch.url, rid, result)
     assert at_blob.wait(30)
     gc = spawn(["archive", "gc", "--json", arch.url, "--wait"], race.g_env)
     out, err = gc.communicate(timeout=60)
