@@ -52,15 +52,8 @@ import tempfile
 import time
 from pathlib import Path
 
-S3_KEYS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-}
-LOOPBACK = "127.0.0.1"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_archive import LOOPBACK, S3_KEYS  # noqa: E402 - the credentials moto accepts, shared
 T_BOOT = "2026-01-01T00:00:00Z"
 
 
