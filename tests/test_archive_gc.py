@@ -118,7 +118,7 @@ def test_archive_config_is_kept_in_the_archive_and_validated(registry, dest, val
     assert configure(dest, "--unset", "retention.promoted")["retention"]["promoted"] is None
     for bad, word in ((["--set", "retention.bogus=1d"], "not a terminal status"), (["--set", "retention.failed=soon"], "invalid duration"),
                       (["--set", "nonsense"], "KEY=VALUE"), (["--set", "gc.color=red"], "unknown setting"),
-                      (["--set", "retention.keep_last.suite=x"], "whole number")):
+                      (["--set", "retention.keep_last.suite=x"], "whole number"), (["--set", "gc.lease=0s"], "at least 1s")):
         proc = cli("archive", "config", "--json", dest, *bad)
         err = json.loads(proc.stdout)["error"]
         assert proc.returncode == 3 and err["code"] == "invalid_input" and word in err["message"], err
