@@ -273,11 +273,20 @@ class FsspecRemote(Remote):
     def _path(self, key: str) -> str:
         return f"{self.base.rstrip('/')}/{key}"
 
+    def _s3(self, method: str, **kwargs):
+        """One S3 call through s3fs's own (error-translating, retrying) request path."""
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, self.fs._call_s3, method, **kwargs)
+
     def _unavailable(self, what: str, e: BaseException) -> ArchiveUnavailable:
         return ArchiveUnavailable(f"{self.url}: cannot {what}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
 
     def size(self, key: str) -> int | None:
         try:
+            if self.s3:  # one HEAD: s3fs's info() follows a 404 with a listing (is it a folder?)
+                bucket, k, _ = self.fs.split_path(self._path(key))
+                return int(self._s3("head_object", Bucket=bucket, Key=k)["ContentLength"])
             return int(self.fs.info(self._path(key))["size"])
         except FileNotFoundError:
             return None
@@ -446,7 +455,7 @@ class FsspecRemote(Remote):
         if self.s3:
             bucket, k, _ = self.fs.split_path(self._path(key))
             try:
-                return self._precondition(lambda: self.fs.call_s3("delete_object", Bucket=bucket, Key=k, IfMatch=version)) is not None
+                return self._precondition(lambda: self._s3("delete_object", Bucket=bucket, Key=k, IfMatch=version)) is not None
             except ArchiveUnavailable as e:
                 if "NoSuchKey" in str(e.__cause__) or isinstance(e.__cause__, FileNotFoundError):
                     return False
