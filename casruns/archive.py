@@ -113,6 +113,7 @@ def _run_blobs(registry: "RegistryRoot", m: dict) -> list[str]:
     return list(dict.fromkeys(files + logs + tree))
 
 
+RENEWALS = 5  # lease renewals one run's push may need before it gives up (a store too slow for gc.lease)
 INDEX_ON_PUSH = True  # push appends an index segment (tests of the index reader turn it off to stage their own)
 JOBS = 8  # concurrent requests: an object store is latency-bound (~19 requests a run, one at a time)
 
@@ -216,6 +217,7 @@ def push(
     }
     store = registry.store
     touched_by: dict[str, set[str]] = {}  # run -> the gc marks whose blobs this push touched for it
+    counted: set[tuple[str, str]] = set()  # (run, blob) pairs already in the report's per-run counts
     marks = None
     present: set[str] = set()  # blobs known to be in the archive: shared ones are asked about once
     lock = threading.Lock()
@@ -245,13 +247,15 @@ def push(
                 remote.put_file(local, blob_key(address), size)
         with lock:
             present.add(address)
-            report["bytes_logical"] += size
-            report["blobs_verified"] += verified
+            first = (rid, address) not in counted  # a recheck looks again but the report is of the runs
+            counted.add((rid, address))
+            report["bytes_logical"] += size if first else 0
+            report["blobs_verified"] += verified and first
             if touched:
                 report["blobs_touched"] += 1
                 touched_by.setdefault(rid, set()).update(marks.marked(address))
             if there:
-                report["blobs_skipped"] += 1
+                report["blobs_skipped"] += first
                 return
             report["blobs_replaced"] += got is not None  # a wrong size, or (verified) wrong content
             report["blobs_sent"] += 1
@@ -293,6 +297,7 @@ def push(
                     if address in present and not marks.marked(address):
                         report["bytes_logical"] += store.frame_size(address)
                         report["blobs_skipped"] += 1
+                        counted.add((rid, address))
                     else:
                         todo.append(address)
                 # every blob of the run is in the archive before its manifest is written
@@ -300,8 +305,14 @@ def push(
                 # Blobs touched for an open mark must not be deleted by a sweep that listed them
                 # before the touch: wait out such a sweep, then look again. A lease whose last
                 # rewrite is too old may have been judged stale by a gc: look again as well.
+                renewals = 0
                 while True:
                     if not lease.healthy():
+                        renewals += 1
+                        if renewals > RENEWALS:
+                            raise ArchiveUnavailable(
+                                f"{remote.url}: this push's lease kept going unrefreshed for too long (writes slower than "
+                                f"gc.lease={period:g}s allows); raise gc.lease (archive config) and push again")
                         # a gap in the lease's rewrites long enough that a gc may have judged this
                         # push gone: nothing skipped before it can be trusted. Renew (then read the
                         # marks: lease first, as at the start), forget what was seen, look again.

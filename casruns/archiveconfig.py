@@ -11,7 +11,7 @@ It uses the registry's retention vocabulary, judged by the archive's gc in the s
     suite = 5
     [gc]
     grace = "1h"            # a blob no manifest references is deleted no sooner than this after the mark
-    lease = "60s"           # how often pushers, the gc lock and sweeps rewrite their objects
+    lease = "60s"           # the period of push leases, the gc lock and sweep objects (rewritten twice a period)
 
 An archive without ``config.toml`` expires no run; its gc still removes unreferenced blobs.
 ``casruns archive config DEST --set KEY=VALUE --unset KEY`` edits it with a conditional write,

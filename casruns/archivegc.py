@@ -25,13 +25,14 @@ from types import SimpleNamespace
 
 from . import archiveconfig, archiveindex, faults
 from . import archiveproto as proto
-from .errors import Busy, CasrunsError
+from .errors import ArchiveUnavailable, Busy, CasrunsError
 from .timefmt import format_ts, parse_ts
 
 SCHEMA = "casruns/archive-gc/v1"
 RECORD_SCHEMA = "casruns/archive-gc-record/v1"
 MARK_SCHEMA = "casruns/archive-gc-mark/v1"
 BATCH = 1000  # deletions a request (S3 DeleteObjects)
+RESTARTS = 5  # sweeps started over (its object went too long unrefreshed) before gc gives up for this time
 
 
 def gc(registry, dest: str, *, dry_run: bool = False, wait: bool = False, progress=None, sleep=time.sleep) -> dict:
@@ -52,6 +53,10 @@ def gc(registry, dest: str, *, dry_run: bool = False, wait: bool = False, progre
     state = _Run(remote, settings, me, gc_id, report, lock, progress, registry.config)
     try:
         faults.point("archive_gc_after_lock")
+        if not dry_run:
+            # sweep objects of dead gcs (stale in store time): pushes would wait out each one
+            dead = [o.key for o in remote.objects(proto.SWEEPS) if proto.stale_after(remote, o.key, settings.lease, now - o.mtime)]
+            remote.delete(dead)
         runs = state.read_runs()
         if not dry_run:
             state.references(runs)  # blob lists (and index entries) now: the mark and sweep reuse them
@@ -384,6 +389,7 @@ class _Run:
         r = self.remote
         done: list[str] = []
         size = 0
+        restarts = 0
         while True:
             runs = self.read_runs()
             refs, unreadable = self.references(runs)
@@ -395,6 +401,10 @@ class _Run:
             self.write_record("intent", blobs_planned=doomed)
             faults.point("archive_gc_after_sweep_start")
             restart = False
+            restarts += 1
+            if restarts > RESTARTS:
+                raise ArchiveUnavailable(f"{r.url}: this gc's sweep object kept going unrefreshed for too long (writes slower than "
+                                         f"gc.lease={self.settings.lease:g}s allows); its mark stays for the next gc; raise gc.lease")
             for i in range(0, len(doomed), BATCH):
                 self.check_lock()
                 if not sweep.healthy():

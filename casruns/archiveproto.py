@@ -3,7 +3,7 @@
 An archive is written by many machines at once and has no server of ours and no atomic rename,
 so pushers and the archive's gc coordinate through objects in the archive itself:
 
-* a push holds a **lease** (``pushes/<machine>-<nonce>.lease``), rewritten every ``lease``
+* a push holds a **lease** (``pushes/<machine>-<nonce>.lease``), rewritten twice every ``lease``
   period while it runs and removed at its end;
 * gc's **marks** (``gc/marks/<gc-id>.json``) list the blobs no manifest referenced when the mark
   was written; the mark's own LastModified is its time ``T0``;
@@ -36,7 +36,6 @@ LOCK = "gc/lock"
 RECORDS = "gc/records"
 DOC_LIMIT = 64 << 20  # bytes: a mark lists up to ~10^6 candidates (67 bytes each)
 
-LEASE_PERIOD = 60.0  # seconds between rewrites of a lease, the gc lock or a sweep object
 STALE_AFTER = 3  # ... and one unchanged for this many periods is stale (its writer is gone)
 
 
@@ -101,7 +100,7 @@ def stale_after(remote, key: str, period: float, age: float) -> bool:
 
 
 class Refresher:
-    """An object rewritten every ``period`` seconds on a thread while its holder works: a
+    """An object rewritten every ``period / 2`` seconds on a thread while its holder works: a
     push's lease, the gc lock, a sweep object. ``healthy()`` says whether the last rewrite that
     succeeded is recent enough (by this machine's monotonic clock) that nobody can have judged
     the object stale; a holder that is not healthy must re-check before it relies on it."""
@@ -150,7 +149,9 @@ class Refresher:
         return self
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.period):
+        # twice a period: a gap between rewrites is then half a period plus two write latencies,
+        # well inside the safe gap even for a 1 s lease on a slow store
+        while not self._stop.wait(self.period / 2):
             if self.lost:
                 return
             try:

@@ -1,6 +1,6 @@
 """Second hostile review of the fleet archive (issue 18): the lease gap tracking, the dead-sweep
 judgement, the field-by-field manifest merge, gc's store-time floor and the ranged reads of an
-fsspec remote. Each real defect is a strict xfail; it passes once fixed."""
+fsspec remote. Each test proved a real defect (a strict xfail until its fix landed)."""
 
 from __future__ import annotations
 
@@ -47,10 +47,6 @@ def slow_leases(monkeypatch, delay: float) -> None:
 # ---- (1) Refresher gap tracking in push -----------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="healthy() counts two write latencies plus the period against a 1.5-period "
-                   "budget: a lease PUT slower than period/4 makes every rewrite 'unhealthy' though the store saw "
-                   "no gap near 3 periods; push then renews, forgets `present` and re-sends, and the report counts "
-                   "the same blobs again (blobs_skipped/bytes_logical larger than the runs hold)")
 def test_a_slow_lease_store_does_not_make_push_recheck_or_double_count(registry, tmp_path, monkeypatch):
     dest = str(tmp_path / "archive")
     rids = [finished(registry, f"slow{i}") for i in range(3)]
@@ -78,9 +74,6 @@ def test_a_slow_lease_store_does_not_make_push_recheck_or_double_count(registry,
     assert report["rechecks"] == 0, report
 
 
-@pytest.mark.xfail(strict=True, reason="with gc.lease=1s and a lease PUT of ~0.4 s, every background rewrite "
-                   "records a gap > safe_gap (1.5 s); a run whose blobs take longer than a period to re-check is "
-                   "re-sent for ever: renew -> present.clear() -> send_all -> unhealthy again (push never ends)")
 def test_a_slow_store_push_of_a_big_run_ends(registry, tmp_path, monkeypatch):
     dest = str(tmp_path / "archive")
     rid = finished(registry, "big")
@@ -109,8 +102,6 @@ def test_a_slow_store_push_of_a_big_run_ends(registry, tmp_path, monkeypatch):
 # ---- (5) the ranged cat_file of FsspecRemote.get_bytes ---------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="get_bytes asks S3 for Range: bytes=0-N; on a zero-byte object S3 (and "
-                   "moto) answer 416 InvalidRange, so an emptied config.toml (defaults on a directory archive) makes every push, gc and config on the archive fail")
 def test_an_empty_archive_config_is_read_on_s3(registry, s3_dest):
     rid = finished(registry, "cfg")
     assert registry.archive_push(s3_dest, [rid])["runs"] == 1
@@ -119,8 +110,6 @@ def test_an_empty_archive_config_is_read_on_s3(registry, s3_dest):
     assert registry.archive_push(s3_dest, [rid])["runs"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="an empty object read with get_bytes fails on S3: the ranged GET of an "
-                   "empty object is 416, mapped to archive_unavailable instead of b''")
 def test_get_bytes_of_an_empty_object_on_s3(registry, s3_dest):
     rid = finished(registry, "empty")
     assert registry.archive_push(s3_dest, [rid])["runs"] == 1
@@ -129,9 +118,6 @@ def test_get_bytes_of_an_empty_object_on_s3(registry, s3_dest):
     assert remote.get_bytes("gc/marks/x.leases", limit=1 << 16) == b""
 
 
-@pytest.mark.xfail(strict=True, reason="the same gap budget on gc's side: with gc.lease=1s and a sweep-object PUT "
-                   "of ~0.4 s every rewrite is 'unhealthy'; _delete_unreferenced renews and lists every manifest "
-                   "again, and when that listing takes more than a period it never deletes a batch (gc never ends)")
 def test_a_slow_store_gc_sweep_ends(registry, tmp_path, monkeypatch):
     from casruns import archivegc
     from casruns.archive import blob_key
