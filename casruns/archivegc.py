@@ -109,8 +109,9 @@ def _take_lock(remote, gc_id: str, me: dict, now: float, settings) -> proto.Refr
             remote.delete_if(proto.LOCK, held.version)  # its holder is gone: take it over (that version only)
             continue
         other = proto.read_json(remote, proto.LOCK) or {}
-        who = (other.get("machine") or {}).get("host") or "another machine"
-        raise Busy(f"{remote.url}: an archive gc is running ({who}, gc {other.get('gc_id')}); its lock goes stale "
+        machine = other.get("machine") if isinstance(other.get("machine"), dict) else {}
+        who = proto.printable(machine.get("host") or "another machine")
+        raise Busy(f"{remote.url}: an archive gc is running ({who}, gc {proto.printable(other.get('gc_id'))}); its lock goes stale "
                    f"{proto.STALE_AFTER * settings.lease:.0f}s after its last refresh")
     raise Busy(f"{remote.url}: the gc lock keeps changing hands; try again")
 

@@ -40,8 +40,23 @@ STALE_AFTER = 3  # ... and one unchanged for this many periods is stale (its wri
 
 
 def machine_of(registry) -> dict:
-    """Who writes: this registry's stable id and host name (the runs' ``origin``)."""
-    return {"registry_id": registry.registry_id, "host": socket.gethostname()}
+    """Who writes: this registry's stable id and host name (the runs' ``origin``). A read-only
+    registry made before registry ids existed cannot get one (``archive push`` serves read-only
+    registries): it is named by a digest of its path instead, stable for that mount."""
+    from .errors import RegistryError
+
+    try:
+        rid = registry.registry_id
+    except (RegistryError, OSError):
+        import hashlib
+
+        rid = hashlib.blake2b(os.path.realpath(registry.root).encode(), digest_size=8).hexdigest()
+    return {"registry_id": rid, "host": socket.gethostname()}
+
+
+def printable(text: object, limit: int = 64) -> str:
+    """A string read from the archive, fit for a one-line message (no control characters)."""
+    return "".join(c if c.isprintable() else "?" for c in str(text))[:limit]
 
 
 def machine_key(machine: dict) -> str:

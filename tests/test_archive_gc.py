@@ -398,3 +398,14 @@ def test_a_push_killed_mid_protocol_leaves_a_lease_that_goes_stale(registry, des
     assert registry.archive_push(dest, [b])["runs"] == 1  # the push resumed from scratch
     assert dangling(remote) == []
     assert_whole(registry, dest, [a, b])
+
+
+def test_a_lock_naming_a_hostile_host_gives_one_clean_line(registry, tmp_path):
+    dest = str(tmp_path / "archive")
+    a = finished(registry, "x")
+    assert cli("archive", "push", dest, a).returncode == 0
+    remote = open_remote(dest, registry)
+    remote.put_bytes(proto.dump({"gc_id": "g\x1b[2J", "machine": {"host": "evil\nhost\x07" + "x" * 500}}), proto.LOCK)
+    proc = cli("archive", "gc", dest)
+    assert proc.returncode == 5 and proc.stderr.count("\n") == 1 and "\x1b" not in proc.stderr and "\x07" not in proc.stderr
+    assert "evil?host?" in proc.stderr and len(proc.stderr) < 600

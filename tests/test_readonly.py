@@ -107,3 +107,23 @@ def test_a_lost_run_on_a_read_only_registry_does_not_fail_the_readers(tmp_path, 
             os.killpg(m["process"]["pgid"], signal.SIGKILL)  # the reader's reap may have ended it already
         except ProcessLookupError:
             pass
+
+
+def test_a_read_only_registry_without_a_registry_id_still_pushes_to_an_archive(tmp_path, monkeypatch):
+    """A registry made before registry ids existed, mounted read-only, cannot get an id: the
+    archive's lease and records name it by a digest of its path instead of failing the push."""
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root (CI runs as root)")
+    src = tmp_path / "src"
+    home = src / "reg"
+    monkeypatch.setenv("CASRUNS_HOME", str(home))
+    rid = json.loads(cli("submit", "--json", "--", "sh", "-c", "echo old", check=0).stdout)["run_id"]
+    cli("wait", rid, check=0)
+    (home / "registry-id").unlink()  # as casruns 0.4 and older left it
+    with read_only_view(src, tmp_path / "ro") as ro:
+        monkeypatch.setenv("CASRUNS_HOME", str(ro / "reg"))
+        arch = tmp_path / "arch"
+        proc = cli("archive", "push", "--json", str(arch), rid)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert json.loads(proc.stdout)["runs"] == 1 and not (ro / "reg" / "registry-id").exists()
+        assert cli("archive", "logs", str(arch), rid, check=0).stdout == "old\n"
